@@ -1,0 +1,13 @@
+//! Compiles `proto/csi.proto` into Rust with protox, a pure-Rust protobuf
+//! compiler, so building the driver needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/csi.proto");
+    let descriptors = protox::compile(["csi.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .generate_default_stubs(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

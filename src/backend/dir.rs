@@ -1,0 +1,98 @@
+//! `dir` pools: a plain directory per volume.
+//!
+//! Nothing limits how much a volume writes: the size in the claim is
+//! recorded and reported, and the volume context says `sizeEnforced:
+//! "false"` rather than pretending otherwise. Usage is measured by walking
+//! the volume's own tree, so it is the volume's figure, not the disk's.
+
+use std::io;
+use std::path::Path;
+
+use nix::errno::Errno;
+
+use super::{Backend, VolumeUsage};
+use crate::config::PoolKind;
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// The `dir` backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirBackend;
+
+impl Backend for DirBackend {
+    fn kind(&self) -> PoolKind {
+        PoolKind::Dir
+    }
+
+    fn enforces_size(&self) -> bool {
+        false
+    }
+
+    fn create(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<()> {
+        let path = pool_dir.join(token);
+        match nix::unistd::mkdir(&path, nix::sys::stat::Mode::from_bits_truncate(0o777)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                // Either an earlier attempt of this very call made it before
+                // being killed (it is then empty), or somebody else's
+                // directory carries the name: never take over data.
+                let meta = std::fs::symlink_metadata(&path)
+                    .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
+                let empty = meta.is_dir()
+                    && sys::fs::is_empty_dir(&path)
+                        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                if !empty {
+                    return Err(Error::AlreadyExists(format!(
+                        "{} already exists, holds data and was not created by this driver; \
+                         use another volume name or move it away",
+                        path.display()
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("creating {}", path.display()),
+                    io::Error::from(e),
+                ));
+            }
+        }
+        // mkdir applies the umask; volumes must be writable by the pod's user,
+        // which kubelet then narrows with fsGroup.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+    }
+
+    fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
+        let path = pool_dir.join(token);
+        let parked = pool_dir.join(format!(".{token}.deleting"));
+        // Park first: the volume vanishes from its path in one rename, and
+        // a delete killed half-way through the tree resumes from the parked
+        // copy on retry.
+        match std::fs::rename(&path, &parked) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("parking {}", path.display()), e)),
+        }
+        sys::fs::remove_tree(&parked)
+            .map_err(|e| Error::io(format!("removing {}", parked.display()), e))
+    }
+
+    fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
+        let path = pool_dir.join(token);
+        let used = sys::fs::usage(&path)
+            .map_err(|e| Error::io(format!("measuring {}", path.display()), e))?;
+        let fs = sys::fs::space(&path)
+            .map_err(|e| Error::io(format!("statfs {}", path.display()), e))?;
+        // Nothing caps a dir volume but the disk: what is left is the disk's
+        // free space, and the size is what it uses plus that.
+        let _ = capacity;
+        Ok(VolumeUsage {
+            used_bytes: used.bytes,
+            available_bytes: fs.available_bytes,
+            total_bytes: used.bytes + fs.available_bytes,
+            used_inodes: used.inodes,
+            available_inodes: fs.available_inodes,
+            total_inodes: used.inodes + fs.available_inodes,
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! Binding the socket and serving the three CSI services until shutdown.
+//!
+//! [`run`] takes the listener and the shutdown signal from its caller, so
+//! the integration tests drive exactly the code path the binary uses, on a
+//! socket in a temporary directory.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::csi;
+use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
+use crate::volume::Volumes;
+
+/// How long to wait before retrying pools that could not be opened (a disk
+/// that is mounted late, say).
+const OPEN_RETRY: Duration = Duration::from_secs(3);
+
+/// Binds the CSI socket: creates its directory, replaces a stale socket
+/// (but never another kind of file), and restricts it to owner and group.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves Identity, Controller and Node on `listener` until `shutdown`
+/// completes, then finishes in-flight calls and returns.
+pub async fn run(
+    config: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let shared = Shared::new(config);
+    tokio::spawn(open_pools(Arc::clone(&shared)));
+    tracing::info!(
+        driver = %shared.config.driver_name,
+        node = %shared.config.node_id,
+        pools = shared.config.pools.len(),
+        "serving CSI"
+    );
+    tonic::transport::Server::builder()
+        .add_service(csi::identity_server::IdentityServer::new(Identity::new(
+            Arc::clone(&shared),
+        )))
+        .add_service(csi::controller_server::ControllerServer::new(
+            Controller::new(Arc::clone(&shared)),
+        ))
+        .add_service(csi::node_server::NodeServer::new(Node::new(Arc::clone(
+            &shared,
+        ))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Opens the pools (retrying until it works), then sweeps leftovers of
+/// interrupted calls. Probe turns ready as soon as the pools are open.
+async fn open_pools(shared: Arc<Shared>) {
+    loop {
+        let s = Arc::clone(&shared);
+        let res =
+            tokio::task::spawn_blocking(move || Volumes::open(&s.config.pools, &s.config.node_id))
+                .await;
+        match res {
+            Ok(Ok(volumes)) => {
+                let _ = shared.volumes.set(volumes);
+                break;
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot open pools; retrying"),
+            Err(e) => tracing::error!(error = %e, "opening pools panicked; retrying"),
+        }
+        tokio::time::sleep(OPEN_RETRY).await;
+    }
+    tracing::info!("pools open; ready");
+    let s = Arc::clone(&shared);
+    let swept = tokio::task::spawn_blocking(move || s.volumes().and_then(|v| v.sweep())).await;
+    match swept {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(count = n, "removed leftovers of interrupted calls"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping leftovers failed"),
+        Err(e) => tracing::warn!(error = %e, "sweeping leftovers panicked"),
+    }
+}

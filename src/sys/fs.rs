@@ -1,0 +1,179 @@
+//! Durable, symlink-safe file operations.
+//!
+//! Crash safety rests on two rules used throughout the store: a file is
+//! written under a temporary name, flushed, then renamed into place; and the
+//! directory holding it is flushed after the rename, so a `kill -9` or a
+//! power cut leaves either the old state or the new one, never a torn file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
+/// Writes `bytes` to `dir/name` atomically and durably: temp file, fsync,
+/// rename. The caller flushes `dir` (see [`sync_dir`]) once all of the
+/// renames and `mkdir`s that belong together are done, so one flush covers
+/// them all.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))
+}
+
+/// Flushes a directory's entries (creations, renames, removals) to disk.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Opens a directory as an `O_PATH` handle without following a symlink in
+/// the last component. Mounting through `/proc/self/fd/N` of such a handle
+/// guarantees the kernel acts on exactly the directory that was checked,
+/// even if someone swaps in a symlink in between.
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)
+}
+
+/// The magic-link path of an open handle, valid while the handle lives.
+pub fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Identity of a directory: device and inode. A bind mount of a volume shows
+/// the same identity at its target, which is how an existing publication is
+/// recognised without a table of our own.
+pub fn identity(path: &Path) -> io::Result<(u64, u64)> {
+    let m = fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Space figures of the filesystem holding `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Bytes an unprivileged writer may still use.
+    pub available_bytes: u64,
+    /// Size of the filesystem in bytes.
+    pub total_bytes: u64,
+    /// Inodes still free for unprivileged writers.
+    pub available_inodes: u64,
+    /// Inodes in total.
+    pub total_inodes: u64,
+    /// Whether the filesystem (or this mount of it) is read-only.
+    pub read_only: bool,
+}
+
+/// `statvfs(2)` of the filesystem holding `path`.
+pub fn space(path: &Path) -> io::Result<FsSpace> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    let frag = s.fragment_size();
+    Ok(FsSpace {
+        available_bytes: s.blocks_available().saturating_mul(frag),
+        total_bytes: s.blocks().saturating_mul(frag),
+        available_inodes: s.files_available(),
+        total_inodes: s.files(),
+        read_only: s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
+    })
+}
+
+/// Bytes and inodes used by one directory tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Allocated bytes (`st_blocks * 512`), so sparse files count what they
+    /// really take.
+    pub bytes: u64,
+    /// Number of inodes (files, directories, links), the root included.
+    pub inodes: u64,
+}
+
+/// Walks `root` without following symlinks or crossing into other
+/// filesystems and adds up what it uses. Hard links are counted once.
+pub fn usage(root: &Path) -> io::Result<Usage> {
+    let meta = fs::symlink_metadata(root)?;
+    let dev = meta.dev();
+    let mut total = Usage {
+        bytes: meta.blocks() * 512,
+        inodes: 1,
+    };
+    let mut seen_links = std::collections::HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            // Files can vanish while a pod keeps writing; a partial figure
+            // is more useful than an error.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            let Ok(m) = entry.metadata() else { continue };
+            if m.nlink() > 1 && !m.is_dir() && !seen_links.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            total.inodes += 1;
+            total.bytes += m.blocks() * 512;
+            if m.is_dir() && m.dev() == dev {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Whether `dir` has no entries.
+pub fn is_empty_dir(dir: &Path) -> io::Result<bool> {
+    Ok(fs::read_dir(dir)?.next().is_none())
+}
+
+/// Removes a whole tree that the driver owns, without following symlinks
+/// and without descending into anything mounted inside it (so a forgotten
+/// mount can never take another filesystem's data with it).
+pub fn remove_tree(root: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return fs::remove_file(root);
+    }
+    remove_dir_on(root, meta.dev())
+}
+
+fn remove_dir_on(dir: &Path, dev: u64) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let m = fs::symlink_metadata(&path)?;
+        if m.is_dir() {
+            if m.dev() != dev {
+                return Err(io::Error::other(format!(
+                    "{} is another filesystem mounted inside a volume; refusing to remove it",
+                    path.display()
+                )));
+            }
+            remove_dir_on(&path, dev)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    fs::remove_dir(dir)
+}

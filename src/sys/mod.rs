@@ -1,0 +1,7 @@
+//! The only place the driver talks to the kernel about mounts and durable
+//! file writes. Everything here is blocking; callers run it inside
+//! `tokio::task::spawn_blocking`.
+
+pub mod fs;
+pub mod mount;
+pub mod mountinfo;

@@ -1,0 +1,310 @@
+//! Turns request fields into typed, checked values.
+//!
+//! Everything a request carries passes through here before the volume logic
+//! sees it, so the checks (and the INVALID_ARGUMENT messages) live in one
+//! place and the volume logic works with values that are already sane.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use crate::csi;
+use crate::csi::volume_capability::access_mode::Mode;
+use crate::error::{Error, Result};
+
+/// Longest CreateVolume name accepted. Longer names are not refused by the
+/// spec, but nothing legitimate sends kilobytes of name.
+pub const MAX_NAME_LEN: usize = 1024;
+/// Longest path accepted (PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Access modes as the driver reasons about them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    /// Read-write on one node.
+    SingleNodeWriter,
+    /// Read-only on one node.
+    SingleNodeReaderOnly,
+    /// Read-write by one workload on one node (ReadWriteOncePod).
+    SingleNodeSingleWriter,
+    /// Read-write by many workloads on one node.
+    SingleNodeMultiWriter,
+    /// Any MULTI_NODE_* mode: a node-local disk cannot offer it.
+    MultiNode,
+}
+
+/// Mount options a bind mount can honour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// `ro`.
+    pub read_only: bool,
+    /// `nosuid`.
+    pub nosuid: bool,
+    /// `nodev`.
+    pub nodev: bool,
+    /// `noexec`.
+    pub noexec: bool,
+    /// `noatime`.
+    pub noatime: bool,
+}
+
+/// How the volume is to be accessed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessType {
+    /// A mounted directory, with an optional filesystem type.
+    Mount {
+        /// Requested filesystem type ("" for any).
+        fs_type: String,
+        /// Requested mount flags.
+        flags: MountFlags,
+    },
+    /// A raw block device (not offered yet).
+    Block,
+}
+
+/// One checked volume capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    /// Access mode.
+    pub mode: AccessMode,
+    /// Access type.
+    pub access: AccessType,
+}
+
+impl Capability {
+    /// Why this driver cannot serve the capability, if it cannot.
+    pub fn unsupported_reason(&self) -> Option<String> {
+        match (&self.mode, &self.access) {
+            (AccessMode::MultiNode, _) => Some(
+                "MULTI_NODE_* access modes are not supported: volumes live on one node's disk; \
+                 use a SINGLE_NODE_* mode (ReadWriteOnce, ReadOnlyMany on one node, ReadWriteOncePod)"
+                    .into(),
+            ),
+            (_, AccessType::Block) => {
+                Some("block access is not supported yet: request a filesystem (mount) volume".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A checked capacity range; 0 means "not set".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    /// At least this many bytes.
+    pub required: u64,
+    /// At most this many bytes.
+    pub limit: u64,
+}
+
+impl CapacityRange {
+    /// Whether `bytes` lies within the range.
+    pub fn contains(&self, bytes: u64) -> bool {
+        bytes >= self.required && (self.limit == 0 || bytes <= self.limit)
+    }
+}
+
+/// Requires a non-empty field.
+pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+/// Checks a CreateVolume name.
+pub fn volume_name(name: &str) -> Result<&str> {
+    required(name, "name")?;
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "name is {} bytes long; at most {MAX_NAME_LEN} are accepted",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::InvalidArgument(
+            "name must not contain NUL bytes".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// Checks a volume id field for presence and plausible size; whether it
+/// names a volume is the volume logic's question (NOT_FOUND).
+pub fn volume_id(id: &str) -> Result<&str> {
+    required(id, "volume_id")?;
+    if id.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "volume_id is {} bytes long; no volume of this driver has an id that long",
+            id.len()
+        )));
+    }
+    Ok(id)
+}
+
+/// Checks a capacity range.
+pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<CapacityRange> {
+    let Some(r) = r else {
+        return Ok(CapacityRange::default());
+    };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(Error::InvalidArgument(
+            "capacity_range: required_bytes and limit_bytes must not be negative".into(),
+        ));
+    }
+    let range = CapacityRange {
+        required: r.required_bytes as u64,
+        limit: r.limit_bytes as u64,
+    };
+    if range.limit != 0 && range.required > range.limit {
+        return Err(Error::InvalidArgument(format!(
+            "capacity_range: required_bytes {} exceeds limit_bytes {}",
+            range.required, range.limit
+        )));
+    }
+    Ok(range)
+}
+
+/// Checks one capability.
+pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
+    use csi::volume_capability::AccessType as Pa;
+    let mode = c.access_mode.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("volume_capability: access_mode is required".into())
+    })?;
+    let mode = match Mode::try_from(mode.mode) {
+        Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
+        Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
+        Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
+        Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
+        Ok(
+            Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter,
+        ) => AccessMode::MultiNode,
+        Ok(Mode::Unknown) | Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "volume_capability: access mode {} is unknown",
+                mode.mode
+            )));
+        }
+    };
+    let access = match &c.access_type {
+        Some(Pa::Mount(m)) => AccessType::Mount {
+            fs_type: m.fs_type.clone(),
+            flags: mount_flags(&m.mount_flags)?,
+        },
+        Some(Pa::Block(_)) => AccessType::Block,
+        None => {
+            return Err(Error::InvalidArgument(
+                "volume_capability: access_type (mount or block) is required".into(),
+            ));
+        }
+    };
+    Ok(Capability { mode, access })
+}
+
+/// Checks a non-empty list of capabilities.
+pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+    if cs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "volume_capabilities are required".into(),
+        ));
+    }
+    cs.iter().map(capability).collect()
+}
+
+/// Parses mount flags; only those a bind mount can apply are accepted, so
+/// a flag is never silently ignored.
+pub fn mount_flags(flags: &[String]) -> Result<MountFlags> {
+    let mut f = MountFlags::default();
+    for flag in flags {
+        for opt in flag.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt {
+                "ro" => f.read_only = true,
+                "rw" | "defaults" | "relatime" | "bind" | "rbind" => {}
+                "nosuid" => f.nosuid = true,
+                "nodev" => f.nodev = true,
+                "noexec" => f.noexec = true,
+                "noatime" => f.noatime = true,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "mount flag {other:?} is not supported; supported: ro, rw, nosuid, nodev, noexec, noatime"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// Checks a target or volume path: absolute, no `.`/`..` components, no
+/// NUL, not too long. Returns it with a trailing slash removed.
+pub fn node_path(path: &str, field: &str) -> Result<PathBuf> {
+    required(path, field)?;
+    let bad = |why: &str| Err(Error::InvalidArgument(format!("{field} {path:?} {why}")));
+    if path.len() > MAX_PATH_LEN {
+        return bad("is too long");
+    }
+    if path.contains('\0') {
+        return bad("contains a NUL byte");
+    }
+    if !path.starts_with('/') {
+        return bad("must be an absolute path");
+    }
+    if path.split('/').any(|c| c == "." || c == "..") {
+        return bad("must not contain . or .. components");
+    }
+    let p = Path::new(path);
+    if p.components().all(|c| matches!(c, Component::RootDir)) {
+        return bad("must not be the root directory");
+    }
+    Ok(p.components().collect())
+}
+
+/// Parameters worth keeping with a volume: everything the CO sent. They
+/// never hold secrets (the spec carries those in separate fields), and the
+/// external-provisioner adds the claim's name and namespace here.
+pub fn parameters(p: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    p.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_paths() {
+        assert_eq!(node_path("/a/b/", "t").unwrap(), PathBuf::from("/a/b"));
+        for bad in ["", "rel", "/a/../b", "/a/./b", "/..", "/", "//", "/a\0b"] {
+            assert!(node_path(bad, "target_path").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flags() {
+        let f = mount_flags(&["ro,nosuid".into(), "noexec".into()]).unwrap();
+        assert!(f.read_only && f.nosuid && f.noexec && !f.nodev);
+        assert!(mount_flags(&["exec".into()]).is_err());
+    }
+
+    #[test]
+    fn ranges() {
+        let r = capacity_range(Some(&csi::CapacityRange {
+            required_bytes: 10,
+            limit_bytes: 20,
+        }))
+        .unwrap();
+        assert!(r.contains(10) && r.contains(20) && !r.contains(21) && !r.contains(9));
+        assert!(
+            capacity_range(Some(&csi::CapacityRange {
+                required_bytes: 30,
+                limit_bytes: 20
+            }))
+            .is_err()
+        );
+        assert!(
+            capacity_range(Some(&csi::CapacityRange {
+                required_bytes: -1,
+                limit_bytes: 0
+            }))
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! The volume logic: plain Rust, no gRPC, callable from tests directly.
+//!
+//! [`Volumes`] owns the pools and the per-volume locks. Its controller-side
+//! operations (create, delete, list, capacity) are in `control`, its
+//! node-side ones (publish, unpublish, stats) in `node`. All of it blocks;
+//! the gRPC layer calls it from `spawn_blocking`.
+
+pub mod control;
+pub mod id;
+pub mod inflight;
+pub mod node;
+pub mod pool;
+
+use std::collections::BTreeMap;
+
+use crate::backend;
+use crate::config::PoolConfig;
+use crate::error::{Error, Result};
+use id::VolumeId;
+use inflight::InFlight;
+use pool::{Pool, Record};
+
+/// Topology key that pins a volume to the node holding it.
+pub const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
+
+/// A volume as reported to the CO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Volume id.
+    pub id: String,
+    /// Capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Volume context handed back at publish time.
+    pub context: BTreeMap<String, String>,
+}
+
+/// The driver's volumes across all pools.
+#[derive(Debug)]
+pub struct Volumes {
+    pools: Vec<Pool>,
+    node_id: String,
+    inflight: InFlight,
+}
+
+impl Volumes {
+    /// Opens the configured pools: creates and checks their directories.
+    /// Cleaning up leftovers of interrupted calls is left to
+    /// [`Volumes::sweep`], which can run once the driver serves.
+    pub fn open(pools: &[PoolConfig], node_id: &str) -> Result<Self> {
+        let pools = pools
+            .iter()
+            .map(|p| Pool {
+                name: p.name.clone(),
+                dir: p.path.clone(),
+                backend: backend::for_kind(p.kind),
+            })
+            .collect();
+        let mut v = Volumes {
+            pools,
+            node_id: node_id.to_string(),
+            inflight: InFlight::default(),
+        };
+        v.prepare()?;
+        Ok(v)
+    }
+
+    fn prepare(&mut self) -> Result<()> {
+        for p in &mut self.pools {
+            p.prepare()?;
+        }
+        for (i, a) in self.pools.iter().enumerate() {
+            for b in &self.pools[i + 1..] {
+                if a.overlaps(&b.dir) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "pools {} and {} resolve to overlapping directories {} and {}",
+                        a.name,
+                        b.name,
+                        a.dir.display(),
+                        b.dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes leftovers of interrupted calls that no record refers to.
+    /// Returns how many were removed.
+    pub fn sweep(&self) -> Result<usize> {
+        let mut n = 0;
+        for p in &self.pools {
+            for path in p.leftovers()? {
+                crate::sys::fs::remove_tree(&path)
+                    .map_err(|e| Error::io(format!("removing leftover {}", path.display()), e))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The pools, in configuration order.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The topology segment of this node.
+    pub fn topology(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
+    }
+
+    fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The pool named by the `pool` parameter; without one, the only pool or
+    /// the pool called `default`.
+    fn select_pool(&self, parameters: &BTreeMap<String, String>) -> Result<&Pool> {
+        let known = || {
+            self.pools
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match parameters.get("pool") {
+            Some(name) => self.pool(name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown pool {name:?} in parameter \"pool\"; this node has: {}",
+                    known()
+                ))
+            }),
+            None if self.pools.len() == 1 => Ok(&self.pools[0]),
+            None => self.pool("default").ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "parameter \"pool\" is required on this node; it has: {}",
+                    known()
+                ))
+            }),
+        }
+    }
+
+    /// Resolves an id from a request to its pool, or NOT_FOUND.
+    fn locate(&self, raw: &str) -> Result<(VolumeId, &Pool)> {
+        let id = VolumeId::parse(raw)
+            .ok_or_else(|| Error::NotFound(format!("volume {raw:?} does not exist")))?;
+        let pool = self.pool(&id.pool).ok_or_else(|| {
+            Error::NotFound(format!(
+                "volume {raw:?} does not exist: no pool {:?} on this node",
+                id.pool
+            ))
+        })?;
+        Ok((id, pool))
+    }
+
+    fn describe(&self, id: &VolumeId, pool: &Pool, record: &Record) -> Volume {
+        let mut context = BTreeMap::from([
+            ("pool".to_string(), pool.name.clone()),
+            ("kind".to_string(), record.kind.as_str().to_string()),
+            (
+                "sizeEnforced".to_string(),
+                pool.backend.enforces_size().to_string(),
+            ),
+        ]);
+        if let Some(ns) = record.parameters.get("csi.storage.k8s.io/pvc/namespace") {
+            context.insert("pvcNamespace".into(), ns.clone());
+        }
+        if let Some(n) = record.parameters.get("csi.storage.k8s.io/pvc/name") {
+            context.insert("pvcName".into(), n.clone());
+        }
+        Volume {
+            id: id.to_string(),
+            capacity_bytes: record.capacity_bytes,
+            context,
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! A pool: a directory holding volumes, their records, and a backend that
+//! knows how to make storage of the pool's kind.
+//!
+//! Layout inside the pool directory (tokens never start with a dot, so the
+//! driver's own files can never be mistaken for a volume):
+//!
+//! ```text
+//! <token>/              the volume's data (what gets bind-mounted)
+//! .<token>.meta         the volume's record (JSON); its presence is what
+//!                       makes the directory a volume of this driver
+//! .<token>.meta.tmp     a record being written
+//! .<token>.deleting     a volume being removed
+//! ```
+//!
+//! The record is the commit point of CreateVolume and the last thing
+//! DeleteVolume removes: storage without a record was never acknowledged,
+//! and a record without complete storage marks a call that must be retried.
+//! Each change writes one small file and flushes one directory, so a call
+//! costs the same with ten volumes or ten thousand.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::config::PoolKind;
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// What the driver remembers about a volume it created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The CreateVolume name.
+    pub name: String,
+    /// Kind of the pool at creation.
+    pub kind: PoolKind,
+    /// Capacity promised to the CO, in bytes.
+    pub capacity_bytes: u64,
+    /// CreateVolume parameters, including the claim name and namespace the
+    /// external-provisioner adds, so an operator can tell whose it is.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Creation time, seconds since the epoch.
+    #[serde(default)]
+    pub created_unix: u64,
+}
+
+/// A configured, prepared pool.
+#[derive(Debug)]
+pub struct Pool {
+    /// Name StorageClasses use.
+    pub name: String,
+    /// Canonical directory.
+    pub dir: PathBuf,
+    /// Storage backend for the pool's kind.
+    pub backend: Box<dyn Backend>,
+}
+
+const META: &str = ".meta";
+const DELETING: &str = ".deleting";
+
+impl Pool {
+    /// Where a volume's data lives.
+    pub fn volume_path(&self, token: &str) -> PathBuf {
+        self.dir.join(token)
+    }
+
+    /// Where a volume being deleted is parked.
+    pub fn deleting_path(&self, token: &str) -> PathBuf {
+        self.dir.join(format!(".{token}{DELETING}"))
+    }
+
+    fn record_name(token: &str) -> String {
+        format!(".{token}{META}")
+    }
+
+    /// Reads a volume's record; `None` when there is none.
+    pub fn read_record(&self, token: &str) -> Result<Option<Record>> {
+        let path = self.dir.join(Self::record_name(token));
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("record {} is corrupt: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Writes a record atomically (flush the pool with [`Pool::sync`]).
+    pub fn write_record(&self, token: &str, record: &Record) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::Internal(format!("encoding record: {e}")))?;
+        sys::fs::write_atomic(&self.dir, &Self::record_name(token), &bytes).map_err(|e| {
+            Error::io(
+                format!("writing the record of {token} in pool {}", self.name),
+                e,
+            )
+        })
+    }
+
+    /// Removes a record (flush the pool with [`Pool::sync`]).
+    pub fn remove_record(&self, token: &str) -> Result<()> {
+        match std::fs::remove_file(self.dir.join(Self::record_name(token))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing the record of {token}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes the pool directory: makes preceding creates, renames and
+    /// removals in it durable.
+    pub fn sync(&self) -> Result<()> {
+        sys::fs::sync_dir(&self.dir)
+            .map_err(|e| Error::io(format!("flushing pool {}", self.name), e))
+    }
+
+    /// Tokens of all volumes with a record, unsorted.
+    pub fn tokens(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(token) = name.strip_prefix('.').and_then(|n| n.strip_suffix(META))
+                && crate::volume::id::valid_token(token)
+            {
+                out.push(token.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Leftovers of interrupted calls that no record refers to any more:
+    /// half-written records and parked volumes. Safe to remove at any time.
+    pub fn leftovers(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix('.') else {
+                continue;
+            };
+            let token = rest
+                .strip_suffix(".meta.tmp")
+                .or_else(|| rest.strip_suffix(DELETING));
+            if let Some(token) = token
+                && crate::volume::id::valid_token(token)
+            {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the pool directory exists (creating it if needed) and takes
+    /// a durable write, then canonicalises its path.
+    pub fn prepare(&mut self) -> Result<()> {
+        let ctx = |what: &str, dir: &Path| format!("pool {}: {what} {}", self.name, dir.display());
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(ctx("creating", &self.dir), e))?;
+        let dir = std::fs::canonicalize(&self.dir)
+            .map_err(|e| Error::io(ctx("resolving", &self.dir), e))?;
+        self.dir = dir;
+        sys::fs::write_atomic(&self.dir, ".probe", b"ok")
+            .and_then(|()| std::fs::remove_file(self.dir.join(".probe")))
+            .and_then(|()| sys::fs::sync_dir(&self.dir))
+            .map_err(|e| Error::io(ctx("is not writable:", &self.dir), e))?;
+        self.backend.prepare(&self.dir)
+    }
+
+    /// Whether `path` lies inside this pool or contains it.
+    pub fn overlaps(&self, path: &Path) -> bool {
+        path.starts_with(&self.dir) || self.dir.starts_with(path)
+    }
+}

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds the real upstream components the end-to-end test runs (etcd,
+# kube-apiserver, kube-controller-manager, kubectl, csi-provisioner) from the
+# Go module proxy, at the versions pinned in tests/e2e/tools/*/go.mod.
+#
+# Binaries are cached outside the repository, in $E2E_CACHE/bin (default
+# /var/cache/hostpath-csi-e2e/bin), under a name keyed by the component version
+# and a hash of the wrapper module's go.mod + go.sum, so a second run builds
+# nothing. Go's own module and build caches (GOMODCACHE, GOCACHE) are used as
+# set up on the machine and make a rebuild after a version bump cheaper.
+#
+# Usage: build-tools.sh [--print-paths]
+#   Prints NAME=PATH lines for the built binaries on stdout; logs go to stderr.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${E2E_CACHE:-/var/cache/hostpath-csi-e2e}"
+bindir="$cache/bin"
+logdir="$cache/logs"
+mkdir -p "$bindir" "$logdir"
+
+# The pinned versions (kept in step with tools/*/go.mod).
+K8S_VERSION=v1.35.4
+ETCD_VERSION=v3.6.16
+PROVISIONER_VERSION=v6.4.0
+
+# -trimpath keeps absolute paths of this machine out of the binaries and makes
+# the build cache independent of where the repository is checked out.
+export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false"
+export CGO_ENABLED=0
+
+log() { printf '[build-tools %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+key() { # module dir -> short hash of its go.mod and go.sum
+  cat "$here/tools/$1/go.mod" "$here/tools/$1/go.sum" | sha256sum | cut -c1-12
+}
+
+# build_module MODDIR VERSION LDFLAGS PKG... : builds each PKG (a main package)
+# into $bindir/<basename>-<VERSION>-<key> unless already there.
+build_module() {
+  local mod="$1" version="$2" ldflags="$3"; shift 3
+  local k; k="$(key "$mod")"
+  local missing=() pkg name
+  for pkg in "$@"; do
+    name="$(basename "$pkg")"
+    [[ "$name" == v3 ]] && name=etcd
+    [[ -x "$bindir/$name-$version-$k" ]] || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    local tmp; tmp="$(mktemp -d "$bindir/.build-$mod.XXXXXX")"
+    local start=$SECONDS
+    log "building ${missing[*]} @ $version (log: $logdir/$mod.log)"
+    if ! (cd "$here/tools/$mod" && go build -ldflags "$ldflags" -o "$tmp/" "${missing[@]}") \
+        >"$logdir/$mod.log" 2>&1; then
+      tail -n 30 "$logdir/$mod.log" >&2
+      rm -rf "$tmp"
+      log "FAILED building $mod"
+      return 1
+    fi
+    for pkg in "${missing[@]}"; do
+      name="$(basename "$pkg")"
+      local out="$name"
+      [[ "$name" == v3 ]] && { name=etcd; out=v3; [[ -e "$tmp/v3" ]] || out=server; }
+      mv "$tmp/$out" "$bindir/$name-$version-$k"
+    done
+    rm -rf "$tmp"
+    log "built $mod in $((SECONDS - start))s"
+  fi
+  for pkg in "$@"; do
+    name="$(basename "$pkg")"
+    [[ "$name" == v3 ]] && name=etcd
+    echo "$(tr 'a-z-' 'A-Z_' <<<"$name")=$bindir/$name-$version-$k"
+  done
+}
+
+k8s_ldflags() {
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local f="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    f+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    f+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$f"
+}
+
+# The three modules build concurrently; on a 2-core machine Go's own package
+# parallelism already fills the cores, so this mostly overlaps downloads and
+# link steps.
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+build_module k8s "$K8S_VERSION" "$(k8s_ldflags)" \
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kubectl >"$out/k8s" &
+p1=$!
+build_module etcd "$ETCD_VERSION" \
+  "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
+  go.etcd.io/etcd/server/v3 >"$out/etcd" &
+p2=$!
+build_module provisioner "$PROVISIONER_VERSION" "-s -w -X main.version=$PROVISIONER_VERSION" \
+  github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner >"$out/provisioner" &
+p3=$!
+rc=0
+wait $p1 || rc=1
+wait $p2 || rc=1
+wait $p3 || rc=1
+((rc == 0)) || exit 1
+cat "$out/k8s" "$out/etcd" "$out/provisioner"
