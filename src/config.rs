@@ -39,6 +39,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI Identity, Controller and Node services (the default).
     Serve(ServeArgs),
+    /// Measure any CSI driver: latency and throughput per call, memory,
+    /// startup time; see BENCHMARKS.md.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Log output format.
@@ -131,6 +134,17 @@ pub struct PoolConfig {
     /// Storage kind.
     #[serde(default)]
     pub kind: PoolKind,
+}
+
+impl PoolConfig {
+    /// A `dir` pool with default settings.
+    pub fn dir(name: &str, path: PathBuf) -> Self {
+        PoolConfig {
+            name: name.to_string(),
+            path,
+            kind: PoolKind::Dir,
+        }
+    }
 }
 
 /// The config file.

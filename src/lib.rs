@@ -10,8 +10,12 @@
 //! - `backend`: per pool kind, how storage is made, sized and removed.
 //! - `sys`: the only place with mount syscalls, mountinfo and durable writes.
 //! - `error`: the error type and its one mapping onto gRPC codes.
+//! - `client`: connecting to a CSI socket (benchmarks, tests).
+//! - `bench`: `hostpath-csi bench`, a load generator for any CSI driver.
 
 pub mod backend;
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -11,6 +11,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Bench(args)) => return hostpath_csi::bench::run(args).await,
         None => cli.serve,
     };
     init_logging(args.log_format, &args.log_level);

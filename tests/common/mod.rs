@@ -1,0 +1,265 @@
+//! Test harness: the real server, in-process, on a socket in a temporary
+//! directory, driven through the generated CSI clients like a CO would.
+//!
+//! Everything a test makes (pools, targets, socket) lives under one
+//! temporary directory; dropping the harness stops the server and detaches
+//! every mount below that directory before removing it, so a failing test
+//! leaves nothing mounted behind. Tests that mount need root (CI runs as
+//! root).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostpath_csi::config::{Config, PoolConfig, PoolKind};
+use hostpath_csi::csi;
+use hostpath_csi::csi::controller_client::ControllerClient;
+use hostpath_csi::csi::identity_client::IdentityClient;
+use hostpath_csi::csi::node_client::NodeClient;
+use hostpath_csi::csi::volume_capability::access_mode::Mode;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Node id every harness uses.
+pub const NODE: &str = "test-node";
+
+/// A running driver and the directory it owns.
+pub struct Harness {
+    /// Root of everything this test makes.
+    pub root: TempDir,
+    /// The driver's socket.
+    pub socket: PathBuf,
+    /// Pools as configured.
+    pub pools: Vec<PoolConfig>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    channel: Option<Channel>,
+}
+
+impl Harness {
+    /// A driver with two dir pools, `hdd` and `ssd`.
+    pub async fn start() -> Self {
+        Self::with_pools(&[("hdd", PoolKind::Dir), ("ssd", PoolKind::Dir)]).await
+    }
+
+    /// A driver with the given pools, each in its own directory.
+    pub async fn with_pools(pools: &[(&str, PoolKind)]) -> Self {
+        let root = tempfile::Builder::new().prefix("hostpath-csi-test").tempdir().unwrap();
+        let pools = pools
+            .iter()
+            .map(|(name, kind)| PoolConfig {
+                kind: *kind,
+                ..PoolConfig::dir(name, root.path().join("pools").join(name))
+            })
+            .collect();
+        Self::with_pool_configs(root, pools).await
+    }
+
+    /// A driver with fully specified pools under `root`.
+    pub async fn with_pool_configs(root: TempDir, pools: Vec<PoolConfig>) -> Self {
+        std::fs::create_dir_all(root.path().join("targets")).unwrap();
+        let mut h = Harness {
+            socket: root.path().join("csi.sock"),
+            root,
+            pools,
+            stop: None,
+            task: None,
+            channel: None,
+        };
+        h.launch().await;
+        h
+    }
+
+    /// The configuration the server runs with.
+    pub fn config(&self) -> Config {
+        Config {
+            socket: self.socket.clone(),
+            node_id: NODE.to_string(),
+            driver_name: "hostpath-csi.dev".to_string(),
+            pools: self.pools.clone(),
+            max_volumes_per_node: 0,
+        }
+    }
+
+    async fn launch(&mut self) {
+        let listener = hostpath_csi::server::bind(&self.socket).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let config = self.config();
+        let task = tokio::spawn(async move {
+            hostpath_csi::server::run(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.stop = Some(tx);
+        self.task = Some(task);
+        let channel = hostpath_csi::client::connect(&self.socket).await.unwrap();
+        self.channel = Some(channel);
+        self.wait_ready().await;
+    }
+
+    /// Waits until Probe says ready.
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            let r = self.identity().probe(csi::ProbeRequest {}).await;
+            if let Ok(r) = r
+                && r.into_inner().ready == Some(true)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("driver never became ready");
+    }
+
+    /// Stops the server (gracefully) and starts a new one on the same
+    /// pools and socket, as after a restart of the node plugin.
+    pub async fn restart(&mut self) {
+        self.shutdown().await;
+        self.launch().await;
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(&mut self) {
+        self.channel = None;
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel.clone().expect("server is running")
+    }
+
+    /// Identity client.
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel())
+    }
+
+    /// Controller client.
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel())
+    }
+
+    /// Node client.
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel())
+    }
+
+    /// Directory of a pool (canonical, as the driver sees it).
+    pub fn pool_dir(&self, name: &str) -> PathBuf {
+        let p = self.pools.iter().find(|p| p.name == name).expect("pool");
+        std::fs::canonicalize(&p.path).unwrap_or_else(|_| p.path.clone())
+    }
+
+    /// A fresh target path (not created) under the harness directory.
+    pub fn target(&self, name: &str) -> PathBuf {
+        std::fs::canonicalize(self.root.path().join("targets")).unwrap().join(name)
+    }
+
+    /// Creates a volume and returns it.
+    pub async fn create(&self, name: &str, pool: &str, bytes: i64) -> csi::Volume {
+        self.controller()
+            .create_volume(create_request(name, pool, bytes))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    /// Publishes a volume read-write at `target`.
+    pub async fn publish(&self, volume_id: &str, target: &Path, readonly: bool) -> Result<(), tonic::Status> {
+        self.node()
+            .node_publish_volume(publish_request(volume_id, target, readonly))
+            .await
+            .map(|_| ())
+    }
+
+    /// Unpublishes a volume from `target`.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node()
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.to_string(),
+                target_path: target.to_string_lossy().into_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        unmount_below(self.root.path());
+    }
+}
+
+/// Detaches every mount at or below `dir`, innermost first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(dir) = std::fs::canonicalize(dir) else { return };
+    let Ok(table) = hostpath_csi::sys::mountinfo::read() else { return };
+    let mut points: Vec<PathBuf> = table
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|m| m.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mount points at exactly `path` in this process's mount table.
+pub fn mounts_at(path: &Path) -> Vec<hostpath_csi::sys::mountinfo::MountEntry> {
+    hostpath_csi::sys::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.mount_point == path)
+        .collect()
+}
+
+/// A mount capability with the given access mode.
+pub fn mount_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume::default(),
+        )),
+    }
+}
+
+/// A CreateVolume request for a single-node-writer mount volume.
+pub fn create_request(name: &str, pool: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+        parameters: HashMap::from([("pool".to_string(), pool.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// A NodePublishVolume request.
+pub fn publish_request(volume_id: &str, target: &Path, readonly: bool) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        readonly,
+        ..Default::default()
+    }
+}
