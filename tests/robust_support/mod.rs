@@ -1,0 +1,356 @@
+//! Support for the robustness tests (`tests/robust_*.rs`): the real
+//! binary as a child process, a work directory that cleans up after
+//! itself, a canary tree with a checksum, and a small seeded RNG.
+//!
+//! Everything lives under one temporary directory. Dropping a [`Driver`]
+//! kills and reaps its process; dropping a [`Workdir`] detaches every mount
+//! below it before the directory is removed, so a failing test leaves no
+//! process, mount or directory behind.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostpath_csi::config::PoolKind;
+use hostpath_csi::csi;
+use hostpath_csi::csi::identity_client::IdentityClient;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+/// Node id the real binary is started with.
+pub const NODE: &str = "n1";
+
+/// A temporary directory that unmounts everything below itself before it
+/// is removed.
+pub struct Workdir {
+    dir: Option<TempDir>,
+    path: PathBuf,
+}
+
+impl Workdir {
+    /// A new, empty directory under the system's temp dir.
+    pub fn new(prefix: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let path = std::fs::canonicalize(dir.path()).unwrap();
+        Workdir {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    /// Its canonical path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        unmount_below(&self.path);
+        // Never let the removal run through a mount that would not go.
+        if mounts_below(&self.path).is_empty() {
+            drop(self.dir.take());
+        } else {
+            eprintln!("{} still has mounts; left in place", self.path.display());
+            if let Some(d) = self.dir.take() {
+                let _ = d.keep();
+            }
+        }
+    }
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    hostpath_csi::sys::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// Detaches every mount at or below `dir`, innermost first.
+pub fn unmount_below(dir: &Path) {
+    let mut points = mounts_below(dir);
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// One pool of the driver under test. The crash and load tests take a
+/// list of these, so new pool kinds only need a new entry.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// Pool name.
+    pub name: &'static str,
+    /// Pool kind.
+    pub kind: PoolKind,
+}
+
+impl PoolSpec {
+    /// A `dir` pool.
+    pub const fn dir(name: &'static str) -> Self {
+        PoolSpec {
+            name,
+            kind: PoolKind::Dir,
+        }
+    }
+}
+
+/// Where pool `name` lives under `root`.
+pub fn pool_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("pools").join(name)
+}
+
+/// Command-line arguments for the pools: `--pool NAME=DIR` for `dir`
+/// pools, a TOML config file for any other kind.
+pub fn pool_args(root: &Path, pools: &[PoolSpec]) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut toml = String::new();
+    for p in pools {
+        let dir = pool_dir(root, p.name);
+        if p.kind == PoolKind::Dir {
+            args.push("--pool".to_string());
+            args.push(format!("{}={}", p.name, dir.display()));
+        } else {
+            toml.push_str(&format!(
+                "[[pools]]\nname = {:?}\npath = {:?}\nkind = {:?}\n\n",
+                p.name,
+                dir.display().to_string(),
+                p.kind.as_str()
+            ));
+        }
+    }
+    if !toml.is_empty() {
+        let file = root.join("pools.toml");
+        std::fs::write(&file, toml).unwrap();
+        args.push("--config".to_string());
+        args.push(file.display().to_string());
+    }
+    args
+}
+
+/// The real `hostpath-csi` binary running as a child process. Dropping it
+/// kills it with SIGKILL and reaps it.
+pub struct Driver {
+    child: Option<Child>,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Where its stderr goes (appended across restarts).
+    pub log: PathBuf,
+}
+
+impl Driver {
+    /// Starts the binary serving `pools` on `root/csi.sock`; does not wait
+    /// for it to be ready.
+    pub fn spawn(root: &Path, pools: &[PoolSpec]) -> Self {
+        let socket = root.join("csi.sock");
+        let log = root.join("driver.log");
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"));
+        cmd.arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg(NODE)
+            .args(pool_args(root, pools))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for var in [
+            "CSI_ENDPOINT",
+            "NODE_NAME",
+            "HOSTPATH_CSI_CONFIG",
+            "HOSTPATH_CSI_DRIVER_NAME",
+            "HOSTPATH_CSI_STATE_DIR",
+            "HOSTPATH_CSI_MAX_VOLUMES_PER_NODE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("HOSTPATH_CSI_LOG", "warn");
+        let child = cmd.spawn().expect("starting hostpath-csi");
+        Driver {
+            child: Some(child),
+            socket,
+            log,
+        }
+    }
+
+    /// Starts the binary and waits until Probe says ready.
+    pub async fn start(root: &Path, pools: &[PoolSpec]) -> Self {
+        let mut d = Self::spawn(root, pools);
+        d.wait_ready(Duration::from_secs(20)).await;
+        d
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits until Probe answers ready, panicking (with the log's tail)
+    /// if the process exits or the deadline passes.
+    pub async fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("driver exited with {status}; log:\n{}", self.log_tail());
+            }
+            if let Ok(ch) = connect_once(&self.socket).await
+                && let Ok(r) = IdentityClient::new(ch).probe(csi::ProbeRequest {}).await
+                && r.into_inner().ready == Some(true)
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("driver not ready in time; log:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Resident set size in KiB, from /proc/PID/status.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// The last lines of the driver's log.
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One connection attempt to a CSI socket.
+pub async fn connect_once(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    hostpath_csi::client::connect(socket).await
+}
+
+/// Creates a tree of files, directories and a symlink that nothing in the
+/// driver should ever touch.
+pub fn make_canary(dir: &Path) {
+    std::fs::create_dir_all(dir.join("etc/sub")).unwrap();
+    std::fs::write(dir.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/sub/secret"), b"do not touch").unwrap();
+    std::fs::write(dir.join("top"), vec![7u8; 4096]).unwrap();
+    std::fs::set_permissions(dir.join("top"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("/etc", dir.join("link-to-etc")).unwrap();
+}
+
+/// A checksum of a tree: every entry's relative path, type, mode, owner
+/// and content (symlinks by their target), without following symlinks.
+/// Top-level entries named in `skip` are left out.
+pub fn tree_digest(root: &Path, skip: &[&str]) -> String {
+    let mut h = Sha256::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut entries = Vec::new();
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if dir == root && skip.iter().any(|s| rel == Path::new(s)) {
+                continue;
+            }
+            entries.push(path.clone());
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(path);
+            }
+        }
+    }
+    entries.sort();
+    for path in entries {
+        let rel = path.strip_prefix(root).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update(format!(" {:o} {}:{} ", m.mode(), m.uid(), m.gid()).as_bytes());
+        if m.file_type().is_symlink() {
+            h.update(
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+        } else if m.is_file() {
+            h.update(std::fs::read(&path).unwrap());
+        }
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// SplitMix64: a tiny, seeded, reproducible generator.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+}
+
+/// A `u64` from the environment, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
