@@ -84,6 +84,7 @@ impl Volumes {
             noexec: flags.noexec,
             noatime: flags.noatime,
         };
+        let single_writer = req.capability.mode == AccessMode::SingleNodeSingleWriter;
         let created = match std::fs::symlink_metadata(&target) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir(&target)
@@ -137,6 +138,23 @@ impl Volumes {
                 false
             }
         };
+        // ReadWriteOncePod: one publication at a time (CSI spec,
+        // NodePublishVolume errors: FAILED_PRECONDITION).
+        if single_writer {
+            let table = read_mounts()?;
+            if let Some(at) = sys::mountinfo::binds_of(&table, &source)
+                .into_iter()
+                .find(|m| *m != target)
+            {
+                if created {
+                    let _ = std::fs::remove_dir(&target);
+                }
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+                    at.display()
+                )));
+            }
+        }
         if let Err(e) = sys::mount::bind(&source, &target, opts) {
             if created {
                 let _ = std::fs::remove_dir(&target);

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs the official CSI conformance suite (csi-sanity) against the real
+# driver binary with real mounts, once per pool kind given.
+#
+#   scripts/conformance.sh BINARY KIND [KIND...]     KIND: dir | btrfs | image
+#
+# Each run gets a fresh temporary directory (pools, socket, mount dirs) and
+# cleans up its mounts, loop devices and processes on exit, also on failure.
+# Prints one closing line per kind and a total: "N passed, N failed, N skipped".
+set -euo pipefail
+
+BIN=${1:?usage: conformance.sh BINARY KIND...}
+shift
+SANITY=${CSI_SANITY:-csi-sanity}
+command -v "$SANITY" >/dev/null || { echo "csi-sanity not found (set CSI_SANITY)"; exit 2; }
+
+total_pass=0 total_fail=0 total_skip=0
+WORK=""
+DRIVER_PID=""
+cleanup() {
+  if [[ -n $DRIVER_PID ]]; then
+    kill -TERM "$DRIVER_PID" 2>/dev/null || true
+    wait "$DRIVER_PID" 2>/dev/null || true
+  fi
+  DRIVER_PID=""
+  if [[ -n $WORK ]]; then
+    # Innermost mounts first; then loop devices backed by files in WORK.
+    grep -F " $WORK" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do
+      umount -l "$m" 2>/dev/null || true
+    done
+    losetup -a 2>/dev/null | grep -F "$WORK" | cut -d: -f1 | while read -r d; do
+      losetup -d "$d" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+  fi
+  WORK=""
+}
+trap cleanup EXIT
+
+run_kind() {
+  local kind=$1
+  WORK=$(mktemp -d /tmp/hostpath-csi-conformance.XXXXXX)
+  local pool="$WORK/pool" extra=()
+  case $kind in
+    dir) ;;
+    btrfs)
+      truncate -s 1G "$WORK/btrfs.img"
+      mkfs.btrfs -q "$WORK/btrfs.img"
+      mkdir -p "$pool"
+      mount -o loop "$WORK/btrfs.img" "$pool"
+      ;;
+    image) ;;
+    *) echo "unknown kind $kind"; exit 2 ;;
+  esac
+  cat > "$WORK/config.toml" <<TOML
+[[pools]]
+name = "sanity"
+path = "$pool"
+kind = "$kind"
+TOML
+  printf 'pool: sanity\n' > "$WORK/params.yaml"
+  "$BIN" --endpoint "unix://$WORK/csi.sock" --node-id sanity-node \
+    --config "$WORK/config.toml" --log-level warn >"$WORK/driver.log" 2>&1 &
+  DRIVER_PID=$!
+  for _ in $(seq 100); do [[ -S $WORK/csi.sock ]] && break; sleep 0.05; done
+  if [[ $kind != dir ]]; then extra+=(--csi.testvolumeexpandsize $((32 << 20))); fi
+  local out="$WORK/sanity.out" rc=0
+  "$SANITY" --csi.endpoint "$WORK/csi.sock" --csi.mountdir "$WORK/mnt" \
+    --csi.stagingdir "$WORK/stage" --csi.testvolumesize $((16 << 20)) \
+    --csi.testvolumeparameters "$WORK/params.yaml" "${extra[@]}" \
+    -ginkgo.no-color -ginkgo.v >"$out" 2>&1 || rc=$?
+  # Why specs were skipped (capabilities the driver does not claim).
+  grep -E '^\s*\[SKIPPED\] [A-Za-z]' "$out" | grep -v '\[SKIPPED\] in \[' | sed -E 's/^\s*\[SKIPPED\] //' | sort | uniq -c | sed "s/^/  skipped[$kind]: /" || true
+  local line
+  line=$(grep -E '^(SUCCESS|FAIL)!' "$out" | tail -1 || true)
+  local p f s
+  p=$(sed -nE 's/.* ([0-9]+) Passed.*/\1/p' <<<"$line"); p=${p:-0}
+  f=$(sed -nE 's/.* ([0-9]+) Failed.*/\1/p' <<<"$line"); f=${f:-0}
+  s=$(sed -nE 's/.* ([0-9]+) Skipped.*/\1/p' <<<"$line"); s=${s:-0}
+  if [[ -z $line || ( $rc -ne 0 && $f -eq 0 ) ]]; then f=$((f + 1)); fi
+  if [[ $f -ne 0 ]]; then
+    grep -A3 -E '^\s*\[FAIL\]' "$out" | head -60 || tail -40 "$out"
+    echo "--- driver log"; tail -20 "$WORK/driver.log"
+  fi
+  echo "conformance[$kind]: $p passed, $f failed, $s skipped"
+  total_pass=$((total_pass + p)); total_fail=$((total_fail + f)); total_skip=$((total_skip + s))
+  cleanup
+}
+
+for kind in "$@"; do run_kind "$kind"; done
+echo "conformance: $total_pass passed, $total_fail failed, $total_skip skipped"
+[[ $total_fail -eq 0 ]]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh machine, idempotently:
+# Debian packages for the btrfs and image pool kinds, and the official
+# CSI conformance suite (csi-sanity) built from the Go module proxy at a
+# pinned version into a cache outside the repository.
+set -euo pipefail
+
+CSI_SANITY_VERSION=v5.6.0
+CACHE=${HOSTPATH_CSI_CACHE:-/var/cache/hostpath-csi}
+mkdir -p "$CACHE/bin"
+
+need=()
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v losetup >/dev/null || need+=(mount)
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+sanity="$CACHE/bin/csi-sanity-$CSI_SANITY_VERSION"
+if [[ ! -x $sanity ]]; then
+  echo "setup: building csi-sanity $CSI_SANITY_VERSION"
+  tmp=$(mktemp -d)
+  GOBIN=$tmp go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"
+  mv "$tmp/csi-sanity" "$sanity"
+  rmdir "$tmp"
+fi
+ln -sf "$sanity" "$CACHE/bin/csi-sanity"
+echo "setup: done (csi-sanity at $CACHE/bin/csi-sanity)"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole test suite, runnable on a fresh machine as root:
+#   1. set-up (Debian packages, csi-sanity) via scripts/setup.sh
+#   2. cargo test: unit tests and the in-process integration tests (real
+#      mounts, btrfs and image pools, crash, hostile-input and load tests)
+#   3. the official CSI conformance suite against every pool kind
+#   4. the Kubernetes end-to-end test against real control-plane components
+# Set HOSTPATH_CSI_SKIP_E2E=1 to leave out step 4 while iterating.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "the test suite mounts filesystems and needs root" >&2
+  exit 2
+fi
+
+scripts/setup.sh
+export CSI_SANITY=${CSI_SANITY:-/var/cache/hostpath-csi/bin/csi-sanity}
+
+results=()
+failed=0
+step() {
+  local name=$1; shift
+  echo "=== $name"
+  local start=$SECONDS
+  if "$@"; then
+    results+=("$name: ok ($((SECONDS - start)) s)")
+  else
+    results+=("$name: FAILED ($((SECONDS - start)) s)")
+    failed=$((failed + 1))
+  fi
+}
+
+step "cargo test" cargo test --all-targets
+step "conformance" scripts/conformance.sh target/debug/hostpath-csi dir btrfs image
+if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
+  step "kubernetes e2e" tests/e2e/run.sh
+fi
+
+echo "=== summary"
+printf '%s\n' "${results[@]}"
+passed=$((${#results[@]} - failed))
+echo "suite: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]
