@@ -6,6 +6,9 @@ use clap::Parser;
 use hostpath_csi::config::{Cli, Command};
 use hostpath_csi::{init_logging, server};
 
+/// How long in-flight calls may run on after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,7 +33,26 @@ async fn main() -> ExitCode {
         }
     };
     let socket = config.socket.clone();
-    let result = server::run(config, listener, shutdown_signal()).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = server::run(config, listener, async {
+        let _ = stopped.await;
+    });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        () = shutdown_signal() => {
+            let _ = stop.send(());
+            // Calls in flight get a grace period; a client that keeps its
+            // connection open must not keep the driver from stopping.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = std::fs::remove_file(&socket);
     match result {
         Ok(()) => {

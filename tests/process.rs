@@ -1,0 +1,219 @@
+//! The real binary as an operator runs it: flags, socket handling, logs,
+//! signals.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostpath_csi::csi;
+use hostpath_csi::csi::identity_client::IdentityClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
+
+/// A driver process that is killed if the test fails.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, extra: &[&str]) -> Driver {
+    let log = std::fs::File::create(dir.join("driver.log")).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "--endpoint",
+            &format!("unix://{}", dir.join("csi.sock").display()),
+        ])
+        .args([
+            "--node-id",
+            "proc-node",
+            "--pool",
+            &format!("p={}", dir.join("pool").display()),
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Driver(child)
+}
+
+async fn wait_ready(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(ch) = hostpath_csi::client::connect(sock).await
+            && let Ok(r) = IdentityClient::new(ch).probe(csi::ProbeRequest {}).await
+            && r.into_inner().ready == Some(true)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = std::fs::read_to_string(sock.with_file_name("driver.log")).unwrap_or_default();
+    panic!(
+        "driver at {} never became ready; its log:\n{log}",
+        sock.display()
+    );
+}
+
+async fn wait_exit(d: &mut Driver) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = d.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "driver did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn socket_is_private_stale_sockets_are_replaced_and_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let mut d = spawn(dir.path(), &[]);
+    wait_ready(&sock).await;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o660,
+        "socket must not be world-writable"
+    );
+
+    // kill -9 leaves the socket file behind; a new start replaces it.
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    assert!(sock.exists());
+    let mut d = spawn(dir.path(), &[]);
+    wait_ready(&sock).await;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_exit(&mut d).await;
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("csi.sock"), b"important").unwrap();
+    let mut d = spawn(dir.path(), &[]);
+    let status = wait_exit(&mut d).await;
+    assert!(!status.success());
+    assert_eq!(
+        std::fs::read(dir.path().join("csi.sock")).unwrap(),
+        b"important"
+    );
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(log.contains("not a socket"), "{log}");
+}
+
+#[tokio::test]
+async fn json_logs_and_secrets_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let mut d = spawn(
+        dir.path(),
+        &["--log-format", "json", "--log-level", "trace"],
+    );
+    wait_ready(&sock).await;
+    let ch = hostpath_csi::client::connect(&sock).await.unwrap();
+    let mut c = csi::controller_client::ControllerClient::new(ch.clone());
+    let mut req = common::create_request("with-secret", "p", 1 << 20);
+    req.secrets
+        .insert("password".into(), "hunter2-very-secret".into());
+    c.create_volume(req).await.unwrap();
+    let mut n = csi::node_client::NodeClient::new(ch);
+    let mut bad = common::publish_request("p:with-secret", Path::new("relative"), false);
+    bad.secrets
+        .insert("token".into(), "hunter2-very-secret".into());
+    n.node_publish_volume(bad).await.unwrap_err();
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "p:with-secret".into(),
+        secrets: [("k".to_string(), "hunter2-very-secret".to_string())].into(),
+    })
+    .await
+    .unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(wait_exit(&mut d).await.success());
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(log.contains("volume created"), "{log}");
+    assert!(!log.contains("hunter2"), "a secret reached the log:\n{log}");
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+    }
+}
+
+#[test]
+fn help_explains_every_flag_and_bad_config_is_reported() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--endpoint",
+        "--node-id",
+        "--driver-name",
+        "--pool",
+        "--config",
+        "--max-volumes-per-node",
+        "--log-format",
+        "CSI_ENDPOINT",
+        "NODE_NAME",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+    let out = Command::new(BIN)
+        .args(["--pool", "Bad Name=/x", "--node-id", "n"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool name"));
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_make_one_volume() {
+    let h = common::Harness::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut c = h.controller();
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(common::create_request("raced", "hdd", 1 << 20))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.volume.unwrap().volume_id, "hdd:raced");
+                ok += 1;
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}"),
+        }
+    }
+    assert!(ok >= 1);
+    let names: Vec<_> = std::fs::read_dir(h.pool_dir("hdd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, [".raced.meta", "raced"]);
+}
