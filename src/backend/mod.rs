@@ -6,12 +6,14 @@
 //! cope with the leftovers of an earlier attempt that was killed half-way,
 //! because that is exactly what a retried call after a crash looks like.
 
+pub mod btrfs;
 pub mod dir;
+pub mod image;
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
-use crate::config::PoolKind;
+use crate::config::{PoolConfig, PoolKind};
 use crate::error::{Error, Result};
 
 /// What a volume uses and has left, as NodeGetVolumeStats reports it.
@@ -83,18 +85,82 @@ pub trait Backend: Send + Sync + Debug {
     /// What the volume uses; `capacity` is the size promised to the CO.
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage>;
 
-    /// Grows the volume to `capacity` bytes while it may be in use.
+    /// Grows the volume to `capacity` bytes while it may be in use (the
+    /// controller half of an expansion: raise the limit, grow the image).
+    /// Must be idempotent: a retry after a crash calls it again.
     fn expand(&self, _pool_dir: &Path, _token: &str, _capacity: u64) -> Result<()> {
         Err(Error::Unimplemented(format!(
             "pools of kind {} cannot expand volumes",
             self.kind().as_str()
         )))
     }
+
+    /// Whether the node must do its half of an expansion (grow a
+    /// filesystem) after [`Backend::expand`].
+    fn needs_node_expand(&self) -> bool {
+        false
+    }
+
+    /// The node half of an expansion: makes the space that
+    /// [`Backend::expand`] added usable in the mounted volume. Idempotent.
+    fn node_expand(&self, _pool_dir: &Path, _token: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Smallest volume this kind can make; requests below it are rounded up.
+    fn min_volume_size(&self) -> u64 {
+        0
+    }
+
+    /// Volume sizes are rounded up to a multiple of this.
+    fn granularity(&self) -> u64 {
+        1
+    }
+
+    /// Bytes that the volumes `tokens` hold on the pool's filesystem, all
+    /// together: the part of their promises that is already spent.
+    fn used_by(&self, _pool_dir: &Path, _tokens: &[&str]) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// Suffixes of the backend's own scratch files in the pool directory
+    /// (`.<token><suffix>`): half-made storage of an interrupted call,
+    /// removable whenever no call is working on that token.
+    fn scratch_suffixes(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
-/// Builds the backend for a pool kind.
+/// Builds the backend for a pool kind with default settings.
 pub fn for_kind(kind: PoolKind) -> Box<dyn Backend> {
-    match kind {
+    for_pool(&PoolConfig::of_kind("default", PathBuf::new(), kind))
+}
+
+/// Builds the backend for a configured pool.
+pub fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
+    match pool.kind {
         PoolKind::Dir => Box::new(dir::DirBackend),
+        PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend),
+        PoolKind::Image => Box::new(image::ImageBackend::new(pool.filesystem())),
     }
+}
+
+/// Figures of a mounted filesystem as a volume's usage: used is what the
+/// filesystem says is taken, available what an unprivileged writer can
+/// still use.
+fn usage_of_fs(path: &Path) -> Result<VolumeUsage> {
+    let s = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::io(format!("statfs {}", path.display()), e.into()))?;
+    let frag = s.fragment_size();
+    let total = s.blocks().saturating_mul(frag);
+    let free = s.blocks_free().saturating_mul(frag);
+    let available = s.blocks_available().saturating_mul(frag);
+    Ok(VolumeUsage {
+        used_bytes: total.saturating_sub(free),
+        available_bytes: available,
+        total_bytes: total,
+        used_inodes: s.files().saturating_sub(s.files_free()),
+        available_inodes: s.files_available(),
+        total_inodes: s.files(),
+    })
 }

@@ -170,7 +170,26 @@ impl csi::controller_server::Controller for Controller {
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: c.available as i64,
             maximum_volume_size: Some(c.maximum_volume_size as i64),
-            minimum_volume_size: None,
+            minimum_volume_size: (c.minimum_volume_size > 0)
+                .then_some(c.minimum_volume_size as i64),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    async fn controller_expand_volume(
+        &self,
+        request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = validate::volume_id(&r.volume_id)?.to_string();
+        let range = validate::capacity_range(r.capacity_range.as_ref())?;
+        if let Some(c) = r.volume_capability.as_ref() {
+            validate::capability(c)?;
+        }
+        let e = blocking(&self.shared, move |v| v.expand(&id, range)).await?;
+        Ok(Response::new(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: e.capacity_bytes as i64,
+            node_expansion_required: e.node_expansion_required,
         }))
     }
 

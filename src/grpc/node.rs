@@ -101,6 +101,22 @@ impl csi::node_server::Node for Node {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    async fn node_expand_volume(
+        &self,
+        request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let volume_id = validate::volume_id(&r.volume_id)?.to_string();
+        validate::required(&r.volume_path, "volume_path")?;
+        let path = validate::node_path(&r.volume_path, "volume_path")?;
+        validate::capacity_range(r.capacity_range.as_ref())?;
+        let capacity = blocking(&self.shared, move |v| v.node_expand(&volume_id, &path)).await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+        }))
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn node_get_capabilities(
         &self,

@@ -52,7 +52,9 @@ impl Volumes {
             .map(|p| Pool {
                 name: p.name.clone(),
                 dir: p.path.clone(),
-                backend: backend::for_kind(p.kind),
+                backend: backend::for_pool(p),
+                policy: control::SizePolicy::from_config(p),
+                promises: control::Promises::default(),
             })
             .collect();
         let mut v = Volumes {

@@ -56,6 +56,10 @@ pub struct Pool {
     pub dir: PathBuf,
     /// Storage backend for the pool's kind.
     pub backend: Box<dyn Backend>,
+    /// Size limits and promise policy (see `volume::control`).
+    pub policy: crate::volume::control::SizePolicy,
+    /// What the pool's volumes were promised, kept in memory.
+    pub promises: crate::volume::control::Promises,
 }
 
 const META: &str = ".meta";
@@ -149,7 +153,13 @@ impl Pool {
             };
             let token = rest
                 .strip_suffix(".meta.tmp")
-                .or_else(|| rest.strip_suffix(DELETING));
+                .or_else(|| rest.strip_suffix(DELETING))
+                .or_else(|| {
+                    self.backend
+                        .scratch_suffixes()
+                        .iter()
+                        .find_map(|s| rest.strip_suffix(s))
+                });
             if let Some(token) = token
                 && crate::volume::id::valid_token(token)
             {

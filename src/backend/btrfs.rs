@@ -1,0 +1,339 @@
+//! `btrfs` pools: a subvolume per volume, its size enforced by a qgroup.
+//!
+//! The pool directory must be on btrfs. Each volume is a subvolume at
+//! `<pool>/<token>` whose qgroup (`0/<subvolume id>`) has a limit on
+//! referenced bytes equal to the volume's capacity, so writes beyond it
+//! fail with EDQUOT. Quotas are switched on for the filesystem when the
+//! pool is prepared. Used bytes come from the qgroup, inodes from walking
+//! the subvolume. Expanding raises the limit; nothing is needed on the node.
+//!
+//! Crash safety: `btrfs subvolume create` and `delete` are atomic, so the
+//! only half-made state is a subvolume without its limit (create killed
+//! between the two commands), which a retry finds empty and finishes. A
+//! deleted subvolume's qgroup is removed by the kernel once the subvolume
+//! is cleaned up (older kernels leave it "stale"; preparing the pool clears
+//! stale qgroups).
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::{Backend, VolumeUsage};
+use crate::config::PoolKind;
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::sys::cmd;
+
+/// Inode number of every subvolume's root directory on btrfs.
+const SUBVOLUME_ROOT_INO: u64 = 256;
+/// Smallest volume: room for the subvolume's own metadata and some data.
+const MIN_VOLUME: u64 = 1 << 20;
+
+/// The `btrfs` backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BtrfsBackend;
+
+/// One row of `btrfs qgroup show --raw -r`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct QgroupRow {
+    /// `0/<subvolume id>`.
+    id: String,
+    /// Referenced bytes.
+    referenced: u64,
+    /// Limit on referenced bytes, if any.
+    max_referenced: Option<u64>,
+    /// Path relative to the filesystem's top level (`<stale>` for qgroups
+    /// whose subvolume is gone).
+    path: String,
+}
+
+/// Parses the output of `btrfs qgroup show --raw -r` (columns: qgroupid,
+/// referenced, exclusive, max referenced, path).
+fn parse_qgroups(text: &str) -> Vec<QgroupRow> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let id = f.next()?;
+            if !id.starts_with("0/") {
+                return None;
+            }
+            let referenced = f.next()?.parse().ok()?;
+            let _exclusive = f.next()?;
+            let max_referenced = match f.next()? {
+                "none" => None,
+                n => Some(n.parse().ok()?),
+            };
+            let path = f.collect::<Vec<_>>().join(" ");
+            Some(QgroupRow {
+                id: id.to_string(),
+                referenced,
+                max_referenced,
+                path,
+            })
+        })
+        .collect()
+}
+
+fn is_subvolume(meta: &std::fs::Metadata) -> bool {
+    meta.is_dir() && meta.ino() == SUBVOLUME_ROOT_INO
+}
+
+/// Commits the filesystem's transaction so that qgroup figures include
+/// what was just written (they are updated at commit time).
+fn sync_fs(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    nix::unistd::syncfs(&f).map_err(|e| Error::io(format!("syncfs {}", path.display()), e.into()))
+}
+
+/// Where `dir` is inside its btrfs filesystem, relative to the top level,
+/// as `btrfs qgroup show` prints paths (no leading slash).
+fn path_in_fs(dir: &Path) -> Result<PathBuf> {
+    let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
+    let holder = sys::mountinfo::containing(&table, dir)
+        .ok_or_else(|| Error::Internal(format!("no mount holds {}", dir.display())))?;
+    let rel = dir
+        .strip_prefix(&holder.mount_point)
+        .unwrap_or(Path::new(""));
+    let full = holder.root.join(rel);
+    Ok(full.strip_prefix("/").unwrap_or(&full).to_path_buf())
+}
+
+fn limit(path: &Path, capacity: u64) -> Result<()> {
+    cmd::run(
+        "btrfs",
+        [
+            "qgroup".as_ref(),
+            "limit".as_ref(),
+            capacity.to_string().as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    Ok(())
+}
+
+impl Backend for BtrfsBackend {
+    fn kind(&self) -> PoolKind {
+        PoolKind::Btrfs
+    }
+
+    fn enforces_size(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, pool_dir: &Path) -> Result<()> {
+        let fs = nix::sys::statfs::statfs(pool_dir)
+            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e.into()))?;
+        if fs.filesystem_type() != nix::sys::statfs::BTRFS_SUPER_MAGIC {
+            return Err(Error::FailedPrecondition(format!(
+                "pool directory {} is not on btrfs; a pool of kind btrfs needs a btrfs filesystem",
+                pool_dir.display()
+            )));
+        }
+        if let Err(f) = cmd::run_raw("btrfs", ["qgroup".as_ref(), "show".as_ref(), pool_dir])? {
+            if !f.stderr.contains("not enabled") {
+                return Err(f.into());
+            }
+            tracing::info!(pool_dir = %pool_dir.display(), "enabling btrfs quotas for the pool's filesystem");
+            cmd::run("btrfs", ["quota".as_ref(), "enable".as_ref(), pool_dir]).map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "quotas are off on the btrfs filesystem of {} and enabling them failed \
+                     (run `btrfs quota enable` on it by hand): {e}",
+                    pool_dir.display()
+                ))
+            })?;
+        }
+        // Qgroups of subvolumes deleted before a crash, on kernels that do
+        // not remove them by themselves. Harmless when there are none.
+        if let Ok(Err(f)) = cmd::run_raw(
+            "btrfs",
+            ["qgroup".as_ref(), "clear-stale".as_ref(), pool_dir],
+        ) {
+            tracing::debug!(error = %f, "clearing stale qgroups failed; ignored");
+        }
+        Ok(())
+    }
+
+    fn create(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {
+        let path = pool_dir.join(token);
+        let made = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                cmd::run(
+                    "btrfs",
+                    ["subvolume".as_ref(), "create".as_ref(), path.as_os_str()],
+                )?;
+                true
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", path.display()), e)),
+            Ok(meta) => {
+                // A subvolume left by an attempt killed before its limit was
+                // set is empty: finish it. Anything else is not ours.
+                let empty = is_subvolume(&meta)
+                    && sys::fs::is_empty_dir(&path)
+                        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                if !empty {
+                    return Err(Error::AlreadyExists(format!(
+                        "{} already exists, is not an empty subvolume and was not created by \
+                         this driver; use another volume name or move it away",
+                        path.display()
+                    )));
+                }
+                false
+            }
+        };
+        let finish = || -> Result<()> {
+            limit(&path, capacity)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+        };
+        if let Err(e) = finish() {
+            if made {
+                let _ = self.delete(pool_dir, token);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
+        let path = pool_dir.join(token);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("inspecting {}", path.display()), e)),
+        };
+        if !is_subvolume(&meta) {
+            // A plain directory: a volume made while the pool was of kind
+            // dir. Remove it the way that kind does.
+            return super::dir::DirBackend.delete(pool_dir, token);
+        }
+        // --commit-after: the removal is on disk before the record goes.
+        cmd::run(
+            "btrfs",
+            [
+                "subvolume".as_ref(),
+                "delete".as_ref(),
+                "--commit-after".as_ref(),
+                path.as_os_str(),
+            ],
+        )
+        .map_err(|e| match e {
+            Error::Internal(m) if m.contains("not empty") => Error::FailedPrecondition(format!(
+                "{m}; the volume holds nested subvolumes, which must be deleted first"
+            )),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
+        let path = pool_dir.join(token);
+        sync_fs(&path)?;
+        let out = cmd::run(
+            "btrfs",
+            [
+                "qgroup".as_ref(),
+                "show".as_ref(),
+                "--raw".as_ref(),
+                "-r".as_ref(),
+                "-f".as_ref(),
+                path.as_os_str(),
+            ],
+        )?;
+        let row = parse_qgroups(&out.stdout)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "`btrfs qgroup show` printed no qgroup for {}",
+                    path.display()
+                ))
+            })?;
+        let total = row.max_referenced.unwrap_or(capacity);
+        let used = row.referenced;
+        let available = total.saturating_sub(used);
+        let inodes = sys::fs::usage(&path)
+            .map_err(|e| Error::io(format!("measuring {}", path.display()), e))?;
+        // btrfs makes inodes on demand and statfs reports none; estimate
+        // what is left as one inode per 4 KiB of space left.
+        let available_inodes = available / 4096;
+        Ok(VolumeUsage {
+            used_bytes: used,
+            available_bytes: available,
+            total_bytes: total,
+            used_inodes: inodes.inodes,
+            available_inodes,
+            total_inodes: inodes.inodes + available_inodes,
+        })
+    }
+
+    fn expand(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {
+        let path = pool_dir.join(token);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if is_subvolume(&m) => limit(&path, capacity),
+            Ok(_) => Err(Error::FailedPrecondition(format!(
+                "{} is not a subvolume, so its size cannot be changed",
+                path.display()
+            ))),
+            Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
+        }
+    }
+
+    fn min_volume_size(&self) -> u64 {
+        MIN_VOLUME
+    }
+
+    fn used_by(&self, pool_dir: &Path, tokens: &[&str]) -> Result<u64> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        let out = cmd::run(
+            "btrfs",
+            [
+                "qgroup".as_ref(),
+                "show".as_ref(),
+                "--raw".as_ref(),
+                "-r".as_ref(),
+                pool_dir.as_os_str(),
+            ],
+        )?;
+        let base = path_in_fs(pool_dir)?;
+        let wanted: std::collections::HashSet<PathBuf> =
+            tokens.iter().map(|t| base.join(t)).collect();
+        Ok(parse_qgroups(&out.stdout)
+            .into_iter()
+            .filter(|r| wanted.contains(Path::new(&r.path)))
+            .map(|r| r.referenced)
+            .sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qgroup_tables() {
+        let text = "\
+Qgroupid    Referenced    Exclusive  Max referenced   Path 
+--------    ----------    ---------  --------------   ---- 
+0/5              16384        16384            none   <toplevel>
+0/256         10469376     10469376        10485760   pools/fast/pvc-1
+0/257                0            0        10485760   pools/fast/a b
+0/258            16384        16384            none   <stale>
+";
+        let rows = parse_qgroups(text);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[1],
+            QgroupRow {
+                id: "0/256".into(),
+                referenced: 10469376,
+                max_referenced: Some(10485760),
+                path: "pools/fast/pvc-1".into(),
+            }
+        );
+        assert_eq!(rows[2].path, "pools/fast/a b");
+        assert_eq!(rows[0].max_referenced, None);
+    }
+}

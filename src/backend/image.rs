@@ -1,0 +1,456 @@
+//! `image` pools: a sparse filesystem image per volume, loop-mounted at the
+//! volume's path.
+//!
+//! Layout inside the pool directory:
+//!
+//! ```text
+//! .<token>.img       the volume: a sparse file holding an ext4 or xfs
+//!                    filesystem exactly as large as the volume
+//! .<token>.img.new   an image being made (truncate, mkfs, fsync), renamed
+//!                    to .<token>.img when complete
+//! <token>/           the mount point; the image's filesystem is mounted
+//!                    here, and publishing bind-mounts it like a dir volume
+//! ```
+//!
+//! Size is enforced by the filesystem itself: a write past it fails with
+//! ENOSPC. Usage is the mounted filesystem's statfs. Expanding grows the
+//! file (controller), then refreshes the loop device's size and grows the
+//! filesystem online (node).
+//!
+//! Mount lifetime: the image is mounted when the volume is created and
+//! stays mounted until the volume is deleted; an unpublish leaves it
+//! mounted, so the bind mounts at targets can always be traced back to the
+//! volume (DeleteVolume refuses while any exist) and stats need no mount.
+//! After a reboot the first publish (or stats, or expand) mounts it again.
+//!
+//! Loop devices never outlive their mount: the device is set up with
+//! `losetup --nooverlap` (reusing one already attached to the same image,
+//! so one image is never behind two devices), mounted, then detached with
+//! `losetup -d`, which on a device in use only sets auto-clear: the kernel
+//! frees it at the last unmount. A device attached by a call killed before
+//! it mounted is reused by the retry, and DeleteVolume detaches whatever is
+//! still attached to the image.
+
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Backend, VolumeUsage};
+use crate::config::{Filesystem, PoolKind};
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::sys::cmd;
+
+const IMG: &str = ".img";
+const IMG_NEW: &str = ".img.new";
+/// Smallest ext4 volume: below this ext4 has no room for a journal.
+const MIN_EXT4: u64 = 16 << 20;
+/// Smallest XFS filesystem `mkfs.xfs` agrees to make.
+const MIN_XFS: u64 = 300 << 20;
+/// Image sizes are whole filesystem blocks.
+const BLOCK: u64 = 4096;
+
+/// The `image` backend.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageBackend {
+    fs: Filesystem,
+}
+
+impl ImageBackend {
+    /// A backend making images with filesystem `fs`.
+    pub fn new(fs: Filesystem) -> Self {
+        ImageBackend { fs }
+    }
+
+    fn image(pool_dir: &Path, token: &str) -> PathBuf {
+        pool_dir.join(format!(".{token}{IMG}"))
+    }
+
+    fn scratch(pool_dir: &Path, token: &str) -> PathBuf {
+        pool_dir.join(format!(".{token}{IMG_NEW}"))
+    }
+
+    /// Makes `.<token>.img` of `capacity` bytes with a fresh filesystem:
+    /// built under a scratch name and renamed, so the image name only ever
+    /// names a complete image.
+    fn make_image(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {
+        let scratch = Self::scratch(pool_dir, token);
+        remove_file(&scratch)?;
+        let build = || -> Result<()> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&scratch)
+                .map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
+            f.set_len(capacity)
+                .map_err(|e| Error::io(format!("sizing {}", scratch.display()), e))?;
+            drop(f);
+            match self.fs {
+                Filesystem::Ext4 => cmd::run(
+                    "mkfs.ext4",
+                    [
+                        "-q".as_ref(),
+                        "-F".as_ref(),
+                        // No blocks reserved for root: the volume's whole
+                        // size belongs to the pod.
+                        "-m".as_ref(),
+                        "0".as_ref(),
+                        // 4 KiB blocks and the usual inode ratio even for
+                        // small images (mke2fs would pick its "small"
+                        // profile: 1 KiB blocks, four times the inodes).
+                        "-T".as_ref(),
+                        "default".as_ref(),
+                        "-E".as_ref(),
+                        "nodiscard".as_ref(),
+                        scratch.as_os_str(),
+                    ],
+                )?,
+                Filesystem::Xfs => cmd::run(
+                    "mkfs.xfs",
+                    [
+                        "-q".as_ref(),
+                        "-f".as_ref(),
+                        "-K".as_ref(),
+                        scratch.as_os_str(),
+                    ],
+                )?,
+            };
+            std::fs::File::open(&scratch)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("flushing {}", scratch.display()), e))?;
+            std::fs::rename(&scratch, Self::image(pool_dir, token))
+                .map_err(|e| Error::io(format!("renaming {}", scratch.display()), e))?;
+            sys::fs::sync_dir(pool_dir)
+                .map_err(|e| Error::io(format!("flushing {}", pool_dir.display()), e))
+        };
+        build().inspect_err(|_| {
+            let _ = std::fs::remove_file(&scratch);
+        })
+    }
+
+    /// Mounts the image at `<pool>/<token>` unless it already is; returns
+    /// the loop device behind the mount.
+    fn ensure_mounted(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
+        let mnt = pool_dir.join(token);
+        if let Some(dev) = mounted_device(&mnt)? {
+            return Ok(dev);
+        }
+        let img = Self::image(pool_dir, token);
+        if !img.exists() {
+            return Err(Error::FailedPrecondition(format!(
+                "the image {} of this volume is missing",
+                img.display()
+            )));
+        }
+        let out = cmd::run(
+            "losetup",
+            [
+                "--find".as_ref(),
+                "--show".as_ref(),
+                "--nooverlap".as_ref(),
+                img.as_os_str(),
+            ],
+        )?;
+        let dev = PathBuf::from(out.stdout.trim());
+        if let Err(e) = sys::mount::mount_device(&dev, &mnt, self.fs.as_str(), "") {
+            detach(&dev);
+            return Err(Error::io(
+                format!(
+                    "mounting {} ({}) at {}",
+                    img.display(),
+                    dev.display(),
+                    mnt.display()
+                ),
+                e,
+            ));
+        }
+        // The device is in use now, so this only marks it auto-clear: the
+        // kernel detaches it when the last mount of it goes.
+        detach(&dev);
+        Ok(dev)
+    }
+
+    /// Grows the mounted filesystem to the size of its image.
+    fn grow_fs(&self, pool_dir: &Path, token: &str) -> Result<()> {
+        let dev = self.ensure_mounted(pool_dir, token)?;
+        cmd::run("losetup", ["-c".as_ref(), dev.as_os_str()])?;
+        match self.fs {
+            Filesystem::Xfs => {
+                cmd::run("xfs_growfs", [pool_dir.join(token).as_os_str()])?;
+                Ok(())
+            }
+            Filesystem::Ext4 => match cmd::run_raw("resize2fs", [dev.as_os_str()])? {
+                Ok(_) => Ok(()),
+                // The kernel grows a mounted ext4 only for a caller with
+                // CAP_SYS_RESOURCE; a driver without it (an unprivileged
+                // container) can still grow a volume nobody has mounted.
+                Err(f) if f.stderr.contains("Permission denied") => {
+                    self.grow_ext4_offline(pool_dir, token, &f)
+                }
+                Err(f) => Err(f.into()),
+            },
+        }
+    }
+
+    /// Grows an ext4 image while it is not in use: unmount, check, resize
+    /// the image file, mount again.
+    fn grow_ext4_offline(&self, pool_dir: &Path, token: &str, online: &cmd::Failure) -> Result<()> {
+        let mnt = pool_dir.join(token);
+        let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
+        if let Some(at) = sys::mountinfo::binds_of(&table, &mnt).first() {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot grow the ext4 filesystem of this volume while it is published (at {}): \
+                 growing a mounted ext4 needs CAP_SYS_RESOURCE, which the driver lacks ({online}); \
+                 run the node plugin privileged, or unpublish the volume and retry",
+                at.display()
+            )));
+        }
+        sys::mount::unmount(&mnt)
+            .map_err(|e| Error::io(format!("unmounting {}", mnt.display()), e))?;
+        let img = Self::image(pool_dir, token);
+        wait_detached(&img)?;
+        // e2fsck exits 1 when it corrected something, which is fine here.
+        match cmd::run_raw("e2fsck", ["-f".as_ref(), "-p".as_ref(), img.as_os_str()])? {
+            Ok(_) => {}
+            Err(f) if f.code == Some(1) => {}
+            Err(f) => return Err(f.into()),
+        }
+        cmd::run("resize2fs", [img.as_os_str()])?;
+        self.ensure_mounted(pool_dir, token)?;
+        Ok(())
+    }
+}
+
+/// Waits until no loop device is attached to `img`, detaching idle ones
+/// (left by a call killed between losetup and mount) on the way; a device
+/// still in use after a second means someone else has the image mounted.
+fn wait_detached(img: &Path) -> Result<()> {
+    for _ in 0..50 {
+        let devs = devices_of(img)?;
+        if devs.is_empty() {
+            return Ok(());
+        }
+        devs.iter().for_each(|d| detach(d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let devs = devices_of(img)?;
+    if devs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "the image {} is still in use through {}; unpublish it everywhere first",
+        img.display(),
+        devs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+/// The loop device mounted at exactly `mnt`, if something is.
+fn mounted_device(mnt: &Path) -> Result<Option<PathBuf>> {
+    let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
+    Ok(sys::mountinfo::mounted_at(&table, mnt).map(|e| PathBuf::from(&e.source)))
+}
+
+/// Loop devices attached to `img`.
+fn devices_of(img: &Path) -> Result<Vec<PathBuf>> {
+    let out = cmd::run("losetup", ["-j".as_ref(), img.as_os_str()])?;
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(d, _)| PathBuf::from(d)))
+        .collect())
+}
+
+/// `losetup -d`: detaches an idle device, marks a busy one auto-clear.
+fn detach(dev: &Path) {
+    if let Ok(Err(f)) = cmd::run_raw("losetup", ["-d".as_ref(), dev.as_os_str()]) {
+        tracing::debug!(error = %f, "detaching a loop device failed");
+    }
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(Error::io(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Backend for ImageBackend {
+    fn kind(&self) -> PoolKind {
+        PoolKind::Image
+    }
+
+    fn enforces_size(&self) -> bool {
+        true
+    }
+
+    fn create(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {
+        let mnt = pool_dir.join(token);
+        let img = Self::image(pool_dir, token);
+        let mounted = mounted_device(&mnt)?.is_some();
+        if !mounted {
+            match std::fs::symlink_metadata(&mnt) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("inspecting {}", mnt.display()), e)),
+                Ok(m) => {
+                    let empty = m.is_dir()
+                        && sys::fs::is_empty_dir(&mnt)
+                            .map_err(|e| Error::io(format!("reading {}", mnt.display()), e))?;
+                    if !empty {
+                        return Err(Error::AlreadyExists(format!(
+                            "{} already exists, holds data and was not created by this \
+                             driver; use another volume name or move it away",
+                            mnt.display()
+                        )));
+                    }
+                }
+            }
+        }
+        let made_image = match std::fs::metadata(&img) {
+            Ok(m) => {
+                // Left by an attempt killed after the image was complete;
+                // an image smaller than asked (an expansion killed half-way)
+                // is grown below.
+                if m.len() < capacity {
+                    self.expand(pool_dir, token, capacity)?;
+                }
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.make_image(pool_dir, token, capacity)?;
+                true
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", img.display()), e)),
+        };
+        let finish = || -> Result<()> {
+            match std::fs::create_dir(&mnt) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(Error::io(format!("creating {}", mnt.display()), e));
+                }
+                _ => {}
+            }
+            self.ensure_mounted(pool_dir, token)?;
+            if !made_image {
+                self.grow_fs(pool_dir, token)?;
+            }
+            // mkfs makes the root directory root's; volumes must be writable
+            // by the pod's user, which kubelet then narrows with fsGroup.
+            if made_image {
+                std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                    .map_err(|e| Error::io(format!("setting the mode of {}", mnt.display()), e))?;
+            }
+            sys::fs::sync_dir(pool_dir)
+                .map_err(|e| Error::io(format!("flushing {}", pool_dir.display()), e))
+        };
+        finish().inspect_err(|_| {
+            if made_image {
+                let _ = self.delete(pool_dir, token);
+            }
+        })
+    }
+
+    fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
+        let mnt = pool_dir.join(token);
+        let img = Self::image(pool_dir, token);
+        let has_image = img.exists();
+        // Unmount (twice if a retried call stacked a second mount).
+        for _ in 0..4 {
+            if mounted_device(&mnt)?.is_none() {
+                break;
+            }
+            sys::mount::unmount(&mnt).map_err(|e| match e.raw_os_error() {
+                Some(c) if c == nix::errno::Errno::EBUSY as i32 => Error::FailedPrecondition(
+                    format!("the filesystem of this volume at {} is busy", mnt.display()),
+                ),
+                _ => Error::io(format!("unmounting {}", mnt.display()), e),
+            })?;
+        }
+        if has_image {
+            // Devices still attached: left by a call killed between losetup
+            // and mount, or (auto-clear) being released right now.
+            wait_detached(&img)?;
+            remove_file(&img)?;
+        } else if mnt.exists() && !sys::fs::is_empty_dir(&mnt).unwrap_or(true) {
+            // No image but a directory with data: a volume made while the
+            // pool was of kind dir. Remove it the way that kind does.
+            return super::dir::DirBackend.delete(pool_dir, token);
+        }
+        remove_file(&Self::scratch(pool_dir, token))?;
+        match std::fs::remove_dir(&mnt) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", mnt.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn publish_source(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
+        self.ensure_mounted(pool_dir, token)?;
+        Ok(pool_dir.join(token))
+    }
+
+    fn usage(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<VolumeUsage> {
+        self.ensure_mounted(pool_dir, token)?;
+        super::usage_of_fs(&pool_dir.join(token))
+    }
+
+    fn expand(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {
+        let img = Self::image(pool_dir, token);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .map_err(|e| Error::io(format!("opening {}", img.display()), e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io(format!("inspecting {}", img.display()), e))?
+            .len();
+        if len < capacity {
+            f.set_len(capacity)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io(format!("growing {}", img.display()), e))?;
+        }
+        Ok(())
+    }
+
+    fn needs_node_expand(&self) -> bool {
+        true
+    }
+
+    fn node_expand(&self, pool_dir: &Path, token: &str) -> Result<()> {
+        self.grow_fs(pool_dir, token)
+    }
+
+    fn min_volume_size(&self) -> u64 {
+        match self.fs {
+            Filesystem::Ext4 => MIN_EXT4,
+            Filesystem::Xfs => MIN_XFS,
+        }
+    }
+
+    fn granularity(&self) -> u64 {
+        BLOCK
+    }
+
+    fn used_by(&self, pool_dir: &Path, tokens: &[&str]) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut sum = 0;
+        for t in tokens {
+            match std::fs::metadata(Self::image(pool_dir, t)) {
+                Ok(m) => sum += m.blocks() * 512,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("inspecting the image of {t}"), e)),
+            }
+        }
+        Ok(sum)
+    }
+
+    fn scratch_suffixes(&self) -> &'static [&'static str] {
+        &[IMG_NEW]
+    }
+}

@@ -1,0 +1,140 @@
+//! Running the external storage tools (`btrfs`, `mkfs.*`, `losetup`,
+//! `resize2fs`, `xfs_growfs`) with errors that say what was run and what it
+//! printed.
+//!
+//! Volume logic never builds command lines itself: the backends call the
+//! small helpers here, so every command runs the same way (no shell, fixed
+//! locale, stdin closed) and every failure carries the command and its
+//! stderr, which is usually the only useful explanation.
+
+use std::ffi::OsStr;
+use std::io;
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result};
+
+/// What a finished command printed.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+/// A command that exited unsuccessfully.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The command line, for messages.
+    pub command: String,
+    /// Exit code, if it exited (rather than being killed by a signal).
+    pub code: Option<i32>,
+    /// What it printed on stderr (trimmed).
+    pub stderr: String,
+    /// What it printed on stdout (trimmed).
+    pub stdout: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = match self.code {
+            Some(c) => format!("exited with {c}"),
+            None => "was killed by a signal".to_string(),
+        };
+        let said = if !self.stderr.is_empty() {
+            &self.stderr
+        } else {
+            &self.stdout
+        };
+        if said.is_empty() {
+            write!(f, "`{}` {status}", self.command)
+        } else {
+            write!(f, "`{}` {status}: {said}", self.command)
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        Error::Internal(f.to_string())
+    }
+}
+
+/// Runs `program args...` and returns what it printed, or a [`Failure`]
+/// (wrapped in `Err(Ok(..))`) when it exits non-zero, or an error when it
+/// cannot be started at all (missing program: the message names the package).
+pub fn run_raw<I, S>(program: &str, args: I) -> Result<std::result::Result<Output, Failure>>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let command = std::iter::once(program.to_string())
+        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::debug!(%command, "running");
+    let out = Command::new(program)
+        .args(&args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::FailedPrecondition(format!(
+                "`{program}` is not installed on this node{}",
+                package_hint(program)
+            )),
+            _ => Error::io(format!("starting `{command}`"), e),
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(Ok(Output { stdout, stderr }))
+    } else {
+        Ok(Err(Failure {
+            command,
+            code: out.status.code(),
+            stderr: stderr.trim().to_string(),
+            stdout: stdout.trim().to_string(),
+        }))
+    }
+}
+
+/// Runs a command that must succeed; a non-zero exit becomes INTERNAL with
+/// the command line and its stderr.
+pub fn run<I, S>(program: &str, args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Ok(run_raw(program, args)??)
+}
+
+fn package_hint(program: &str) -> &'static str {
+    match program {
+        "btrfs" => " (Debian/Ubuntu package btrfs-progs)",
+        "mkfs.ext4" | "resize2fs" | "e2fsck" => " (package e2fsprogs)",
+        "mkfs.xfs" | "xfs_growfs" => " (package xfsprogs)",
+        "losetup" => " (package util-linux, or mount on older releases)",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_carry_the_command_and_its_stderr() {
+        let f = run("sh", ["-c", "echo oops >&2; exit 3"]).unwrap_err();
+        let msg = f.to_string();
+        assert!(
+            msg.contains("sh -c") && msg.contains("exited with 3"),
+            "{msg}"
+        );
+        assert!(msg.contains("oops"), "{msg}");
+        assert_eq!(run("echo", ["hi"]).unwrap().stdout, "hi\n");
+        let missing = run("hostpath-csi-no-such-tool", ["x"]).unwrap_err();
+        assert!(matches!(missing, Error::FailedPrecondition(_)), "{missing}");
+    }
+}
