@@ -217,3 +217,49 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
     names.sort();
     assert_eq!(names, [".raced.meta", "raced"]);
 }
+
+#[tokio::test]
+async fn probe_is_not_ready_until_the_pools_can_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    // A file where the pool's parent directory should be: the pool cannot
+    // be created until an operator fixes it.
+    std::fs::write(dir.path().join("disk"), b"not a directory").unwrap();
+    let log = std::fs::File::create(dir.path().join("driver.log")).unwrap();
+    let _d = Driver(
+        Command::new(BIN)
+            .args(["--endpoint", &format!("unix://{}", sock.display())])
+            .args([
+                "--node-id",
+                "n",
+                "--pool",
+                &format!("p={}", dir.path().join("disk/pool").display()),
+            ])
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ch = loop {
+        if let Ok(ch) = hostpath_csi::client::connect(&sock).await {
+            break ch;
+        }
+        assert!(Instant::now() < deadline, "socket never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let probe = IdentityClient::new(ch.clone())
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(false));
+    let e = csi::controller_client::ControllerClient::new(ch)
+        .create_volume(common::create_request("early", "p", 1 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+    // Once the disk is there, the driver picks it up without a restart.
+    std::fs::remove_file(dir.path().join("disk")).unwrap();
+    wait_ready(&sock).await;
+}
