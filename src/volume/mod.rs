@@ -86,12 +86,21 @@ impl Volumes {
         Ok(())
     }
 
-    /// Removes leftovers of interrupted calls that no record refers to.
-    /// Returns how many were removed.
+    /// Removes leftovers of interrupted calls that no record refers to,
+    /// skipping any volume a call is working on right now (that call owns
+    /// its leftovers). Returns how many were removed.
     pub fn sweep(&self) -> Result<usize> {
         let mut n = 0;
         for p in &self.pools {
-            for path in p.leftovers()? {
+            for (token, path) in p.leftovers()? {
+                let Ok(_guard) = self.inflight.claim(&token) else {
+                    continue;
+                };
+                // Re-check under the lock: the call that held it may have
+                // finished with this very file.
+                if std::fs::symlink_metadata(&path).is_err() {
+                    continue;
+                }
                 crate::sys::fs::remove_tree(&path)
                     .map_err(|e| Error::io(format!("removing leftover {}", path.display()), e))?;
                 n += 1;

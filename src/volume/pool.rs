@@ -140,8 +140,9 @@ impl Pool {
     }
 
     /// Leftovers of interrupted calls that no record refers to any more:
-    /// half-written records and parked volumes. Safe to remove at any time.
-    pub fn leftovers(&self) -> Result<Vec<PathBuf>> {
+    /// half-written records and parked volumes, with the token each belongs
+    /// to. Removing one is safe while no call holds that token's lock.
+    pub fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
@@ -153,17 +154,11 @@ impl Pool {
             };
             let token = rest
                 .strip_suffix(".meta.tmp")
-                .or_else(|| rest.strip_suffix(DELETING))
-                .or_else(|| {
-                    self.backend
-                        .scratch_suffixes()
-                        .iter()
-                        .find_map(|s| rest.strip_suffix(s))
-                });
+                .or_else(|| rest.strip_suffix(DELETING));
             if let Some(token) = token
                 && crate::volume::id::valid_token(token)
             {
-                out.push(entry.path());
+                out.push((token.to_string(), entry.path()));
             }
         }
         Ok(out)
