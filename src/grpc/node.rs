@@ -109,7 +109,9 @@ impl csi::node_server::Node for Node {
         let r = request.into_inner();
         let volume_id = validate::volume_id(&r.volume_id)?.to_string();
         validate::required(&r.volume_path, "volume_path")?;
-        let path = validate::node_path(&r.volume_path, "volume_path")?;
+        // As for stats: a path that cannot be valid cannot hold the volume.
+        let path = validate::node_path(&r.volume_path, "volume_path")
+            .map_err(|e| Error::NotFound(e.to_string()))?;
         validate::capacity_range(r.capacity_range.as_ref())?;
         let capacity = blocking(&self.shared, move |v| v.node_expand(&volume_id, &path)).await?;
         Ok(Response::new(csi::NodeExpandVolumeResponse {
