@@ -1,0 +1,148 @@
+//! What the operations cost with no driver, on the same disk and in the
+//! same run: the figures the driver's are divided by.
+//!
+//! - durable create: `mkdir`, then a small record written durably (write a
+//!   temp file, fsync it, rename it into place, fsync the directory): the
+//!   least a crash-safe CreateVolume can do;
+//! - durable delete: `rmdir`, unlink the record, fsync the directory;
+//! - a bind mount and its unmount, as bare syscalls (root only).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::mount::{MntFlags, MsFlags};
+
+use super::ops::Ctx;
+use super::progress::Progress;
+use super::stats::Samples;
+
+/// A record about the size of a driver's (a few hundred bytes of JSON).
+const RECORD: &[u8] = br#"{
+  "name": "pvc-00000000-0000-0000-0000-000000000000",
+  "kind": "dir",
+  "capacity_bytes": 1073741824,
+  "parameters": {
+    "csi.storage.k8s.io/pvc/name": "data",
+    "csi.storage.k8s.io/pvc/namespace": "default"
+  },
+  "created_unix": 1700000000
+}"#;
+
+/// Floor samples.
+#[derive(Debug, Default)]
+pub struct FloorSamples {
+    /// Durable create.
+    pub create: Samples,
+    /// Durable delete.
+    pub delete: Samples,
+    /// Bind mount syscall; `None` when not root.
+    pub bind: Option<Samples>,
+    /// Unmount syscall.
+    pub unmount: Option<Samples>,
+}
+
+/// Measures `count` of each in `dir` (created and emptied here).
+pub fn measure(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<FloorSamples> {
+    let mut out = FloorSamples::default();
+    fs::create_dir_all(dir)?;
+    let bar = Progress::new("floor: durable create", count as u64);
+    let mut made = 0;
+    for i in 0..count {
+        if ctx.should_stop() {
+            break;
+        }
+        let t = Instant::now();
+        match durable_create(dir, i) {
+            Ok(()) => out.create.push(t.elapsed()),
+            Err(e) => out.create.fail(e.to_string()),
+        }
+        made = i + 1;
+        bar.inc();
+    }
+    drop(bar);
+    let bar = Progress::new("floor: durable delete", made as u64);
+    for i in 0..made {
+        let t = Instant::now();
+        match durable_delete(dir, i) {
+            Ok(()) => out.delete.push(t.elapsed()),
+            Err(e) => out.delete.fail(e.to_string()),
+        }
+        bar.inc();
+    }
+    drop(bar);
+    if nix::unistd::geteuid().is_root() {
+        let (bind, unmount) = mounts(dir, count, ctx)?;
+        out.bind = Some(bind);
+        out.unmount = Some(unmount);
+    }
+    Ok(out)
+}
+
+fn durable_create(dir: &Path, i: usize) -> io::Result<()> {
+    fs::create_dir(dir.join(i.to_string()))?;
+    let tmp = dir.join(format!(".{i}.meta.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    f.write_all(RECORD)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(format!(".{i}.meta")))?;
+    File::open(dir)?.sync_all()
+}
+
+fn durable_delete(dir: &Path, i: usize) -> io::Result<()> {
+    fs::remove_dir(dir.join(i.to_string()))?;
+    fs::remove_file(dir.join(format!(".{i}.meta")))?;
+    File::open(dir)?.sync_all()
+}
+
+fn mounts(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<(Samples, Samples)> {
+    let src = dir.join("bind-source");
+    let dst = dir.join("bind-target");
+    fs::create_dir_all(&src)?;
+    fs::create_dir_all(&dst)?;
+    let mut bind = Samples::default();
+    let mut unmount = Samples::default();
+    let bar = Progress::new("floor: bind mount", count as u64);
+    for _ in 0..count {
+        if ctx.should_stop() {
+            break;
+        }
+        let t = Instant::now();
+        let r = nix::mount::mount(
+            Some(&src),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        );
+        match r {
+            Ok(()) => bind.push(t.elapsed()),
+            Err(e) => {
+                bind.fail(format!("mount: {e}"));
+                break;
+            }
+        }
+        let t = Instant::now();
+        match nix::mount::umount2(&dst, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => unmount.push(t.elapsed()),
+            Err(e) => {
+                unmount.fail(format!("umount: {e}"));
+                break;
+            }
+        }
+        bar.inc();
+    }
+    drop(bar);
+    // Only empty directories are removed: if an unmount failed, the
+    // target still shows the source and must not be emptied.
+    fs::remove_dir(&dst)?;
+    fs::remove_dir(&src)?;
+    Ok((bind, unmount))
+}
