@@ -38,7 +38,6 @@ const MIB: i64 = 1 << 20;
 const DRIVER_OWNED: &[&str] = &["pools", "targets", "csi.sock", "driver.log", "pools.toml"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: the startup sweep (server::open_pools -> Volumes::sweep) races retried CreateVolume/DeleteVolume calls and they fail INTERNAL"]
 async fn dir_pools_survive_sigkill_at_random_points() {
     crash_test(&[PoolSpec::dir("a"), PoolSpec::dir("b")]).await;
 }
@@ -831,7 +830,6 @@ async fn verify(
 /// startup sweep is removing leftovers; the retries must simply succeed.
 /// The race is timing-dependent, so the scenario runs a few times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: the startup sweep (server::open_pools -> Volumes::sweep) races retried CreateVolume/DeleteVolume calls and they fail INTERNAL"]
 async fn retried_calls_do_not_race_the_startup_sweep() {
     let mut errors = Vec::new();
     for _ in 0..3 {
