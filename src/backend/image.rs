@@ -135,6 +135,12 @@ impl ImageBackend {
     fn ensure_mounted(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
         let mnt = pool_dir.join(token);
         if let Some(dev) = mounted_device(&mnt)? {
+            // A call killed between mount and `losetup -d` left the device
+            // without auto-clear; set it now, or it would outlive the mount.
+            if !autoclear(&dev) {
+                detach(&dev);
+                detach_others(&Self::image(pool_dir, token), &dev)?;
+            }
             return Ok(dev);
         }
         let img = Self::image(pool_dir, token);
@@ -169,6 +175,7 @@ impl ImageBackend {
         // The device is in use now, so this only marks it auto-clear: the
         // kernel detaches it when the last mount of it goes.
         detach(&dev);
+        detach_others(&img, &dev)?;
         Ok(dev)
     }
 
@@ -263,6 +270,32 @@ fn devices_of(img: &Path) -> Result<Vec<PathBuf>> {
         .lines()
         .filter_map(|l| l.split_once(':').map(|(d, _)| PathBuf::from(d)))
         .collect())
+}
+
+/// Detaches idle loop devices on `img` other than `keep`: a `losetup` still
+/// running when its driver was killed can attach a second device after the
+/// restarted driver attached and mounted its own.
+fn detach_others(img: &Path, keep: &Path) -> Result<()> {
+    for d in devices_of(img)? {
+        if d != keep {
+            detach(&d);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a loop device is set to detach itself at its last close (read
+/// from sysfs; anything unreadable counts as set, so nothing is touched).
+fn autoclear(dev: &Path) -> bool {
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return true;
+    };
+    if !name.starts_with("loop") {
+        return true;
+    }
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
+        .map(|s| s.trim() != "0")
+        .unwrap_or(true)
 }
 
 /// `losetup -d`: detaches an idle device, marks a busy one auto-clear.
@@ -395,8 +428,20 @@ impl Backend for ImageBackend {
         Ok(pool_dir.join(token))
     }
 
+    fn unpublished(&self, pool_dir: &Path, token: &str, _still_published: bool) -> Result<()> {
+        // The image stays mounted (see the module doc); only tidy up a
+        // second device a killed call may have attached.
+        if let Some(dev) = mounted_device(&pool_dir.join(token))? {
+            detach_others(&Self::image(pool_dir, token), &dev)?;
+        }
+        Ok(())
+    }
+
     fn usage(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<VolumeUsage> {
-        self.ensure_mounted(pool_dir, token)?;
+        let dev = self.ensure_mounted(pool_dir, token)?;
+        // Stats come round regularly: a good moment to release a second
+        // device a killed call may have attached.
+        detach_others(&Self::image(pool_dir, token), &dev)?;
         super::usage_of_fs(&pool_dir.join(token))
     }
 

@@ -154,7 +154,14 @@ impl Pool {
             };
             let token = rest
                 .strip_suffix(".meta.tmp")
-                .or_else(|| rest.strip_suffix(DELETING));
+                .or_else(|| rest.strip_suffix(DELETING))
+                // The backend's own scratch files (an image being made).
+                .or_else(|| {
+                    self.backend
+                        .scratch_suffixes()
+                        .iter()
+                        .find_map(|s| rest.strip_suffix(s))
+                });
             if let Some(token) = token
                 && crate::volume::id::valid_token(token)
             {
