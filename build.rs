@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
+        .codec_path("crate::grpc::codec::CsiCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1251,7 +1251,6 @@ async fn run_table(h: &Harness, table: &[Case]) -> Vec<String> {
 /// is INVALID_ARGUMENT, naming the field. INTERNAL would tell the CO the
 /// plugin is broken, and it would retry the same bytes forever.
 #[tokio::test]
-#[ignore = "bug: undecodable requests (e.g. invalid UTF-8) are answered INTERNAL by the default codec, not INVALID_ARGUMENT"]
 async fn undecodable_requests_are_invalid_arguments() {
     let h = Harness::start().await;
     let alpha = h.create("alpha", "hdd", MIB).await.volume_id;

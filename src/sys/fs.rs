@@ -20,17 +20,23 @@ use nix::sys::stat::Mode;
 /// them all.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
+    let written = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(name))
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_data()
+        })
+        .and_then(|()| fs::rename(&tmp, dir.join(name)));
+    if written.is_err() {
+        // A full disk must not leave half-written files behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Flushes a directory's entries (creations, renames, removals) to disk.
