@@ -198,7 +198,6 @@ async fn a_full_pool_refuses_new_volumes_cleanly_and_recovers() {
 }
 
 #[tokio::test]
-#[ignore = "bug: Volumes::create leaves the new volume directory behind when writing its record fails"]
 async fn a_pool_out_of_inodes_refuses_new_volumes_and_leaves_nothing() {
     let (h, fs) = harness("size=2m,nr_inodes=48").await;
     let pool = h.pool_dir("small");

@@ -1368,7 +1368,6 @@ async fn undecodable_requests_are_invalid_arguments() {
 /// (CSI spec: NOT_FOUND when the volume is not at volume_path), as
 /// NodeGetVolumeStats does; a canary directory is not the volume.
 #[tokio::test]
-#[ignore = "bug: NodeExpandVolume answers OK for a volume_path that does not show the volume (Volumes::node_expand only checks the path exists)"]
 async fn node_expand_refuses_a_path_that_is_not_the_volume() {
     let h = Harness::start().await;
     let root = std::fs::canonicalize(h.root.path()).unwrap();

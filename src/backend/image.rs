@@ -191,42 +191,17 @@ impl ImageBackend {
             Filesystem::Ext4 => match cmd::run_raw("resize2fs", [dev.as_os_str()])? {
                 Ok(_) => Ok(()),
                 // The kernel grows a mounted ext4 only for a caller with
-                // CAP_SYS_RESOURCE; a driver without it (an unprivileged
-                // container) can still grow a volume nobody has mounted.
+                // CAP_SYS_RESOURCE. NodeExpandVolume always finds the volume
+                // published, so there is no offline way out: say what to fix.
                 Err(f) if f.stderr.contains("Permission denied") => {
-                    self.grow_ext4_offline(pool_dir, token, &f)
+                    Err(Error::FailedPrecondition(format!(
+                        "cannot grow the ext4 filesystem of volume {token} while it is mounted: that needs \
+                     CAP_SYS_RESOURCE, which the driver lacks; run the node plugin privileged ({f})"
+                    )))
                 }
                 Err(f) => Err(f.into()),
             },
         }
-    }
-
-    /// Grows an ext4 image while it is not in use: unmount, check, resize
-    /// the image file, mount again.
-    fn grow_ext4_offline(&self, pool_dir: &Path, token: &str, online: &cmd::Failure) -> Result<()> {
-        let mnt = pool_dir.join(token);
-        let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
-        if let Some(at) = sys::mountinfo::binds_of(&table, &mnt).first() {
-            return Err(Error::FailedPrecondition(format!(
-                "cannot grow the ext4 filesystem of this volume while it is published (at {}): \
-                 growing a mounted ext4 needs CAP_SYS_RESOURCE, which the driver lacks ({online}); \
-                 run the node plugin privileged, or unpublish the volume and retry",
-                at.display()
-            )));
-        }
-        sys::mount::unmount(&mnt)
-            .map_err(|e| Error::io(format!("unmounting {}", mnt.display()), e))?;
-        let img = Self::image(pool_dir, token);
-        wait_detached(&img)?;
-        // e2fsck exits 1 when it corrected something, which is fine here.
-        match cmd::run_raw("e2fsck", ["-f".as_ref(), "-p".as_ref(), img.as_os_str()])? {
-            Ok(_) => {}
-            Err(f) if f.code == Some(1) => {}
-            Err(f) => return Err(f.into()),
-        }
-        cmd::run("resize2fs", [img.as_os_str()])?;
-        self.ensure_mounted(pool_dir, token)?;
-        Ok(())
     }
 }
 

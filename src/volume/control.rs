@@ -268,8 +268,19 @@ impl Volumes {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
-        pool.write_record(&id.token, &record)?;
-        pool.sync()?;
+        if let Err(e) = pool
+            .write_record(&id.token, &record)
+            .and_then(|()| pool.sync())
+        {
+            // Not acknowledged, so not a volume: take the storage back
+            // rather than leave a directory no record explains.
+            let _ = pool.remove_record(&id.token);
+            if let Err(undo) = pool.backend.delete(&pool.dir, &id.token) {
+                tracing::warn!(volume_id = %id, error = %undo, "cannot undo a failed create");
+            }
+            let _ = pool.sync();
+            return Err(e);
+        }
         reservation.commit();
         tracing::info!(volume_id = %id, capacity, pool = %pool.name, "volume created");
         Ok(self.describe(&id, pool, &record))
@@ -605,20 +616,25 @@ impl Volumes {
         let rec = pool
             .read_record(&id.token)?
             .ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist")))?;
-        match std::fs::symlink_metadata(volume_path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "volume_path {} does not exist",
-                    volume_path.display()
-                )));
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("inspecting {}", volume_path.display()),
-                    e,
-                ));
-            }
+        // Only where the volume is published (CSI spec: NOT_FOUND when the
+        // volume is not at volume_path), as for NodeGetVolumeStats.
+        let not_here = || {
+            Error::NotFound(format!(
+                "volume {id} is not published at volume_path {}",
+                volume_path.display()
+            ))
+        };
+        let path = self
+            .resolve_existing_parent(volume_path)
+            .ok()
+            .flatten()
+            .ok_or_else(not_here)?;
+        let source = pool.backend.publish_source(&pool.dir, &id.token)?;
+        let here = crate::sys::fs::identity(&path).map_err(|_| not_here())?;
+        let there = crate::sys::fs::identity(&source)
+            .map_err(|e| Error::io(format!("inspecting {}", source.display()), e))?;
+        if here != there || path == source {
+            return Err(not_here());
         }
         pool.backend.node_expand(&pool.dir, &id.token)?;
         tracing::info!(volume_id = %id, capacity = rec.capacity_bytes, "volume expanded on the node");

@@ -278,7 +278,7 @@ impl Volumes {
         })
     }
 
-    fn resolve_existing_parent(&self, target: &Path) -> Result<Option<PathBuf>> {
+    pub(super) fn resolve_existing_parent(&self, target: &Path) -> Result<Option<PathBuf>> {
         let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
             return Err(Error::InvalidArgument(format!(
                 "{} is not a usable path",
