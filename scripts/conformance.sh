@@ -2,7 +2,7 @@
 # Runs the official CSI conformance suite (csi-sanity) against the real
 # driver binary with real mounts, once per pool kind given.
 #
-#   scripts/conformance.sh BINARY KIND [KIND...]     KIND: dir | btrfs | image
+#   scripts/conformance.sh BINARY KIND [KIND...]   KIND: dir | btrfs | image-xfs | image-ext4
 #
 # Each run gets a fresh temporary directory (pools, socket, mount dirs) and
 # cleans up its mounts, loop devices and processes on exit, also on failure.
@@ -27,10 +27,10 @@ cleanup() {
     # Innermost mounts first; then loop devices backed by files in WORK.
     grep -F " $WORK" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do
       umount -l "$m" 2>/dev/null || true
-    done
+    done || true
     losetup -a 2>/dev/null | grep -F "$WORK" | cut -d: -f1 | while read -r d; do
       losetup -d "$d" 2>/dev/null || true
-    done
+    done || true
     rm -rf "$WORK"
   fi
   WORK=""
@@ -40,33 +40,38 @@ trap cleanup EXIT
 run_kind() {
   local kind=$1
   WORK=$(mktemp -d /tmp/hostpath-csi-conformance.XXXXXX)
-  local pool="$WORK/pool" extra=()
+  local pool="$WORK/pool" extra=() kind_line fs_line=""
+  # Volume sizes per kind: image pools have a floor (what mkfs can make).
+  local size=$((16 << 20)) expand=$((32 << 20))
   case $kind in
-    dir) ;;
+    dir) kind_line=dir ;;
     btrfs)
+      kind_line=btrfs
       truncate -s 1G "$WORK/btrfs.img"
       mkfs.btrfs -q "$WORK/btrfs.img"
       mkdir -p "$pool"
       mount -o loop "$WORK/btrfs.img" "$pool"
       ;;
-    image) ;;
+    image-xfs) kind_line=image fs_line='filesystem = "xfs"'; size=$((300 << 20)) expand=$((400 << 20)) ;;
+    image-ext4) kind_line=image fs_line='filesystem = "ext4"' ;;
     *) echo "unknown kind $kind"; exit 2 ;;
   esac
   cat > "$WORK/config.toml" <<TOML
 [[pools]]
 name = "sanity"
 path = "$pool"
-kind = "$kind"
+kind = "$kind_line"
+$fs_line
 TOML
   printf 'pool: sanity\n' > "$WORK/params.yaml"
   "$BIN" --endpoint "unix://$WORK/csi.sock" --node-id sanity-node \
     --config "$WORK/config.toml" --log-level warn >"$WORK/driver.log" 2>&1 &
   DRIVER_PID=$!
   for _ in $(seq 100); do [[ -S $WORK/csi.sock ]] && break; sleep 0.05; done
-  if [[ $kind != dir ]]; then extra+=(--csi.testvolumeexpandsize $((32 << 20))); fi
+  if [[ $kind != dir ]]; then extra+=(--csi.testvolumeexpandsize "$expand"); fi
   local out="$WORK/sanity.out" rc=0
   "$SANITY" --csi.endpoint "$WORK/csi.sock" --csi.mountdir "$WORK/mnt" \
-    --csi.stagingdir "$WORK/stage" --csi.testvolumesize $((16 << 20)) \
+    --csi.stagingdir "$WORK/stage" --csi.testvolumesize "$size" \
     --csi.testvolumeparameters "$WORK/params.yaml" "${extra[@]}" \
     -ginkgo.no-color -ginkgo.v >"$out" 2>&1 || rc=$?
   # Why specs were skipped (capabilities the driver does not claim).

@@ -32,7 +32,13 @@ step() {
 }
 
 step "cargo test" cargo test --all-targets
-step "conformance" scripts/conformance.sh target/debug/hostpath-csi dir btrfs image
+# Growing a mounted ext4 needs CAP_SYS_RESOURCE (bit 24 of CapEff); some
+# test VMs' root lacks it, so the ext4 image pool is checked only where the
+# kernel would let any driver pass its expansion tests.
+kinds=(dir btrfs image-xfs)
+capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+if (( (16#$capeff >> 24) & 1 )); then kinds+=(image-ext4); fi
+step "conformance" scripts/conformance.sh target/debug/hostpath-csi "${kinds[@]}"
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
   step "kubernetes e2e" tests/e2e/run.sh
 fi

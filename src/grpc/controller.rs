@@ -48,7 +48,7 @@ fn segments(t: &csi::Topology) -> BTreeMap<String, String> {
 
 #[tonic::async_trait]
 impl csi::controller_server::Controller for Controller {
-    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name), err)]
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name), err(level = "warn"))]
     async fn create_volume(
         &self,
         request: Request<csi::CreateVolumeRequest>,
@@ -90,7 +90,7 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn delete_volume(
         &self,
         request: Request<csi::DeleteVolumeRequest>,
@@ -100,7 +100,7 @@ impl csi::controller_server::Controller for Controller {
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn validate_volume_capabilities(
         &self,
         request: Request<csi::ValidateVolumeCapabilitiesRequest>,
@@ -126,7 +126,7 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all, err(level = "warn"))]
     async fn list_volumes(
         &self,
         request: Request<csi::ListVolumesRequest>,
@@ -150,7 +150,7 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all, err(level = "warn"))]
     async fn get_capacity(
         &self,
         request: Request<csi::GetCapacityRequest>,
@@ -175,7 +175,7 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn controller_expand_volume(
         &self,
         request: Request<csi::ControllerExpandVolumeRequest>,

@@ -36,7 +36,7 @@ fn usage(available: u64, total: u64, used: u64, unit: Unit) -> csi::VolumeUsage 
 
 #[tonic::async_trait]
 impl csi::node_server::Node for Node {
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn node_publish_volume(
         &self,
         request: Request<csi::NodePublishVolumeRequest>,
@@ -58,7 +58,7 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn node_unpublish_volume(
         &self,
         request: Request<csi::NodeUnpublishVolumeRequest>,
@@ -70,7 +70,7 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(level = "debug", skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn node_get_volume_stats(
         &self,
         request: Request<csi::NodeGetVolumeStatsRequest>,
@@ -101,7 +101,7 @@ impl csi::node_server::Node for Node {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err)]
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn node_expand_volume(
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,

@@ -48,7 +48,10 @@ impl Harness {
 
     /// A driver with the given pools, each in its own directory.
     pub async fn with_pools(pools: &[(&str, PoolKind)]) -> Self {
-        let root = tempfile::Builder::new().prefix("hostpath-csi-test").tempdir().unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("hostpath-csi-test")
+            .tempdir()
+            .unwrap();
         let pools = pools
             .iter()
             .map(|(name, kind)| PoolConfig {
@@ -162,7 +165,9 @@ impl Harness {
 
     /// A fresh target path (not created) under the harness directory.
     pub fn target(&self, name: &str) -> PathBuf {
-        std::fs::canonicalize(self.root.path().join("targets")).unwrap().join(name)
+        std::fs::canonicalize(self.root.path().join("targets"))
+            .unwrap()
+            .join(name)
     }
 
     /// Creates a volume and returns it.
@@ -177,7 +182,12 @@ impl Harness {
     }
 
     /// Publishes a volume read-write at `target`.
-    pub async fn publish(&self, volume_id: &str, target: &Path, readonly: bool) -> Result<(), tonic::Status> {
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
         self.node()
             .node_publish_volume(publish_request(volume_id, target, readonly))
             .await
@@ -207,8 +217,12 @@ impl Drop for Harness {
 
 /// Detaches every mount at or below `dir`, innermost first.
 pub fn unmount_below(dir: &Path) {
-    let Ok(dir) = std::fs::canonicalize(dir) else { return };
-    let Ok(table) = hostpath_csi::sys::mountinfo::read() else { return };
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return;
+    };
+    let Ok(table) = hostpath_csi::sys::mountinfo::read() else {
+        return;
+    };
     let mut points: Vec<PathBuf> = table
         .into_iter()
         .map(|e| e.mount_point)
@@ -254,7 +268,11 @@ pub fn create_request(name: &str, pool: &str, bytes: i64) -> csi::CreateVolumeRe
 }
 
 /// A NodePublishVolume request.
-pub fn publish_request(volume_id: &str, target: &Path, readonly: bool) -> csi::NodePublishVolumeRequest {
+pub fn publish_request(
+    volume_id: &str,
+    target: &Path,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
     csi::NodePublishVolumeRequest {
         volume_id: volume_id.to_string(),
         target_path: target.to_string_lossy().into_owned(),
