@@ -38,6 +38,9 @@ pub struct FloorSamples {
     pub create: Samples,
     /// Durable delete.
     pub delete: Samples,
+    /// Durable create from `workers` threads at once, and its wall time:
+    /// what the disk allows concurrent CreateVolume calls.
+    pub create_parallel: Option<(Samples, std::time::Duration)>,
     /// Bind mount syscall; `None` when not root.
     pub bind: Option<Samples>,
     /// Unmount syscall.
@@ -45,7 +48,12 @@ pub struct FloorSamples {
 }
 
 /// Measures `count` of each in `dir` (created and emptied here).
-pub fn measure(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<FloorSamples> {
+pub fn measure(
+    dir: &Path,
+    count: usize,
+    workers: usize,
+    ctx: &Arc<Ctx>,
+) -> io::Result<FloorSamples> {
     let mut out = FloorSamples::default();
     fs::create_dir_all(dir)?;
     let bar = Progress::new("floor: durable create", count as u64);
@@ -73,12 +81,65 @@ pub fn measure(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<FloorSamp
         bar.inc();
     }
     drop(bar);
+    if workers > 1 {
+        out.create_parallel = Some(parallel(dir, count, workers, ctx));
+    }
     if nix::unistd::geteuid().is_root() {
         let (bind, unmount) = mounts(dir, count, ctx)?;
         out.bind = Some(bind);
         out.unmount = Some(unmount);
     }
     Ok(out)
+}
+
+/// Durable creates from `workers` threads, then plain removal.
+fn parallel(
+    dir: &Path,
+    count: usize,
+    workers: usize,
+    ctx: &Arc<Ctx>,
+) -> (Samples, std::time::Duration) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let bar = Progress::new(&format!("floor: create x{workers}"), count as u64);
+    let t = Instant::now();
+    let mut all = Samples::default();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Samples::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count || ctx.should_stop() {
+                            break;
+                        }
+                        let t = Instant::now();
+                        match durable_create(dir, i) {
+                            Ok(()) => mine.push(t.elapsed()),
+                            Err(e) => mine.fail(e.to_string()),
+                        }
+                        bar.inc();
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok(m) = h.join() {
+                all.merge(m);
+            }
+        }
+    });
+    let wall = t.elapsed();
+    drop(bar);
+    for i in 0..count.min(next.load(Ordering::Relaxed)) {
+        let _ = fs::remove_dir(dir.join(i.to_string()));
+        let _ = fs::remove_file(dir.join(format!(".{i}.meta")));
+        let _ = fs::remove_file(dir.join(format!(".{i}.meta.tmp")));
+    }
+    let _ = File::open(dir).and_then(|d| d.sync_all());
+    (all, wall)
 }
 
 fn durable_create(dir: &Path, i: usize) -> io::Result<()> {

@@ -295,6 +295,7 @@ async fn run_inner(args: &BenchArgs, report: &Mutex<Report>) -> bool {
             "topology": caps.topology,
         }),
     );
+    say("load average at start", loadavg().into());
     say("volumes (N)", args.count.into());
     say("workers (W)", args.workers.into());
     say("size bytes", args.size.into());
@@ -375,7 +376,19 @@ async fn run_inner(args: &BenchArgs, report: &Mutex<Report>) -> bool {
     }
     stop_driver(&managed, report).await;
     finish_dirs(&run_dir, &args.workdir, workdir_existed, report);
+    report
+        .lock()
+        .expect("report lock")
+        .info("load average at end", loadavg());
     true
+}
+
+/// /proc/loadavg's first three fields: other load on the machine makes
+/// every figure noisier, so the report says how busy it was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 async fn scenarios_in_order(
@@ -393,7 +406,7 @@ async fn scenarios_in_order(
         scenarios::probe(ctx, env, n.min(10_000)).await;
     }
     if has(Scenario::Floor) {
-        scenarios::floor(ctx, env, args.floor_count as usize).await;
+        scenarios::floor(ctx, env, args.floor_count as usize, args.workers as usize).await;
     }
     if has(Scenario::Rss) {
         scenarios::rss(env, "idle").await;

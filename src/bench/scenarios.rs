@@ -72,10 +72,11 @@ pub async fn probe(ctx: &Ctx, env: &Env<'_>, count: usize) {
 }
 
 /// The floor, in the run directory.
-pub async fn floor(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize) {
+pub async fn floor(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: usize) {
     let dir = env.run_dir.join("floor");
     let c = Arc::clone(ctx);
-    let res = tokio::task::spawn_blocking(move || super::floor::measure(&dir, count, &c)).await;
+    let res =
+        tokio::task::spawn_blocking(move || super::floor::measure(&dir, count, workers, &c)).await;
     let mut r = env.report();
     match res {
         Ok(Ok(f)) => {
@@ -93,6 +94,26 @@ pub async fn floor(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize) {
                 None,
                 None,
             );
+            if let Some(x) = f.create.flatness() {
+                r.figure(
+                    FLOOR_SCENARIO,
+                    &format!(
+                        "flatness: p50 last/first tenth of {} durable creates",
+                        f.create.len()
+                    ),
+                    x,
+                    "ratio",
+                );
+            }
+            if let Some((s, wall)) = &f.create_parallel {
+                r.op(
+                    FLOOR_SCENARIO,
+                    &format!("durable create, {workers} threads at once"),
+                    s,
+                    Some(rate(s.len(), *wall)),
+                    None,
+                );
+            }
             match (f.bind, f.unmount) {
                 (Some(b), Some(u)) => {
                     r.op(FLOOR_SCENARIO, Floor::BindMount.op(), &b, None, None);
