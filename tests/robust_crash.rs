@@ -4,8 +4,21 @@
 //! does. A model of what was acknowledged is checked against the pools,
 //! ListVolumes and the data written through published targets.
 //!
-//! Tunables (environment): `HOSTPATH_CSI_CRASH_ROUNDS` (kills, default
-//! 30), `HOSTPATH_CSI_CRASH_SEED` (default fixed, printed), and
+//! It runs per pool kind: `dir`, `btrfs` (on a loop-mounted btrfs the test
+//! makes) and `image` (xfs images, which grow online). Where the driver
+//! advertises expansion, the workload includes ControllerExpandVolume and
+//! NodeExpandVolume (at once when the volume is published, else at its
+//! next publication, as kubelet does). Half of the kills wait for a
+//! create, delete or expansion to be under way, so every kind is killed
+//! in the middle of each. The end state must hold exactly the
+//! acknowledged volumes, each once (ListVolumes, record, subvolume or
+//! image) with its data and capacity, and no half-made subvolume, image,
+//! scratch file, loop device or mount; image volumes keep exactly their
+//! own loop-mounted image at `<pool>/<token>`.
+//!
+//! Tunables (environment): `HOSTPATH_CSI_CRASH_ROUNDS` (kills per kind,
+//! default 30 for dir and 12 for btrfs and image, which cost more per
+//! call), `HOSTPATH_CSI_CRASH_SEED` (default fixed, printed), and
 //! `HOSTPATH_CSI_CRASH_CLIENTS` (default 6). The pools are a parameter
 //! ([`crash_test`]), so other pool kinds get the same test by adding a
 //! `#[tokio::test]` with their [`PoolSpec`]s.
@@ -19,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hostpath_csi::config::PoolKind;
 use hostpath_csi::csi;
 use hostpath_csi::csi::controller_client::ControllerClient;
 use hostpath_csi::csi::controller_service_capability::rpc::Type as CtrlRpc;
@@ -27,19 +41,48 @@ use hostpath_csi::csi::node_client::NodeClient;
 use hostpath_csi::csi::node_service_capability::rpc::Type as NodeRpc;
 use hostpath_csi::csi::volume_capability::access_mode::Mode;
 use hostpath_csi::volume::id::token_for_name;
+use hostpath_csi::volume::pool::Record;
 use robust_support::{
-    Driver, PoolSpec, Rng, Workdir, env_u64, make_canary, mounts_below, pool_dir, tree_digest,
+    Driver, LoopFs, PoolSpec, Rng, Workdir, env_u64, have, loop_autoclear, loops_below,
+    make_canary, mounts_below, pool_dir, run, tree_digest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const MIB: i64 = 1 << 20;
 /// Top-level entries of the work directory the driver may change.
-const DRIVER_OWNED: &[&str] = &["pools", "targets", "csi.sock", "driver.log", "pools.toml"];
+/// (`fs` holds the test's own loop-mounted filesystems.)
+const DRIVER_OWNED: &[&str] = &[
+    "pools",
+    "fs",
+    "targets",
+    "csi.sock",
+    "driver.log",
+    "pools.toml",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dir_pools_survive_sigkill_at_random_points() {
-    crash_test(&[PoolSpec::dir("a"), PoolSpec::dir("b")]).await;
+    crash_test(&[PoolSpec::dir("a"), PoolSpec::dir("b")], 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn btrfs_pools_survive_sigkill_at_random_points() {
+    if !have("btrfs") || !have("mkfs.btrfs") {
+        eprintln!("skipped: btrfs-progs is not installed");
+        return;
+    }
+    crash_test(&[PoolSpec::btrfs("bt")], 12).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_pools_survive_sigkill_at_random_points() {
+    if !have("mkfs.xfs") || !have("xfs_growfs") {
+        eprintln!("skipped: xfsprogs is not installed");
+        return;
+    }
+    // xfs: it grows online without CAP_SYS_RESOURCE, which ext4 needs.
+    crash_test(&[PoolSpec::image("img", "xfs")], 12).await;
 }
 
 /// Counters printed at the end.
@@ -55,14 +98,30 @@ struct Counts {
     publishes: AtomicU64,
     unpublishes: AtomicU64,
     expands: AtomicU64,
+    node_expands: AtomicU64,
     reads: AtomicU64,
+}
+
+/// What the clients and the checks know about a pool.
+#[derive(Debug, Clone)]
+struct PoolInfo {
+    name: &'static str,
+    kind: PoolKind,
+    /// Image pools: the images' filesystem.
+    filesystem: Option<&'static str>,
+    dir: PathBuf,
+    /// Creates ask for 1 to this many MiB.
+    max_mib: u64,
+    /// Smallest volume the pool makes (GetCapacity); smaller requests
+    /// are rounded up to it.
+    min_bytes: i64,
 }
 
 /// What all clients and the killer share.
 struct Shared {
     root: PathBuf,
     socket: PathBuf,
-    pools: Vec<&'static str>,
+    pools: Vec<PoolInfo>,
     /// Bumped just before every kill and again once the process is reaped
     /// (so it is odd while a kill is under way): an attempt that saw it
     /// change or odd may have been interrupted by the crash, whatever error
@@ -72,6 +131,10 @@ struct Shared {
     controller_expand: AtomicBool,
     node_expand: AtomicBool,
     counts: Counts,
+    /// Attempts under way, per RPC.
+    in_flight: Mutex<BTreeMap<String, u64>>,
+    /// Attempts under way when the driver was killed, per RPC.
+    interrupted: Mutex<BTreeMap<String, u64>>,
     /// Answers the driver gave that no crash explains.
     unexpected: Mutex<Vec<String>>,
 }
@@ -80,6 +143,34 @@ impl Shared {
     fn unexpected(&self, what: String) {
         eprintln!("UNEXPECTED: {what}");
         self.unexpected.lock().unwrap().push(what);
+    }
+
+    fn pool(&self, name: &str) -> &PoolInfo {
+        self.pools.iter().find(|p| p.name == name).unwrap()
+    }
+
+    fn in_flight(&self, rpc: &str) -> u64 {
+        self.in_flight
+            .lock()
+            .unwrap()
+            .get(rpc)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn attempt(&self, rpc: &str, delta: i64) {
+        let mut m = self.in_flight.lock().unwrap();
+        let n = m.entry(rpc.to_string()).or_default();
+        *n = n.checked_add_signed(delta).unwrap();
+    }
+
+    /// Notes the attempts under way as interrupted (just before a kill).
+    fn note_interrupted(&self) {
+        let now = self.in_flight.lock().unwrap().clone();
+        let mut m = self.interrupted.lock().unwrap();
+        for (rpc, n) in now.into_iter().filter(|(_, n)| *n > 0) {
+            *m.entry(rpc).or_default() += n;
+        }
     }
 }
 
@@ -104,11 +195,18 @@ struct Slot {
     data: Option<Vec<u8>>,
     target: Option<PathBuf>,
     publications: u32,
+    /// Expanded by the controller while not published: the node half
+    /// (growing the filesystem) is due at the next publication.
+    node_expand_due: bool,
 }
 
 impl Slot {
     fn name(&self) -> String {
         format!("c{}-s{}-g{}", self.client, self.index, self.generation)
+    }
+
+    fn token(&self) -> String {
+        token_for_name(&self.name())
     }
 
     fn volume_id(&self) -> String {
@@ -174,7 +272,11 @@ impl Client {
                     }
                 },
             };
-            match f(ch).await {
+            let rpc = what.split(' ').next().unwrap_or(what);
+            sh.attempt(rpc, 1);
+            let result = f(ch).await;
+            sh.attempt(rpc, -1);
+            match result {
                 Ok(r) => {
                     if failed > 0 {
                         sh.counts.calls_retried.fetch_add(1, SeqCst);
@@ -230,11 +332,14 @@ impl Client {
     }
 
     async fn create(&mut self, i: usize) {
-        let pools = self.shared.pools.clone();
+        let sh = Arc::clone(&self.shared);
+        let info = &sh.pools[self.rng.below(sh.pools.len() as u64) as usize];
         let slot = &mut self.slots[i];
-        slot.pool = pools[self.rng.below(pools.len() as u64) as usize];
-        slot.capacity = (1 + self.rng.below(64) as i64) * MIB;
+        slot.pool = info.name;
+        slot.capacity = (1 + self.rng.below(info.max_mib) as i64) * MIB;
         let (name, pool, capacity) = (slot.name(), slot.pool, slot.capacity);
+        // Rounded up to the pool's minimum and to whole 4 KiB blocks.
+        let most = (capacity.max(info.min_bytes) as u64).next_multiple_of(4096) as i64;
         let req = csi::CreateVolumeRequest {
             name: name.clone(),
             capacity_range: Some(csi::CapacityRange {
@@ -253,16 +358,21 @@ impl Client {
             .await;
         let v = r.volume.expect("CreateVolume answered without a volume");
         let slot = &mut self.slots[i];
-        if v.volume_id != slot.volume_id() || v.capacity_bytes != capacity {
+        if v.volume_id != slot.volume_id() || v.capacity_bytes < capacity || v.capacity_bytes > most
+        {
             self.shared.unexpected(format!(
-                "CreateVolume {name}: got {} with {} bytes, wanted {} with {capacity}",
+                "CreateVolume {name}: got {} with {} bytes, wanted {} with {capacity} \
+                 (at most {most})",
                 v.volume_id,
                 v.capacity_bytes,
                 slot.volume_id()
             ));
         }
+        // What was acknowledged is what the volume must have.
+        slot.capacity = v.capacity_bytes.max(capacity);
         slot.state = State::Created;
         slot.data = None;
+        slot.node_expand_due = false;
         self.shared.counts.creates.fetch_add(1, SeqCst);
     }
 
@@ -283,6 +393,7 @@ impl Client {
         slot.state = State::Absent;
         slot.data = None;
         slot.publications = 0;
+        slot.node_expand_due = false;
         self.shared.counts.deletes.fetch_add(1, SeqCst);
     }
 
@@ -310,12 +421,15 @@ impl Client {
         let slot = &mut self.slots[i];
         slot.state = State::Published;
         slot.target = Some(target.clone());
-        let source = pool_dir(&self.shared.root, slot.pool).join(token_for_name(&slot.name()));
+        let source = self.shared.pool(slot.pool).dir.join(slot.token());
         if identity(&target) != identity(&source) {
             self.shared.unexpected(format!(
                 "NodePublishVolume {id}: {} does not show the volume",
                 target.display()
             ));
+        }
+        if self.slots[i].node_expand_due {
+            self.node_expand(i).await;
         }
         self.write(i).await;
     }
@@ -443,30 +557,47 @@ impl Client {
         }
         self.slots[i].capacity = r.capacity_bytes.max(want);
         self.shared.counts.expands.fetch_add(1, SeqCst);
+        if r.node_expansion_required {
+            self.slots[i].node_expand_due = true;
+            if self.slots[i].target.is_some() {
+                self.node_expand(i).await;
+            }
+        }
+    }
+
+    /// NodeExpandVolume at the volume's target.
+    async fn node_expand(&mut self, i: usize) {
         let slot = &self.slots[i];
-        if r.node_expansion_required
-            && let Some(target) = slot.target.clone()
-        {
-            let req = csi::NodeExpandVolumeRequest {
-                volume_id: id.clone(),
-                volume_path: target.display().to_string(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: want,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(mount_cap()),
-                ..Default::default()
-            };
-            self.call(&format!("NodeExpandVolume {id}"), |ch| {
+        let id = slot.volume_id();
+        let want = slot.capacity;
+        let req = csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: slot.target.as_ref().unwrap().display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: want,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        };
+        let r = self
+            .call(&format!("NodeExpandVolume {id}"), |ch| {
                 let req = req.clone();
                 async move { NodeClient::new(ch).node_expand_volume(req).await }
             })
             .await;
+        if r.capacity_bytes != 0 && r.capacity_bytes < want {
+            self.shared.unexpected(format!(
+                "NodeExpandVolume {id}: {} bytes < {want}",
+                r.capacity_bytes
+            ));
         }
+        self.slots[i].node_expand_due = false;
+        self.shared.counts.node_expands.fetch_add(1, SeqCst);
     }
 
     async fn read_only_call(&mut self) {
-        let pools = self.shared.pools.clone();
+        let pools: Vec<&'static str> = self.shared.pools.iter().map(|p| p.name).collect();
         match self.rng.below(3) {
             0 => {
                 let max_entries = self.rng.below(5) as i32;
@@ -508,17 +639,83 @@ fn identity(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Dot-files and directories in a pool that are neither a live volume nor
-/// its record.
+/// Leftovers of interrupted calls in a pool: half-written records
+/// (`.meta.tmp`), parked volumes (`.deleting`), half-made images
+/// (`.img.new`).
 fn leftovers(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") || name.ends_with(".deleting") {
+        if name.ends_with(".tmp") || name.ends_with(".deleting") || name.ends_with(".new") {
             out.push(name);
         }
     }
     out
+}
+
+/// Names in a directory.
+fn entries(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Subvolumes directly below a pool directory on btrfs, by name.
+fn subvolumes(dir: &Path) -> BTreeSet<String> {
+    run(
+        "btrfs",
+        &[
+            "subvolume".as_ref(),
+            "list".as_ref(),
+            "-o".as_ref(),
+            dir.as_os_str(),
+        ],
+    )
+    .lines()
+    .filter_map(|l| l.split_once(" path ").map(|(_, p)| p.to_string()))
+    .map(|p| {
+        // Paths are relative to the filesystem's top level: `pool/<token>`.
+        Path::new(&p)
+            .strip_prefix("pool")
+            .map(|t| t.display().to_string())
+            .unwrap_or(p)
+    })
+    .collect()
+}
+
+/// The limit on referenced bytes of a subvolume's qgroup.
+fn qgroup_limit(subvolume: &Path) -> Option<u64> {
+    let out = run(
+        "btrfs",
+        &[
+            "qgroup".as_ref(),
+            "show".as_ref(),
+            "--raw".as_ref(),
+            "-r".as_ref(),
+            "-f".as_ref(),
+            subvolume.as_os_str(),
+        ],
+    );
+    out.lines()
+        .filter(|l| l.starts_with("0/"))
+        .find_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+}
+
+/// Size of the data section of the xfs filesystem mounted at `mnt`.
+fn xfs_size(mnt: &Path) -> u64 {
+    let out = run("xfs_info", &[mnt.as_os_str()]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("data"))
+        .unwrap_or_else(|| panic!("xfs_info {}: no data line:\n{out}", mnt.display()));
+    let field = |key: &str| -> u64 {
+        line.split(|c: char| c.is_whitespace() || c == ',')
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("xfs_info {}: no {key} in {line:?}", mnt.display()))
+    };
+    field("bsize=") * field("blocks=")
 }
 
 async fn capabilities(socket: &Path) -> (bool, bool) {
@@ -542,39 +739,64 @@ async fn capabilities(socket: &Path) -> (bool, bool) {
     (ctrl, node)
 }
 
-/// The whole test, for any set of pools.
-async fn crash_test(pools: &[PoolSpec]) {
-    let rounds = env_u64("HOSTPATH_CSI_CRASH_ROUNDS", 30);
+/// The whole test, for any set of pools; `default_rounds` kills unless
+/// `HOSTPATH_CSI_CRASH_ROUNDS` says otherwise.
+async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
+    let rounds = env_u64("HOSTPATH_CSI_CRASH_ROUNDS", default_rounds);
     let seed = env_u64("HOSTPATH_CSI_CRASH_SEED", 0x5eed_0005);
     let clients = env_u64("HOSTPATH_CSI_CRASH_CLIENTS", 6) as usize;
-    eprintln!("crash test: {rounds} kills, {clients} clients, seed {seed:#x}");
+    let kinds: Vec<&str> = pools.iter().map(|p| p.kind.as_str()).collect();
+    eprintln!("crash test {kinds:?}: {rounds} kills, {clients} clients, seed {seed:#x}");
+    let started = Instant::now();
     let mut rng = Rng::new(seed);
 
+    // Declared in this order so they drop in reverse: the driver is
+    // killed first, then the test's filesystems go, then whatever is left
+    // below the work directory (mounts, loop devices, files).
     let work = Workdir::new("hostpath-csi-crash");
     let root = work.path().to_path_buf();
     std::fs::create_dir_all(root.join("targets")).unwrap();
     make_canary(&root.join("canary"));
     let canary_before = tree_digest(&root, DRIVER_OWNED);
+    // A btrfs pool gets a filesystem of its own: 1 GiB, sparse.
+    let own_fs: Vec<LoopFs> = pools
+        .iter()
+        .filter(|p| p.kind == PoolKind::Btrfs)
+        .map(|p| LoopFs::new(&root, p.name, "btrfs", 1 << 30))
+        .collect();
+
+    // A first run to learn what the driver advertises.
+    let mut driver = Driver::start(&root, pools).await;
+    let (ctrl_expand, node_expand) = capabilities(&driver.socket).await;
+    eprintln!("expansion advertised: controller {ctrl_expand}, node {node_expand}");
+    let mut infos = Vec::new();
+    for p in pools {
+        infos.push(PoolInfo {
+            name: p.name,
+            kind: p.kind,
+            filesystem: p.filesystem,
+            dir: p.dir_in(&root),
+            // 18 volumes of up to 33 MiB, with some expansions, fit the
+            // 1 GiB btrfs; images are 300 MiB (xfs) whatever is asked.
+            max_mib: if p.kind == PoolKind::Btrfs { 32 } else { 64 },
+            min_bytes: minimum_size(&driver.socket, p.name).await,
+        });
+    }
 
     let shared = Arc::new(Shared {
         socket: root.join("csi.sock"),
         root: root.clone(),
-        pools: pools.iter().map(|p| p.name).collect(),
+        pools: infos,
         generation: AtomicU64::new(0),
         stop: AtomicBool::new(false),
-        controller_expand: AtomicBool::new(false),
-        node_expand: AtomicBool::new(false),
+        controller_expand: AtomicBool::new(ctrl_expand),
+        node_expand: AtomicBool::new(node_expand),
         counts: Counts::default(),
+        in_flight: Mutex::new(BTreeMap::new()),
+        interrupted: Mutex::new(BTreeMap::new()),
         unexpected: Mutex::new(Vec::new()),
     });
-
-    // A first run to learn what the driver advertises.
-    let mut driver = Driver::start(&root, pools).await;
     shared.counts.runs.fetch_add(1, SeqCst);
-    let (ctrl_expand, node_expand) = capabilities(&shared.socket).await;
-    shared.controller_expand.store(ctrl_expand, SeqCst);
-    shared.node_expand.store(node_expand, SeqCst);
-    eprintln!("expansion advertised: controller {ctrl_expand}, node {node_expand}");
 
     let mut handles = Vec::new();
     for c in 0..clients {
@@ -589,6 +811,7 @@ async fn crash_test(pools: &[PoolSpec]) {
                 data: None,
                 target: None,
                 publications: 0,
+                node_expand_due: false,
             })
             .collect();
         let client = Client {
@@ -601,9 +824,20 @@ async fn crash_test(pools: &[PoolSpec]) {
         handles.push(tokio::spawn(client.run()));
     }
 
+    // Calls a kill may wait for, so that each is interrupted on every kind.
+    let mut aimed_at = vec!["CreateVolume", "DeleteVolume"];
+    if ctrl_expand {
+        aimed_at.push("ControllerExpandVolume");
+    }
+    if node_expand {
+        aimed_at.push("NodeExpandVolume");
+    }
+
     // The killer: let the driver serve for a random short while, kill it,
     // start it again. Some kills land while the pools are still opening
-    // or the leftovers are being swept.
+    // or the leftovers are being swept; half wait for one of `aimed_at`
+    // to be under way (for up to a second) and kill within a few ms.
+    let mut aimed = 0u64;
     for round in 0..rounds {
         if round > 0 {
             driver = Driver::spawn(&root, pools);
@@ -618,7 +852,17 @@ async fn crash_test(pools: &[PoolSpec]) {
             20 + rng.below(250)
         };
         tokio::time::sleep(Duration::from_millis(delay)).await;
+        if rng.chance(1, 2) {
+            let rpc = aimed_at[rng.below(aimed_at.len() as u64) as usize];
+            let until = Instant::now() + Duration::from_secs(1);
+            while shared.in_flight(rpc) == 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(8))).await;
+            aimed += 1;
+        }
         shared.generation.fetch_add(1, SeqCst);
+        shared.note_interrupted();
         driver.kill();
         shared.generation.fetch_add(1, SeqCst);
         shared.counts.kills.fetch_add(1, SeqCst);
@@ -638,19 +882,37 @@ async fn crash_test(pools: &[PoolSpec]) {
         slots.extend(m.slots);
         deleted.extend(m.deleted);
     }
+    let alive_at_end = slots.iter().filter(|s| s.state != State::Absent).count();
 
-    verify(&shared, &driver, &slots, &deleted, pools).await;
+    verify(&shared, &driver, &slots, &deleted, &own_fs).await;
 
+    // With the test's own filesystems gone too, nothing is mounted or
+    // attached below the work directory any more.
+    drop(driver);
+    drop(own_fs);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(mounts_below(&root).is_empty() && loops_below(&root).is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "left at the end: mounts {:?}, loop devices {:?}",
+            mounts_below(&root),
+            loops_below(&root)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         tree_digest(&root, DRIVER_OWNED),
         canary_before,
         "something outside the pools and targets changed"
     );
     let c = &shared.counts;
+    let interrupted = shared.interrupted.lock().unwrap().clone();
     eprintln!(
-        "crash test: {} runs, {} kills, {} calls, {} calls retried ({} failed attempts); \
-         acknowledged: {} creates, {} deletes, {} publishes, {} unpublishes, {} expands, {} reads; \
-         {} volumes alive at the end",
+        "crash test {kinds:?}: {} runs, {} kills ({aimed} aimed at a call), {} calls, \
+         {} calls retried ({} failed attempts); acknowledged: {} creates, {} deletes, \
+         {} publishes, {} unpublishes, {} controller expands, {} node expands, {} reads; \
+         {alive_at_end} volumes alive at the end; attempts under way at a kill: {interrupted:?}; \
+         wall time {:.1} s",
         c.runs.load(SeqCst),
         c.kills.load(SeqCst),
         c.calls.load(SeqCst),
@@ -661,8 +923,9 @@ async fn crash_test(pools: &[PoolSpec]) {
         c.publishes.load(SeqCst),
         c.unpublishes.load(SeqCst),
         c.expands.load(SeqCst),
+        c.node_expands.load(SeqCst),
         c.reads.load(SeqCst),
-        slots.iter().filter(|s| s.state != State::Absent).count(),
+        started.elapsed().as_secs_f64(),
     );
     let unexpected = shared.unexpected.lock().unwrap().clone();
     assert!(
@@ -670,9 +933,89 @@ async fn crash_test(pools: &[PoolSpec]) {
         "{} answers no crash explains:\n{}\nlog:\n{}",
         unexpected.len(),
         unexpected.join("\n"),
-        driver.log_tail()
+        std::fs::read_to_string(root.join("driver.log"))
+            .map(|l| l.lines().rev().take(40).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     );
     assert!(c.kills.load(SeqCst) >= rounds.min(1), "no kill happened");
+}
+
+/// GetCapacity's minimum volume size for a pool.
+async fn minimum_size(socket: &Path, pool: &str) -> i64 {
+    let ch = robust_support::connect_once(socket).await.unwrap();
+    ControllerClient::new(ch)
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: HashMap::from([("pool".into(), pool.into())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .minimum_volume_size
+        .unwrap_or(0)
+}
+
+/// The storage side of the state: mounts and loop devices below the work
+/// directory, checked against what the live volumes and the test's own
+/// filesystems explain. `targets` are the published targets (bind
+/// mounts). Returns nothing; panics with the difference.
+fn check_mounts_and_loops(
+    shared: &Shared,
+    alive: &[&Slot],
+    targets: &[PathBuf],
+    own_fs: &[LoopFs],
+    when: &str,
+) {
+    let root = &shared.root;
+    let table = hostpath_csi::sys::mountinfo::read().unwrap();
+    let mut got: Vec<PathBuf> = table
+        .iter()
+        .map(|e| e.mount_point.clone())
+        .filter(|m| m.starts_with(root))
+        .collect();
+    got.sort();
+    let mut want: Vec<PathBuf> = own_fs.iter().map(|f| f.mount.clone()).collect();
+    want.extend(targets.iter().cloned());
+    let mut want_loops: Vec<PathBuf> = own_fs.iter().map(|f| f.device.clone()).collect();
+    let loops = loops_below(root);
+    for s in alive {
+        let info = shared.pool(s.pool);
+        if info.kind != PoolKind::Image {
+            continue;
+        }
+        // A live image volume: its own image, loop-mounted once at
+        // <pool>/<token> through a device that goes with the mount.
+        let mnt = info.dir.join(s.token());
+        want.push(mnt.clone());
+        let entry = hostpath_csi::sys::mountinfo::mounted_at(&table, &mnt)
+            .unwrap_or_else(|| panic!("{when}: image volume {} is not mounted", s.volume_id()));
+        let dev = PathBuf::from(&entry.source);
+        let img = info.dir.join(format!(".{}.img", s.token()));
+        assert!(
+            loops.iter().any(|(d, b)| *d == dev && *b == img),
+            "{when}: {} is mounted from {}, which is not a loop device on {} (loops: {loops:?})",
+            mnt.display(),
+            dev.display(),
+            img.display()
+        );
+        assert_eq!(
+            loop_autoclear(&dev),
+            Some(true),
+            "{when}: {} (behind {}) would outlive its mount",
+            dev.display(),
+            mnt.display()
+        );
+        want_loops.push(dev);
+    }
+    want.sort();
+    assert_eq!(got, want, "{when}: mounts below the work directory");
+    let mut got_loops: Vec<PathBuf> = loops.into_iter().map(|(d, _)| d).collect();
+    got_loops.sort();
+    want_loops.sort();
+    assert_eq!(
+        got_loops, want_loops,
+        "{when}: loop devices on files below the work directory"
+    );
 }
 
 /// Checks the end state against the model, then unpublishes and deletes
@@ -682,7 +1025,7 @@ async fn verify(
     driver: &Driver,
     slots: &[Slot],
     deleted: &[(String, String)],
-    pools: &[PoolSpec],
+    own_fs: &[LoopFs],
 ) {
     let root = &shared.root;
     let ch = robust_support::connect_once(&shared.socket).await.unwrap();
@@ -692,9 +1035,10 @@ async fn verify(
     // The sweep of leftovers runs in the background after start.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<String> = pools
+        let left: Vec<String> = shared
+            .pools
             .iter()
-            .flat_map(|p| leftovers(&pool_dir(root, p.name)))
+            .flat_map(|p| leftovers(&p.dir))
             .collect();
         if left.is_empty() {
             break;
@@ -731,36 +1075,77 @@ async fn verify(
         "ListVolumes differs from the acknowledged state"
     );
 
-    // On disk: each pool holds exactly the live volumes' directories and
-    // records, nothing else.
-    for p in pools {
-        let dir = pool_dir(root, p.name);
+    // On disk: each pool holds exactly the live volumes (directory or
+    // mount point, record, and the image of an image volume), nothing
+    // else; each record says what was acknowledged; the storage is whole.
+    for p in &shared.pools {
         let mut want = BTreeSet::new();
-        for s in alive.iter().filter(|s| s.pool == p.name) {
-            let t = token_for_name(&s.name());
+        let mine: Vec<&&Slot> = alive.iter().filter(|s| s.pool == p.name).collect();
+        for s in &mine {
+            let t = s.token();
             want.insert(t.clone());
             want.insert(format!(".{t}.meta"));
+            if p.kind == PoolKind::Image {
+                want.insert(format!(".{t}.img"));
+            }
+            let rec: Record =
+                serde_json::from_slice(&std::fs::read(p.dir.join(format!(".{t}.meta"))).unwrap())
+                    .unwrap();
+            assert_eq!(
+                (rec.name.as_str(), rec.kind, rec.capacity_bytes as i64),
+                (s.name().as_str(), p.kind, s.capacity),
+                "record of {}",
+                s.volume_id()
+            );
+            match p.kind {
+                PoolKind::Btrfs => {
+                    let limit = qgroup_limit(&p.dir.join(&t));
+                    assert!(
+                        limit.is_some_and(|l| l >= s.capacity as u64),
+                        "{}: qgroup limit {limit:?} below its capacity {}",
+                        s.volume_id(),
+                        s.capacity
+                    );
+                }
+                PoolKind::Image => {
+                    let len = std::fs::metadata(p.dir.join(format!(".{t}.img")))
+                        .unwrap()
+                        .len();
+                    assert!(
+                        len >= s.capacity as u64,
+                        "{}: image of {len} bytes, below its capacity {}",
+                        s.volume_id(),
+                        s.capacity
+                    );
+                }
+                PoolKind::Dir => {}
+            }
         }
-        let got: BTreeSet<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(got, want, "entries of pool {}", p.name);
+        assert_eq!(entries(&p.dir), want, "entries of pool {}", p.name);
+        if p.kind == PoolKind::Btrfs {
+            let want: BTreeSet<String> = mine.iter().map(|s| s.token()).collect();
+            assert_eq!(subvolumes(&p.dir), want, "subvolumes of pool {}", p.name);
+        }
     }
     for (pool, name) in deleted {
         let t = token_for_name(name);
-        for p in pools {
-            let dir = pool_dir(root, p.name);
-            assert!(
-                !dir.join(&t).exists() && !dir.join(format!(".{t}.meta")).exists(),
-                "deleted volume {pool}:{name} is still in pool {}",
-                p.name
-            );
+        for p in &shared.pools {
+            for entry in [t.clone(), format!(".{t}.meta"), format!(".{t}.img")] {
+                assert!(
+                    std::fs::symlink_metadata(p.dir.join(&entry)).is_err(),
+                    "deleted volume {pool}:{name}: {entry} is still in pool {}",
+                    p.name
+                );
+            }
         }
     }
+    let published: Vec<PathBuf> = alive.iter().filter_map(|s| s.target.clone()).collect();
+    check_mounts_and_loops(shared, &alive, &published, own_fs, "after the crashes");
 
     // The data written through the targets is in the volumes: read it
-    // through the current target, or through a fresh publication.
+    // through the current target, or through a fresh publication (doing
+    // the node half of an expansion still due, as kubelet would). Image
+    // volumes' filesystems then fill their images.
     for s in &alive {
         let id = s.volume_id();
         let (target, fresh) = match &s.target {
@@ -780,6 +1165,24 @@ async fn verify(
             .await
             .unwrap_or_else(|e| panic!("publishing {id} for verification: {e:?}"));
         }
+        assert!(
+            !s.node_expand_due || fresh,
+            "{id}: node expansion due while published"
+        );
+        if s.node_expand_due {
+            node.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: s.capacity,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeExpandVolume {id} for verification: {e:?}"));
+        }
         let got = std::fs::read(target.join("data")).ok();
         assert_eq!(
             got,
@@ -787,6 +1190,19 @@ async fn verify(
             "data of {id} read through {}",
             target.display()
         );
+        let info = shared.pool(s.pool);
+        if info.filesystem == Some("xfs") {
+            let t = s.token();
+            let img = std::fs::metadata(info.dir.join(format!(".{t}.img")))
+                .unwrap()
+                .len();
+            let fs = xfs_size(&info.dir.join(&t));
+            assert!(
+                fs == img && fs >= s.capacity as u64,
+                "{id}: filesystem of {fs} bytes in an image of {img}, capacity {}",
+                s.capacity
+            );
+        }
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
             volume_id: id.clone(),
             target_path: target.display().to_string(),
@@ -794,18 +1210,15 @@ async fn verify(
         .await
         .unwrap_or_else(|e| panic!("unpublishing {id}: {e:?}"));
     }
-    assert_eq!(
-        mounts_below(root),
-        Vec::<PathBuf>::new(),
-        "mounts left after unpublishing everything"
-    );
+    check_mounts_and_loops(shared, &alive, &[], own_fs, "after unpublishing everything");
     let targets: Vec<_> = std::fs::read_dir(root.join("targets"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(targets.is_empty(), "targets left behind: {targets:?}");
 
-    // Everything can still be deleted, leaving empty pools.
+    // Everything can still be deleted, leaving empty pools, and no mount
+    // or loop device but the test's own.
     for s in &alive {
         ctrl.delete_volume(csi::DeleteVolumeRequest {
             volume_id: s.volume_id(),
@@ -814,13 +1227,23 @@ async fn verify(
         .await
         .unwrap_or_else(|e| panic!("deleting {}: {e:?}", s.volume_id()));
     }
-    for p in pools {
-        let left: Vec<_> = std::fs::read_dir(pool_dir(root, p.name))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(left.is_empty(), "pool {} not empty: {left:?}", p.name);
+    for p in &shared.pools {
+        assert_eq!(
+            entries(&p.dir),
+            BTreeSet::new(),
+            "pool {} not empty",
+            p.name
+        );
+        if p.kind == PoolKind::Btrfs {
+            assert_eq!(
+                subvolumes(&p.dir),
+                BTreeSet::new(),
+                "subvolumes left in pool {}",
+                p.name
+            );
+        }
     }
+    check_mounts_and_loops(shared, &[], &[], own_fs, "after deleting everything");
 }
 
 /// What a pool looks like after a kill in the middle of calls: deletes

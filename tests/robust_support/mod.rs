@@ -3,9 +3,11 @@
 //! itself, a canary tree with a checksum, and a small seeded RNG.
 //!
 //! Everything lives under one temporary directory. Dropping a [`Driver`]
-//! kills and reaps its process; dropping a [`Workdir`] detaches every mount
-//! below it before the directory is removed, so a failing test leaves no
-//! process, mount or directory behind.
+//! kills and reaps its process; dropping a [`LoopFs`] unmounts its
+//! filesystem and detaches its loop device; dropping a [`Workdir`] detaches
+//! every mount below it and every loop device backed by a file below it
+//! before the directory is removed, so a failing test leaves no process,
+//! mount, loop device or directory behind.
 
 #![allow(dead_code)]
 
@@ -53,6 +55,7 @@ impl Workdir {
 impl Drop for Workdir {
     fn drop(&mut self) {
         unmount_below(&self.path);
+        detach_loops_below(&self.path);
         // Never let the removal run through a mount that would not go.
         if mounts_below(&self.path).is_empty() {
             drop(self.dir.take());
@@ -84,6 +87,157 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// Loop devices whose backing file lies at or below `dir`, with that file
+/// (as `losetup` shows it: a removed file keeps its old path).
+pub fn loops_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let Ok(out) = Command::new("losetup")
+        .args([
+            "--list",
+            "--noheadings",
+            "--raw",
+            "--output",
+            "NAME,BACK-FILE",
+        ])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (dev, back) = l.split_once(' ')?;
+            // --raw escapes blanks in names as \x20.
+            let back = back.trim().replace("\\x20", " ");
+            let back = back.strip_suffix(" (deleted)").unwrap_or(&back);
+            let back = PathBuf::from(back);
+            back.starts_with(dir).then(|| (PathBuf::from(dev), back))
+        })
+        .collect()
+}
+
+/// Detaches every loop device backed by a file at or below `dir`, waiting
+/// a little for devices that are still being released (auto-clear after a
+/// lazy unmount).
+pub fn detach_loops_below(dir: &Path) {
+    for _ in 0..50 {
+        let devs = loops_below(dir);
+        if devs.is_empty() {
+            return;
+        }
+        for (dev, _) in devs {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&dev)
+                .stderr(Stdio::null())
+                .status();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "loop devices still attached below {}: {:?}",
+        dir.display(),
+        loops_below(dir)
+    );
+}
+
+/// Whether a loop device detaches itself at its last close (sysfs).
+pub fn loop_autoclear(dev: &Path) -> Option<bool> {
+    let name = dev.file_name()?.to_str()?;
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
+        .ok()
+        .map(|s| s.trim() == "1")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a tool is installed: an executable of that name on `PATH` (or
+/// in the sbin directories root's `PATH` has). Tests that need it are
+/// skipped, with a note, where it is not.
+pub fn have(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| {
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// A filesystem made in a sparse file and loop-mounted, for pools that
+/// need one (btrfs). Dropping it unmounts it and detaches its device.
+pub struct LoopFs {
+    /// Where it is mounted.
+    pub mount: PathBuf,
+    /// Its loop device.
+    pub device: PathBuf,
+    /// The file holding it.
+    pub image: PathBuf,
+}
+
+impl LoopFs {
+    /// `truncate -s BYTES root/fs/NAME.img; mkfs.KIND; mount -o loop` at
+    /// `root/fs/NAME`.
+    pub fn new(root: &Path, name: &str, kind: &str, bytes: u64) -> Self {
+        let base = root.join("fs");
+        let image = base.join(format!("{name}.img"));
+        let mount = base.join(name);
+        std::fs::create_dir_all(&mount).unwrap();
+        File::create(&image).unwrap().set_len(bytes).unwrap();
+        run(&format!("mkfs.{kind}"), &["-q".as_ref(), image.as_os_str()]);
+        // Guard first, so a failing mount still cleans up.
+        let mut fs = LoopFs {
+            mount,
+            device: PathBuf::new(),
+            image,
+        };
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                fs.image.as_os_str(),
+                fs.mount.as_os_str(),
+            ],
+        );
+        let table = hostpath_csi::sys::mountinfo::read().unwrap();
+        let entry = hostpath_csi::sys::mountinfo::mounted_at(&table, &fs.mount)
+            .expect("the loop filesystem is mounted");
+        fs.device = PathBuf::from(&entry.source);
+        fs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Bind mounts of its contents elsewhere (targets) keep it busy:
+        // those go with the Workdir, and the device (auto-clear, from
+        // `mount -o loop`) with them.
+        unmount_below(&self.mount);
+        if loops_below(&self.image)
+            .iter()
+            .any(|(d, _)| *d == self.device)
+        {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.device)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// One pool of the driver under test. The crash and load tests take a
 /// list of these, so new pool kinds only need a new entry.
 #[derive(Debug, Clone)]
@@ -92,6 +246,9 @@ pub struct PoolSpec {
     pub name: &'static str,
     /// Pool kind.
     pub kind: PoolKind,
+    /// Image pools: the filesystem inside the images (`ext4`, `xfs`);
+    /// `None` for the driver's default.
+    pub filesystem: Option<&'static str>,
 }
 
 impl PoolSpec {
@@ -100,11 +257,41 @@ impl PoolSpec {
         PoolSpec {
             name,
             kind: PoolKind::Dir,
+            filesystem: None,
+        }
+    }
+
+    /// A `btrfs` pool; it lives on the btrfs [`LoopFs`] named after it
+    /// (see [`PoolSpec::dir_in`]), which the test makes.
+    pub const fn btrfs(name: &'static str) -> Self {
+        PoolSpec {
+            name,
+            kind: PoolKind::Btrfs,
+            filesystem: None,
+        }
+    }
+
+    /// An `image` pool with images of filesystem `fs`.
+    pub const fn image(name: &'static str, fs: &'static str) -> Self {
+        PoolSpec {
+            name,
+            kind: PoolKind::Image,
+            filesystem: Some(fs),
+        }
+    }
+
+    /// Where the pool lives under `root`: [`pool_dir`], except for btrfs
+    /// pools, which live in `pool` on the filesystem
+    /// `LoopFs::new(root, name, "btrfs", _)` mounts.
+    pub fn dir_in(&self, root: &Path) -> PathBuf {
+        match self.kind {
+            PoolKind::Btrfs => root.join("fs").join(self.name).join("pool"),
+            _ => pool_dir(root, self.name),
         }
     }
 }
 
-/// Where pool `name` lives under `root`.
+/// Where pool `name` lives under `root` (any kind but btrfs).
 pub fn pool_dir(root: &Path, name: &str) -> PathBuf {
     root.join("pools").join(name)
 }
@@ -115,17 +302,21 @@ pub fn pool_args(root: &Path, pools: &[PoolSpec]) -> Vec<String> {
     let mut args = Vec::new();
     let mut toml = String::new();
     for p in pools {
-        let dir = pool_dir(root, p.name);
+        let dir = p.dir_in(root);
         if p.kind == PoolKind::Dir {
             args.push("--pool".to_string());
             args.push(format!("{}={}", p.name, dir.display()));
         } else {
             toml.push_str(&format!(
-                "[[pools]]\nname = {:?}\npath = {:?}\nkind = {:?}\n\n",
+                "[[pools]]\nname = {:?}\npath = {:?}\nkind = {:?}\n",
                 p.name,
                 dir.display().to_string(),
                 p.kind.as_str()
             ));
+            if let Some(fs) = p.filesystem {
+                toml.push_str(&format!("filesystem = {fs:?}\n"));
+            }
+            toml.push('\n');
         }
     }
     if !toml.is_empty() {
