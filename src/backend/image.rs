@@ -403,7 +403,7 @@ impl Backend for ImageBackend {
         Ok(pool_dir.join(token))
     }
 
-    fn unpublished(&self, pool_dir: &Path, token: &str, _still_published: bool) -> Result<()> {
+    fn unpublished(&self, pool_dir: &Path, token: &str) -> Result<()> {
         // The image stays mounted (see the module doc); only tidy up a
         // second device a killed call may have attached.
         if let Some(dev) = mounted_device(&pool_dir.join(token))? {

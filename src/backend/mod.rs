@@ -56,18 +56,10 @@ pub trait Backend: Send + Sync + Debug {
     /// interrupted earlier delete. Missing storage is not an error.
     fn delete(&self, pool_dir: &Path, token: &str) -> Result<()>;
 
-    /// Bytes of the pool's filesystem still free for new volumes.
-    fn free_bytes(&self, pool_dir: &Path) -> Result<u64> {
-        let s = crate::sys::fs::space(pool_dir)
-            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e))?;
-        Ok(s.available_bytes)
-    }
-
-    /// Size of the pool's filesystem, the most any one volume could get.
-    fn total_bytes(&self, pool_dir: &Path) -> Result<u64> {
-        let s = crate::sys::fs::space(pool_dir)
-            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e))?;
-        Ok(s.total_bytes)
+    /// Size and free bytes of the pool's filesystem, in one `statfs`.
+    fn space(&self, pool_dir: &Path) -> Result<crate::sys::fs::FsSpace> {
+        crate::sys::fs::space(pool_dir)
+            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e))
     }
 
     /// The directory to bind-mount when publishing (image volumes mount
@@ -76,9 +68,9 @@ pub trait Backend: Send + Sync + Debug {
         Ok(pool_dir.join(token))
     }
 
-    /// Called after an unpublish; `still_published` tells whether other
-    /// targets still use the volume.
-    fn unpublished(&self, _pool_dir: &Path, _token: &str, _still_published: bool) -> Result<()> {
+    /// Called after each unpublish of the volume, for backends that tidy up
+    /// (image pools detach a stray loop device a killed call left).
+    fn unpublished(&self, _pool_dir: &Path, _token: &str) -> Result<()> {
         Ok(())
     }
 

@@ -183,3 +183,94 @@ fn remove_dir_on(dir: &Path, dev: u64) -> io::Result<()> {
     }
     fs::remove_dir(dir)
 }
+
+/// Shares directory flushes between concurrent callers (group commit).
+///
+/// Every CreateVolume and DeleteVolume ends by flushing its pool directory.
+/// Under load, many calls finish their renames at once and would each pay a
+/// flush; one flush that *starts after* a caller's rename covers that
+/// rename, so a caller waits for the next flush to start and finish instead
+/// of issuing its own. Under no load it costs one flush, as before.
+#[derive(Debug, Default)]
+pub struct DirFlush {
+    state: std::sync::Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// Flushes started so far.
+    started: u64,
+    /// The highest flush known to have completed successfully.
+    completed: u64,
+    /// Whether a flush is under way.
+    running: bool,
+}
+
+impl DirFlush {
+    /// Returns once a flush of `dir` that started after this call began has
+    /// completed, issuing it if nobody else is.
+    pub fn flush(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A flush under way may have started before our rename: only the
+        // next one counts.
+        let needed = s.started + 1;
+        loop {
+            if s.completed >= needed {
+                return Ok(());
+            }
+            if !s.running {
+                s.running = true;
+                s.started += 1;
+                let ours = s.started;
+                drop(s);
+                let res = sync_dir(dir);
+                s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.running = false;
+                if res.is_ok() {
+                    s.completed = s.completed.max(ours);
+                }
+                self.done.notify_all();
+                // A failed flush is reported to the caller that ran it;
+                // waiters see no progress and try one of their own.
+                res?;
+                continue;
+            }
+            s = self.done.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_flushes_are_shared_and_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::sync::Arc::new(DirFlush::default());
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let f = std::sync::Arc::clone(&f);
+                let d = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+                    f.flush(&d).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = f.state.lock().unwrap();
+        assert!(!s.running);
+        assert_eq!(s.completed, s.started);
+        assert!(s.started >= 1 && s.started <= 16, "{}", s.started);
+    }
+
+    #[test]
+    fn a_flush_of_a_missing_directory_fails_for_its_caller() {
+        let f = DirFlush::default();
+        assert!(f.flush(Path::new("/nonexistent/hostpath-csi")).is_err());
+    }
+}

@@ -34,7 +34,11 @@ impl MountEntry {
 
 /// Reads and parses the mount table of this process's mount namespace.
 pub fn read() -> io::Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    use std::io::Read;
+    // procfs reports a size of 0, so size the buffer for a busy node up
+    // front instead of growing it read by read.
+    let mut text = String::with_capacity(64 * 1024);
+    std::fs::File::open("/proc/self/mountinfo")?.read_to_string(&mut text)?;
     Ok(parse(&text))
 }
 

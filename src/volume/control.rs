@@ -27,6 +27,7 @@
 //! two concurrent creates cannot both take the last free bytes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -156,8 +157,8 @@ struct Room {
 /// Measures a pool with its promises locked; `except` leaves one volume's
 /// promise out (an expansion's own).
 fn room(pool: &Pool, map: &HashMap<String, u64>, except: Option<&str>) -> Result<Room> {
-    let total = pool.backend.total_bytes(&pool.dir)?;
-    let free = pool.backend.free_bytes(&pool.dir)?;
+    let space = pool.backend.space(&pool.dir)?;
+    let (total, free) = (space.total_bytes, space.available_bytes);
     let promisable = match pool.policy.overcommit {
         Overcommit::None => free,
         Overcommit::Ratio(r) => {
@@ -282,6 +283,7 @@ impl Volumes {
             return Err(e);
         }
         reservation.commit();
+        pool.index_insert(&id.token);
         tracing::info!(volume_id = %id, capacity, pool = %pool.name, "volume created");
         Ok(self.describe(&id, pool, &record))
     }
@@ -345,7 +347,7 @@ impl Volumes {
                 pool.name
             )));
         }
-        let total = pool.backend.total_bytes(&pool.dir)?;
+        let total = pool.backend.space(&pool.dir)?.total_bytes;
         if capacity > total {
             return Err(Error::OutOfRange(format!(
                 "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",
@@ -426,6 +428,7 @@ impl Volumes {
         }
         pool.backend.delete(&pool.dir, &id.token)?;
         pool.remove_record(&id.token)?;
+        pool.index_remove(&id.token);
         pool.sync()?;
         if let Some(map) = promises(pool)?.as_mut() {
             map.remove(&id.token);
@@ -469,28 +472,46 @@ impl Volumes {
                 "starting_token {starting_token:?} was not issued by this driver; list again from the start"
             )));
         }
-        let mut ids = Vec::new();
-        for p in &self.pools {
-            ids.extend(p.tokens()?.into_iter().map(|t| format!("{}:{t}", p.name)));
-        }
-        ids.sort_unstable();
-        let start = ids.partition_point(|id| id.as_str() < starting_token);
         let take = if max_entries == 0 {
             usize::MAX
         } else {
             max_entries as usize
         };
+        // Ids sort as "<pool>:<token>": pools in the order of that prefix,
+        // tokens in order within each pool.
+        let start = VolumeId::parse(starting_token);
+        let mut pools: Vec<&Pool> = self.pools.iter().collect();
+        pools.sort_by_key(|p| format!("{}:", p.name));
         let mut out = Vec::new();
         let mut next = String::new();
-        for raw in &ids[start..] {
-            if out.len() == take {
-                next = raw.clone();
-                break;
-            }
-            let (id, pool) = self.locate(raw)?;
-            // A volume deleted while listing is simply skipped.
-            if let Some(rec) = pool.read_record(&id.token)? {
-                out.push(self.describe(&id, pool, &rec));
+        'pools: for pool in pools {
+            let mut from = match &start {
+                None => Bound::Unbounded,
+                Some(s) => match format!("{}:", pool.name).cmp(&format!("{}:", s.pool)) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => Bound::Included(s.token.clone()),
+                    std::cmp::Ordering::Greater => Bound::Unbounded,
+                },
+            };
+            loop {
+                let want = take.saturating_sub(out.len()).saturating_add(1).min(1024);
+                let tokens = pool.page(from.as_ref().map(String::as_str), want)?;
+                let Some(last) = tokens.last() else { break };
+                from = Bound::Excluded(last.clone());
+                for token in &tokens {
+                    let id = VolumeId {
+                        pool: pool.name.clone(),
+                        token: token.clone(),
+                    };
+                    if out.len() == take {
+                        next = id.to_string();
+                        break 'pools;
+                    }
+                    // A volume deleted while listing is simply skipped.
+                    if let Some(rec) = pool.read_record(token)? {
+                        out.push(self.describe(&id, pool, &rec));
+                    }
+                }
             }
         }
         Ok((out, next))
@@ -586,7 +607,7 @@ impl Volumes {
                 pool.name
             )));
         }
-        let total = pool.backend.total_bytes(&pool.dir)?;
+        let total = pool.backend.space(&pool.dir)?.total_bytes;
         if capacity > total {
             return Err(Error::OutOfRange(format!(
                 "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",

@@ -55,6 +55,8 @@ impl Volumes {
                 backend: backend::for_pool(p),
                 policy: control::SizePolicy::from_config(p),
                 promises: control::Promises::default(),
+                flusher: Default::default(),
+                index: Default::default(),
             })
             .collect();
         let mut v = Volumes {

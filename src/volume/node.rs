@@ -189,19 +189,19 @@ impl Volumes {
             Ok(_) => {}
         }
         // A target may carry the same bind twice after a crash between
-        // mount and reply followed by a retry; take them all off.
-        for _ in 0..8 {
-            let table = read_mounts()?;
-            let Some(entry) = sys::mountinfo::mounted_at(&table, &target) else {
-                break;
-            };
-            if !self.is_our_mount(&table, entry) {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} is mounted from {}, which is not a volume of this driver; refusing to unmount it",
-                    target.display(),
-                    entry.source
-                )));
-            }
+        // mount and reply followed by a retry; take them all off. One read
+        // of the mount table covers them all: it is the costly part on a
+        // node with many mounts.
+        let table = read_mounts()?;
+        let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
+        if let Some(foreign) = stacked.iter().find(|e| !self.is_our_mount(&table, e)) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is mounted from {}, which is not a volume of this driver; refusing to unmount it",
+                target.display(),
+                foreign.source
+            )));
+        }
+        for _ in &stacked {
             sys::mount::unmount(&target)
                 .map_err(|e| Error::io(format!("unmounting {}", target.display()), e))?;
         }
@@ -213,9 +213,7 @@ impl Volumes {
             }
             Err(e) => return Err(Error::io(format!("removing {}", target.display()), e)),
         }
-        let table = read_mounts()?;
-        let still = !sys::mountinfo::binds_of(&table, &pool.volume_path(&id.token)).is_empty();
-        pool.backend.unpublished(&pool.dir, &id.token, still)?;
+        pool.backend.unpublished(&pool.dir, &id.token)?;
         tracing::info!(volume_id = %id, target = %target.display(), "volume unpublished");
         Ok(())
     }

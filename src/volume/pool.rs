@@ -60,6 +60,12 @@ pub struct Pool {
     pub policy: crate::volume::control::SizePolicy,
     /// What the pool's volumes were promised, kept in memory.
     pub promises: crate::volume::control::Promises,
+    /// Directory flushes shared between concurrent calls.
+    pub flusher: sys::fs::DirFlush,
+    /// Sorted tokens of the pool's volumes for ListVolumes: read from the
+    /// directory on first use, then kept up to date by create and delete,
+    /// so a page costs its own size, not the pool's.
+    pub index: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
 }
 
 const META: &str = ".meta";
@@ -117,8 +123,39 @@ impl Pool {
     /// Flushes the pool directory: makes preceding creates, renames and
     /// removals in it durable.
     pub fn sync(&self) -> Result<()> {
-        sys::fs::sync_dir(&self.dir)
+        self.flusher
+            .flush(&self.dir)
             .map_err(|e| Error::io(format!("flushing pool {}", self.name), e))
+    }
+
+    /// Up to `limit` tokens with records, in order, starting at `from`.
+    pub fn page(&self, from: std::ops::Bound<&str>, limit: usize) -> Result<Vec<String>> {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if index.is_none() {
+            *index = Some(self.tokens()?.into_iter().collect());
+        }
+        let set = index.as_ref().expect("filled above");
+        Ok(set
+            .range::<str, _>((from, std::ops::Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    /// Notes a committed volume in the listing index.
+    pub fn index_insert(&self, token: &str) {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = index.as_mut() {
+            set.insert(token.to_string());
+        }
+    }
+
+    /// Drops a deleted volume from the listing index.
+    pub fn index_remove(&self, token: &str) {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = index.as_mut() {
+            set.remove(token);
+        }
     }
 
     /// Tokens of all volumes with a record, unsorted.
