@@ -9,7 +9,7 @@
 # nothing. Go's own module and build caches (GOMODCACHE, GOCACHE) are used as
 # set up on the machine and make a rebuild after a version bump cheaper.
 #
-# Usage: build-tools.sh [--print-paths]
+# Usage: build-tools.sh
 #   Prints NAME=PATH lines for the built binaries on stdout; logs go to stderr.
 set -euo pipefail
 
@@ -18,6 +18,11 @@ cache="${E2E_CACHE:-/var/cache/hostpath-csi-e2e}"
 bindir="$cache/bin"
 logdir="$cache/logs"
 mkdir -p "$bindir" "$logdir"
+# One build at a time per cache: a second caller (say CI starting the builds
+# early, then run.sh) waits here and then finds the binaries built.
+exec 9>"$cache/.lock"
+flock 9
+rm -rf "$bindir"/.build-*   # left by an interrupted build
 
 # The pinned versions (kept in step with tools/*/go.mod).
 K8S_VERSION=v1.35.4

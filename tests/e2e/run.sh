@@ -46,6 +46,7 @@ SSD_SIZE_MI=48
 W="$(mktemp -d /tmp/hostpath-csi-e2e.XXXXXX)"
 chmod 0755 "$W"
 declare -A PIDS=()
+build_pid=""
 passed=0
 failed=0
 current=""
@@ -55,6 +56,7 @@ log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
 cleanup() {
   local rc=$?
   set +e
+  [[ -n "${build_pid:-}" ]] && kill -- -"$build_pid" 2>/dev/null
   for name in "${!PIDS[@]}"; do
     kill "${PIDS[$name]}" 2>/dev/null
   done
@@ -79,6 +81,10 @@ trap 'exit 130' INT TERM
 
 dump_logs() {
   local f
+  if [[ -n "${KUBECTL:-}" && -n "${KUBECONFIG:-}" ]]; then
+    "$KUBECTL" get events -A --sort-by=.lastTimestamp >"$W/logs/z-events.log" 2>&1
+    "$KUBECTL" get ds,pods,pvc,pv,csistoragecapacities -A -o wide >"$W/logs/z-objects.log" 2>&1
+  fi
   for f in "$W"/logs/*.log; do
     [[ -f "$f" ]] || continue
     echo "----- last lines of $(basename "$f") -----" >&2
@@ -119,6 +125,29 @@ start() { # NAME CMD... : run CMD in the background, log to $W/logs/NAME.log
   PIDS[$name]=$!
 }
 
+# supervise NAME CMD... : like start, but restart CMD whenever it exits, as
+# the kubelet does for a container with restartPolicy Always. csi-provisioner
+# needs it: it exits on purpose when it loses its connection to the driver.
+supervise() {
+  local name="$1"; shift
+  (
+    child=""
+    trap '[[ -n "$child" ]] && kill "$child" 2>/dev/null; wait; exit 0' TERM
+    n=0
+    while true; do
+      "$@" >>"$W/logs/$name.log" 2>&1 &
+      child=$!
+      wait "$child" || true
+      n=$((n + 1))
+      echo "$n" >"$W/$name.restarts"
+      echo "=== e2e: $name exited; restart $n in 1s" >>"$W/logs/$name.log"
+      sleep 1
+    done
+  ) &
+  PIDS[$name]=$!
+}
+restarts() { cat "$W/$1.restarts" 2>/dev/null || echo 0; }
+
 stop_hard() { # NAME : kill -9 and reap
   kill -9 "${PIDS[$1]}" 2>/dev/null || true
   wait "${PIDS[$1]}" 2>/dev/null || true
@@ -132,14 +161,16 @@ mkdir -p "$W/logs" "$W/pki" "$W/etcd"
 
 # ---------------------------------------------------------------- build
 log "building components (Go builds in the background, cargo in the foreground)"
-"$here/build-tools.sh" >"$W/tools.env" 2>"$W/logs/build-tools.log" &
+# In its own process group, so that cleanup can stop the whole build.
+setsid "$here/build-tools.sh" >"$W/tools.env" 2>"$W/logs/build-tools.log" &
 build_pid=$!
 if [[ -z "${E2E_SKIP_CARGO_BUILD:-}" ]]; then
   (cd "$repo" && cargo build --release --quiet) || fail "cargo build --release failed"
 fi
 HOSTPATH_CSI="${CARGO_TARGET_DIR:-$repo/target}/release/hostpath-csi"
 [[ -x "$HOSTPATH_CSI" ]] || fail "no driver binary at $HOSTPATH_CSI"
-wait "$build_pid" || { cat "$W/logs/build-tools.log" >&2; fail "building the Go components failed"; }
+wait "$build_pid" || { build_pid=""; cat "$W/logs/build-tools.log" >&2; fail "building the Go components failed"; }
+build_pid=""
 # shellcheck disable=SC1091
 source "$W/tools.env"   # KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBECTL, ETCD, CSI_PROVISIONER
 log "components ready after $((SECONDS - t_start))s"
@@ -214,7 +245,7 @@ start kube-controller-manager "$KUBE_CONTROLLER_MANAGER" \
   --controllers='*' --use-service-account-credentials=true --leader-elect=false \
   --root-ca-file="$pki/ca.crt" --service-account-private-key-file="$pki/sa.key" \
   --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
-  --profiling=false --v=1
+  --profiling=false --v=2
 log "control plane up after $((SECONDS - t_start))s: $(k version -o json | jq -r '.serverVersion.gitVersion')"
 
 # ---------------------------------------------------------------- install
@@ -251,8 +282,14 @@ metadata:
 EOF
 # The DaemonSet controller creates the node plugin's Pod for this Node; it
 # stays Pending (no kubelet) but is the owner csi-provisioner looks up.
+# The controller leaves spec.nodeName to the scheduler and pins the pod to
+# its node with a required node affinity on metadata.name.
 get_ds_pod() {
-  k get pods -n "$NS" --field-selector "spec.nodeName=$NODE" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null | grep .
+  k get pods -n "$NS" -l app.kubernetes.io/name=hostpath-csi-node -o json | jq -er --arg n "$NODE" '
+    [.items[] | select(.metadata.ownerReferences[0].kind == "DaemonSet")
+     | select([.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution
+               .nodeSelectorTerms[].matchFields[]? | .values[]] | index($n))
+     | .metadata.name] | first'
 }
 wait_for 90 "the DaemonSet's pod for $NODE" get_ds_pod
 POD_NAME="$(get_ds_pod)"
@@ -274,7 +311,7 @@ mount -t tmpfs -o "size=${SSD_SIZE_MI}m,mode=0755" e2e-ssd "$SSD"
 # The driver's config is the ConfigMap's, with pool paths moved under $ROOT.
 k get configmap -n "$NS" hostpath-csi-config -o jsonpath='{.data.config\.toml}' |
   sed "s#path = \"/#path = \"$ROOT/#" >"$W/config.toml"
-grep -q "$HDD" "$W/config.toml" && grep -q "$SSD" "$W/config.toml" || fail "rewriting pool paths in the ConfigMap's config"
+{ grep -q "$HDD" "$W/config.toml" && grep -q "$SSD" "$W/config.toml"; } || fail "rewriting pool paths in the ConfigMap's config"
 
 # container_json NAME: one container of the installed DaemonSet.
 container_json() {
@@ -289,8 +326,8 @@ start_driver() {
   # Env as in the DaemonSet: CSI_ENDPOINT (socket-dir is mounted at /csi),
   # NODE_NAME from the downward API, HOSTPATH_CSI_CONFIG.
   CSI_ENDPOINT="unix://$SOCK_DIR/csi.sock" NODE_NAME="$NODE" HOSTPATH_CSI_CONFIG="$W/config.toml" \
-    start hostpath-csi-$1 "$HOSTPATH_CSI" "${DRIVER_ARGS[@]}"
-  PIDS[driver]=${PIDS[hostpath-csi-$1]}; unset "PIDS[hostpath-csi-$1]"
+    start "hostpath-csi-$1" "$HOSTPATH_CSI" "${DRIVER_ARGS[@]}"
+  PIDS[driver]=${PIDS["hostpath-csi-$1"]}; unset "PIDS[hostpath-csi-$1]"
   wait_for 30 "the driver socket to accept connections" sock_ready "$SOCK_DIR/csi.sock"
 }
 log "starting hostpath-csi: ${DRIVER_ARGS[*]}"
@@ -308,7 +345,7 @@ while IFS= read -r a; do
 done < <(container_json csi-provisioner | jq -r '.args[]')
 PROV_ARGS+=("--kubeconfig=$W/provisioner.kubeconfig" "--capacity-poll-interval=3s" "--http-endpoint=127.0.0.1:$(free_port)")
 log "starting csi-provisioner: ${PROV_ARGS[*]}"
-NODE_NAME="$NODE" NAMESPACE="$NS" POD_NAME="$POD_NAME" start csi-provisioner "$CSI_PROVISIONER" "${PROV_ARGS[@]}"
+NODE_NAME="$NODE" NAMESPACE="$NS" POD_NAME="$POD_NAME" supervise csi-provisioner "$CSI_PROVISIONER" "${PROV_ARGS[@]}"
 log "setup done after $((SECONDS - t_start))s"
 
 # ---------------------------------------------------------------- helpers
@@ -363,6 +400,8 @@ check_provisioned() {
     fail "PV $pv node affinity: $got"
   [[ -d "$dir/$pv" ]] || fail "no volume directory $dir/$pv"
   [[ -f "$dir/.$pv.meta" ]] || fail "no volume record $dir/.$pv.meta"
+  # --extra-create-metadata: the claim's name reached the driver's record.
+  grep -q "\"$pvc\"" "$dir/.$pv.meta" || fail "volume record $dir/.$pv.meta does not name claim $pvc"
   local other="$HDD"; [[ "$dir" == "$HDD" ]] && other="$SSD"
   [[ ! -e "$other/$pv" ]] || fail "volume $pv also exists in the other pool $other"
   log "  $pvc -> $pv ($pool:$pv) at $dir/$pv"
@@ -397,6 +436,7 @@ pass
 
 scenario "3a delete: deleting a claim deletes its PV and volume directory"
 hdd_pv="$(pv_of data-hdd)"
+echo "some data" >"$HDD/$hdd_pv/file"
 k delete pvc -n "$APP_NS" data-hdd --wait=true >/dev/null
 wait_for 60 "PV $hdd_pv deleted" pv_gone "$hdd_pv"
 [[ ! -e "$HDD/$hdd_pv" ]] || fail "volume directory $HDD/$hdd_pv still exists"
@@ -410,6 +450,7 @@ log "  driver killed with SIGKILL; starting it again"
 start_driver 2
 k delete pvc -n "$APP_NS" data-ssd --wait=true >/dev/null
 wait_for 90 "PV $ssd_pv deleted" pv_gone "$ssd_pv"
+log "  csi-provisioner restarts so far: $(restarts csi-provisioner) (it exits when the driver goes away)"
 [[ ! -e "$SSD/$ssd_pv" ]] || fail "volume directory $SSD/$ssd_pv (with 16 MiB of data) still exists"
 [[ ! -e "$SSD/.$ssd_pv.meta" ]] || fail "volume record $SSD/.$ssd_pv.meta still exists"
 wait_for 60 "ssd capacity to rise again" capacity_above ssd $((ssd_cap - 2 * 1048576))
@@ -438,5 +479,22 @@ pass
 
 kill -0 "${PIDS[driver]}" 2>/dev/null || fail "the driver exited"
 kill -0 "${PIDS[csi-provisioner]}" 2>/dev/null || fail "csi-provisioner exited"
+# The RBAC rules in deploy/ must cover everything csi-provisioner did.
+current="RBAC: csi-provisioner, running with the DaemonSet's ServiceAccount, was never refused"
+if grep -i "forbidden" "$W/logs/csi-provisioner.log" >&2; then fail "csi-provisioner was refused access (above)"; fi
+pass
+scenario "5 uninstall: kubectl delete -k deploy/ removes the install, capacity objects included"
+# The node plugin goes first (in a cluster, deleting the DaemonSet does that).
+kill "${PIDS[csi-provisioner]}"; wait "${PIDS[csi-provisioner]}" 2>/dev/null || true; unset "PIDS[csi-provisioner]"
+kill "${PIDS[driver]}"; wait "${PIDS[driver]}" 2>/dev/null || true; unset "PIDS[driver]"
+k delete -k "$repo/deploy/" --wait=true --timeout=120s >>"$W/logs/apply.log" 2>&1 ||
+  { tail -n 20 "$W/logs/apply.log" >&2; fail "kubectl delete -k deploy/"; }
+ns_gone() { ! k get namespace "$NS" >/dev/null 2>&1; }
+wait_for 120 "namespace $NS deleted" ns_gone
+[[ -z "$(k get csistoragecapacities -A -o name)" ]] || fail "CSIStorageCapacity objects left behind"
+[[ -z "$(k get csidriver,storageclass,clusterrole/hostpath-csi-provisioner -o name --ignore-not-found)" ]] ||
+  fail "cluster-scoped objects left behind"
+pass
+
 log "all scenarios done after $((SECONDS - t_start))s"
 echo "$passed passed, $failed failed"
