@@ -17,6 +17,17 @@ fi
 scripts/setup.sh
 export CSI_SANITY=${CSI_SANITY:-/var/cache/hostpath-csi/bin/csi-sanity}
 
+# The Go builds of the Kubernetes components are slow on a fresh machine;
+# start them now so they overlap the Rust build and tests. The e2e test
+# waits for them through the lock on their cache.
+e2e_build_pid=""
+e2e_build_log=${TMPDIR:-/tmp}/hostpath-csi-e2e-build.log
+if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
+  tests/e2e/build-tools.sh >"$e2e_build_log" 2>&1 &
+  e2e_build_pid=$!
+  trap '[[ -n $e2e_build_pid ]] && kill -- "$e2e_build_pid" 2>/dev/null || true' EXIT
+fi
+
 results=()
 failed=0
 step() {
@@ -40,6 +51,11 @@ capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
 if (( (16#$capeff >> 24) & 1 )); then kinds+=(image-ext4); fi
 step "conformance" scripts/conformance.sh target/debug/hostpath-csi "${kinds[@]}"
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
+  if ! wait "$e2e_build_pid"; then
+    echo "building the Kubernetes components failed; its log:"
+    tail -40 "$e2e_build_log"
+  fi
+  e2e_build_pid=""
   step "kubernetes e2e" tests/e2e/run.sh
 fi
 
