@@ -180,6 +180,27 @@ fn room(pool: &Pool, map: &HashMap<String, u64>, except: Option<&str>) -> Result
     })
 }
 
+/// OUT_OF_RANGE when `capacity` is above the pool's maximum volume size or
+/// larger than its whole filesystem (CSI: "unsupported capacity_range").
+fn check_ceiling(pool: &Pool, capacity: u64) -> Result<()> {
+    if let Some(max) = pool.policy.max
+        && capacity > max
+    {
+        return Err(Error::OutOfRange(format!(
+            "{capacity} bytes requested, but volumes of pool {} are at most {max} bytes",
+            pool.name
+        )));
+    }
+    let total = pool.backend.space(&pool.dir)?.total_bytes;
+    if capacity > total {
+        return Err(Error::OutOfRange(format!(
+            "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",
+            pool.name
+        )));
+    }
+    Ok(())
+}
+
 /// The result of ControllerExpandVolume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expanded {
@@ -339,21 +360,7 @@ impl Volumes {
                 pool.backend.granularity()
             )));
         }
-        if let Some(max) = policy.max
-            && capacity > max
-        {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes requested, but volumes of pool {} are at most {max} bytes",
-                pool.name
-            )));
-        }
-        let total = pool.backend.space(&pool.dir)?.total_bytes;
-        if capacity > total {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",
-                pool.name
-            )));
-        }
+        check_ceiling(pool, capacity)?;
         Ok(capacity)
     }
 
@@ -599,21 +606,7 @@ impl Volumes {
                 range.limit
             )));
         }
-        if let Some(max) = pool.policy.max
-            && capacity > max
-        {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes requested, but volumes of pool {} are at most {max} bytes",
-                pool.name
-            )));
-        }
-        let total = pool.backend.space(&pool.dir)?.total_bytes;
-        if capacity > total {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",
-                pool.name
-            )));
-        }
+        check_ceiling(pool, capacity)?;
         let reservation = self.reserve(pool, &id.token, capacity, Some(rec.capacity_bytes))?;
         pool.backend.expand(&pool.dir, &id.token, capacity)?;
         let from = rec.capacity_bytes;
