@@ -368,7 +368,10 @@ impl Driver {
         ] {
             cmd.env_remove(var);
         }
-        cmd.env("HOSTPATH_CSI_LOG", "warn");
+        // HOSTPATH_CSI_TEST_DRIVER_LOG (e.g. `debug`) to see every command
+        // the driver runs when a test fails.
+        let level = std::env::var("HOSTPATH_CSI_TEST_DRIVER_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.env("HOSTPATH_CSI_LOG", level);
         let child = cmd.spawn().expect("starting hostpath-csi");
         Driver {
             child: Some(child),
@@ -408,6 +411,11 @@ impl Driver {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// How the process ended, if it already has (without being killed).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGKILL and reap.
