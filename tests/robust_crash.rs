@@ -84,8 +84,6 @@ async fn btrfs_pools_survive_sigkill_at_random_points() {
 /// and tidied up. Nothing removes it until the volume is unpublished,
 /// stat'ed or deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: a killed driver's orphaned losetup attaches a second loop device to a live image \
-            after the retried call (src/sys/cmd.rs run_raw, src/backend/image.rs ensure_mounted)"]
 async fn image_pools_survive_sigkill_at_random_points() {
     if !have("mkfs.xfs") || !have("xfs_growfs") {
         eprintln!("skipped: xfsprogs is not installed");

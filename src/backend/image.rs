@@ -139,8 +139,10 @@ impl ImageBackend {
             // without auto-clear; set it now, or it would outlive the mount.
             if !autoclear(&dev) {
                 detach(&dev);
-                detach_others(&Self::image(pool_dir, token), &dev)?;
             }
+            // A killed call's `losetup` may also have attached a second,
+            // idle device to the image: release it.
+            detach_others(&Self::image(pool_dir, token), &dev)?;
             return Ok(dev);
         }
         let img = Self::image(pool_dir, token);

@@ -74,18 +74,36 @@ where
         .collect::<Vec<_>>()
         .join(" ");
     tracing::debug!(%command, "running");
-    let out = Command::new(program)
+    // A tool must not outlive a driver killed while waiting for it: a
+    // `losetup` left running would race the retried call and attach a
+    // second loop device. `setpriv --pdeathsig KILL` (util-linux) has the
+    // kernel kill the tool when the driver dies, without unsafe code here.
+    let mut cmd = if has_setpriv() {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let not_installed = || {
+        Error::FailedPrecondition(format!(
+            "`{program}` is not installed on this node{}",
+            package_hint(program)
+        ))
+    };
+    let out = cmd
         .args(&args)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()
         .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::FailedPrecondition(format!(
-                "`{program}` is not installed on this node{}",
-                package_hint(program)
-            )),
+            io::ErrorKind::NotFound => not_installed(),
             _ => Error::io(format!("starting `{command}`"), e),
         })?;
+    // setpriv's "cannot execute" exit status.
+    if out.status.code() == Some(127) && has_setpriv() {
+        return Err(not_installed());
+    }
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
@@ -137,4 +155,14 @@ mod tests {
         let missing = run("hostpath-csi-no-such-tool", ["x"]).unwrap_err();
         assert!(matches!(missing, Error::FailedPrecondition(_)), "{missing}");
     }
+}
+
+/// Whether `setpriv` is on the PATH (looked up once).
+fn has_setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join("setpriv").is_file()))
+            .unwrap_or(false)
+    })
 }
