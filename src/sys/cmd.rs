@@ -138,6 +138,16 @@ fn package_hint(program: &str) -> &'static str {
     }
 }
 
+/// Whether `setpriv` is on the PATH (looked up once).
+fn has_setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join("setpriv").is_file()))
+            .unwrap_or(false)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,14 +165,4 @@ mod tests {
         let missing = run("hostpath-csi-no-such-tool", ["x"]).unwrap_err();
         assert!(matches!(missing, Error::FailedPrecondition(_)), "{missing}");
     }
-}
-
-/// Whether `setpriv` is on the PATH (looked up once).
-fn has_setpriv() -> bool {
-    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FOUND.get_or_init(|| {
-        std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|d| d.join("setpriv").is_file()))
-            .unwrap_or(false)
-    })
 }
