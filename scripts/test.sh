@@ -30,15 +30,33 @@ fi
 
 results=()
 failed=0
+tests_passed=0
+tests_failed=0
 step() {
   local name=$1; shift
   echo "=== $name"
-  local start=$SECONDS
-  if "$@"; then
-    results+=("$name: ok ($((SECONDS - start)) s)")
+  local start=$SECONDS log rc=0
+  log=$(mktemp)
+  "$@" 2>&1 | tee "$log" || rc=$?
+  rc=${PIPESTATUS[0]:-$rc}
+  # Add up what each runner reports: cargo's "N passed; M failed" lines,
+  # and the "N passed, M failed" closing lines of conformance and e2e.
+  local p f
+  read -r p f < <(
+    grep -E '^(test result: .*[0-9]+ passed; [0-9]+ failed|(conformance|e2e)?:? ?[0-9]+ passed, [0-9]+ failed)' "$log" |
+      grep -vE '^conformance\[' |
+      sed -E 's/^(.*[^0-9])?([0-9]+) passed[;,] ([0-9]+) failed.*/\2 \3/' |
+      awk '{p += $1; f += $2} END {print p + 0, f + 0}'
+  )
+  rm -f "$log"
+  tests_passed=$((tests_passed + p)); tests_failed=$((tests_failed + f))
+  if [[ $rc -eq 0 ]]; then
+    results+=("$name: ok, $p passed, $f failed ($((SECONDS - start)) s)")
   else
-    results+=("$name: FAILED ($((SECONDS - start)) s)")
+    results+=("$name: FAILED, $p passed, $f failed ($((SECONDS - start)) s)")
     failed=$((failed + 1))
+    # A failing step with no failing test still counts as a failure.
+    [[ $f -eq 0 ]] && tests_failed=$((tests_failed + 1))
   fi
 }
 
@@ -61,6 +79,5 @@ fi
 
 echo "=== summary"
 printf '%s\n' "${results[@]}"
-passed=$((${#results[@]} - failed))
-echo "suite: $passed passed, $failed failed"
+echo "suite: $tests_passed passed, $tests_failed failed"
 [[ $failed -eq 0 ]]
