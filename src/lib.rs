@@ -6,7 +6,8 @@
 //! - `grpc`: thin CSI Identity, Controller and Node adapters.
 //! - `validate`: request fields into typed, checked values.
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
-//!   create/delete/list/capacity, publish/unpublish/stats, per-volume locks.
+//!   create/delete/list, sizes and promises, expansion,
+//!   publish/unpublish/stats, per-volume locks.
 //! - `backend`: per pool kind, how storage is made, sized and removed.
 //! - `sys`: the only place with mount syscalls, mountinfo and durable writes.
 //! - `error`: the error type and its one mapping onto gRPC codes.

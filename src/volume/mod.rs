@@ -1,11 +1,14 @@
 //! The volume logic: plain Rust, no gRPC, callable from tests directly.
 //!
 //! [`Volumes`] owns the pools and the per-volume locks. Its controller-side
-//! operations (create, delete, list, capacity) are in `control`, its
+//! operations are in `control` (create, delete, list), `capacity` (sizes,
+//! promises, GetCapacity) and `expand`, its
 //! node-side ones (publish, unpublish, stats) in `node`. All of it blocks;
 //! the gRPC layer calls it from `spawn_blocking`.
 
+pub mod capacity;
 pub mod control;
+pub mod expand;
 pub mod id;
 pub mod inflight;
 pub mod node;
@@ -53,8 +56,8 @@ impl Volumes {
                 name: p.name.clone(),
                 dir: p.path.clone(),
                 backend: backend::for_pool(p),
-                policy: control::SizePolicy::from_config(p),
-                promises: control::Promises::default(),
+                policy: capacity::SizePolicy::from_config(p),
+                promises: capacity::Promises::default(),
                 flusher: Default::default(),
                 index: Default::default(),
             })

@@ -57,9 +57,9 @@ pub struct Pool {
     /// Storage backend for the pool's kind.
     pub backend: Box<dyn Backend>,
     /// Size limits and promise policy (see `volume::control`).
-    pub policy: crate::volume::control::SizePolicy,
+    pub policy: crate::volume::capacity::SizePolicy,
     /// What the pool's volumes were promised, kept in memory.
-    pub promises: crate::volume::control::Promises,
+    pub promises: crate::volume::capacity::Promises,
     /// Directory flushes shared between concurrent calls.
     pub flusher: sys::fs::DirFlush,
     /// Sorted tokens of the pool's volumes for ListVolumes: read from the
