@@ -491,9 +491,16 @@ k delete -k "$repo/deploy/" --wait=true --timeout=120s >>"$W/logs/apply.log" 2>&
   { tail -n 20 "$W/logs/apply.log" >&2; fail "kubectl delete -k deploy/"; }
 ns_gone() { ! k get namespace "$NS" >/dev/null 2>&1; }
 wait_for 120 "namespace $NS deleted" ns_gone
-[[ -z "$(k get csistoragecapacities -A -o name)" ]] || fail "CSIStorageCapacity objects left behind"
-[[ -z "$(k get csidriver,storageclass,clusterrole/hostpath-csi-provisioner -o name --ignore-not-found)" ]] ||
-  fail "cluster-scoped objects left behind"
+left=$(k get csistoragecapacities -A -o name) || fail "kubectl get csistoragecapacities failed"
+[[ -z $left ]] || fail "CSIStorageCapacity objects left behind: $left"
+# One `get` per kind: kubectl refuses a mix of kinds and kind/name forms,
+# and a refused query must fail the check, not pass it as "nothing left".
+for obj in "csidriver hostpath-csi.dev" "storageclass hdd ssd" \
+  "clusterrole hostpath-csi-provisioner" "clusterrolebinding hostpath-csi-provisioner"; do
+  # shellcheck disable=SC2086 # kind and names are separate words
+  left=$(k get $obj -o name --ignore-not-found) || fail "kubectl get $obj failed"
+  [[ -z $left ]] || fail "cluster-scoped objects left behind: $left"
+done
 pass
 
 log "all scenarios done after $((SECONDS - t_start))s"
