@@ -229,18 +229,7 @@ impl Backend for BtrfsBackend {
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
         let path = pool_dir.join(token);
         sync_fs(&path)?;
-        let out = cmd::run(
-            "btrfs",
-            [
-                "qgroup".as_ref(),
-                "show".as_ref(),
-                "--raw".as_ref(),
-                "-r".as_ref(),
-                "-f".as_ref(),
-                path.as_os_str(),
-            ],
-        )?;
-        let row = parse_qgroups(&out.stdout)
+        let row = qgroup_show(&path, true)?
             .into_iter()
             .next()
             .ok_or_else(|| {
@@ -287,25 +276,32 @@ impl Backend for BtrfsBackend {
         if tokens.is_empty() {
             return Ok(0);
         }
-        let out = cmd::run(
-            "btrfs",
-            [
-                "qgroup".as_ref(),
-                "show".as_ref(),
-                "--raw".as_ref(),
-                "-r".as_ref(),
-                pool_dir.as_os_str(),
-            ],
-        )?;
         let base = path_in_fs(pool_dir)?;
         let wanted: std::collections::HashSet<PathBuf> =
             tokens.iter().map(|t| base.join(t)).collect();
-        Ok(parse_qgroups(&out.stdout)
+        Ok(qgroup_show(pool_dir, false)?
             .into_iter()
             .filter(|r| wanted.contains(Path::new(&r.path)))
             .map(|r| r.referenced)
             .sum())
     }
+}
+
+/// `btrfs qgroup show --raw -r` for the filesystem holding `path`; with
+/// `only_path`, just the qgroups of the subvolume at `path` (`-f`).
+fn qgroup_show(path: &Path, only_path: bool) -> Result<Vec<QgroupRow>> {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "qgroup".as_ref(),
+        "show".as_ref(),
+        "--raw".as_ref(),
+        "-r".as_ref(),
+    ];
+    if only_path {
+        args.push("-f".as_ref());
+    }
+    args.push(path.as_os_str());
+    let out = cmd::run("btrfs", args)?;
+    Ok(parse_qgroups(&out.stdout))
 }
 
 #[cfg(test)]
