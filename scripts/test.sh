@@ -16,6 +16,9 @@ fi
 
 scripts/setup.sh
 export CSI_SANITY=${CSI_SANITY:-/var/cache/hostpath-csi/bin/csi-sanity}
+# setup.sh installed every tool the pool tests use: a missing one is a
+# failure from here on, never a silent skip.
+export HOSTPATH_CSI_REQUIRE_TOOLS=1
 
 # The Go builds of the Kubernetes components are slow on a fresh machine;
 # start them now so they overlap the Rust build and tests. The e2e test

@@ -37,10 +37,15 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     let target = h.target("t1");
     h.publish(&v.volume_id, &target, false).await.unwrap();
     let (used0, _, total0, _) = stats(&h, &v.volume_id, &target).await;
-    assert!(
-        total0 <= size && total0 > size * 8 / 10,
-        "total {total0} of {size}"
-    );
+    // The filesystem's own overhead comes out of the image: a few % for
+    // ext4; for xfs at its 300 MiB minimum, the 64 MiB log that recent
+    // xfsprogs insist on leaves about 79% (see the README's pool table).
+    let floor = if fs == Filesystem::Xfs {
+        size * 3 / 4
+    } else {
+        size * 8 / 10
+    };
+    assert!(total0 <= size && total0 > floor, "total {total0} of {size}");
 
     // More than the volume holds: ENOSPC part-way.
     let big = (size + size / 2) as u64;
@@ -84,8 +89,10 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     let (used, avail, total, inodes) = stats(&h, &v.volume_id, &target).await;
     assert!(total > size && total <= grown, "total {total}");
     let grew = used - used0;
+    // Within the file's own metadata: 2 MiB, plus 1% for xfs's extent
+    // and allocation-group bookkeeping on a file of hundreds of MiB.
     assert!(
-        (grew - big as i64).abs() < 2 * MIB,
+        (grew - big as i64).abs() < 2 * MIB + big as i64 / 100,
         "used grew by {grew}, wrote {big}"
     );
     assert!(avail < total - big as i64 + MIB, "avail {avail}");
@@ -142,7 +149,9 @@ async fn xfs_image_enforces_size_expands_online_and_reports_usage() {
         eprintln!("skipped: mkfs.xfs (xfsprogs) is not installed");
         return;
     }
-    enforce_and_expand(Filesystem::Xfs, 300 * MIB, 400 * MIB).await;
+    // Grown well past 1.5x the size: the write of 1.5x must fit beside
+    // xfs's 64 MiB log.
+    enforce_and_expand(Filesystem::Xfs, 300 * MIB, 640 * MIB).await;
 }
 
 #[tokio::test]

@@ -32,12 +32,26 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 }
 
 /// Whether a tool is installed; tests needing it are skipped (with a note)
-/// where it is not, e.g. btrfs-progs on a developer laptop.
+/// where it is not, e.g. btrfs-progs on a developer laptop. Under
+/// `scripts/test.sh` (which installs the tools and sets
+/// `HOSTPATH_CSI_REQUIRE_TOOLS=1`) a missing tool fails the test instead,
+/// so CI can never pass by testing nothing.
 pub fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    // Look the program up rather than run it: tools disagree on a version
+    // flag (`mkfs.xfs --version` fails; it wants `-V`).
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .any(|d| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+    assert!(
+        found || std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "{program} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but not installed"
+    );
+    found
 }
 
 /// Loop devices whose backing file lies under `dir`.

@@ -167,12 +167,18 @@ pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
 /// skipped, with a note, where it is not.
 pub fn have(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    let found = std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .any(|d| {
             std::fs::metadata(d.join(program))
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        });
+    // Under scripts/test.sh a missing tool is a failure, not a skip.
+    assert!(
+        found || std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "{program} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but not installed"
+    );
+    found
 }
 
 /// A filesystem made in a sparse file and loop-mounted, for pools that
