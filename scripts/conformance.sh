@@ -82,7 +82,9 @@ TOML
   p=$(sed -nE 's/.* ([0-9]+) Passed.*/\1/p' <<<"$line"); p=${p:-0}
   f=$(sed -nE 's/.* ([0-9]+) Failed.*/\1/p' <<<"$line"); f=${f:-0}
   s=$(sed -nE 's/.* ([0-9]+) Skipped.*/\1/p' <<<"$line"); s=${s:-0}
-  if [[ -z $line || ( $rc -ne 0 && $f -eq 0 ) ]]; then f=$((f + 1)); fi
+  # No summary, a failing exit without failed specs, or no spec run at all
+  # (a driver that never started) are failures too.
+  if [[ -z $line || ( $rc -ne 0 && $f -eq 0 ) || $p -eq 0 ]]; then f=$((f + 1)); fi
   if [[ $f -ne 0 ]]; then
     grep -A3 -E '^\s*\[FAIL\]' "$out" | head -60 || tail -40 "$out"
     echo "--- driver log"; tail -20 "$WORK/driver.log"

@@ -13,7 +13,10 @@ use tonic::Code;
 
 /// A harness with one btrfs pool `bt` on a fresh loop-mounted btrfs of
 /// `bytes`, or `None` (test skipped) without btrfs-progs.
-async fn btrfs_harness(bytes: u64) -> Option<(Harness, Cleanup)> {
+/// The cleanup guard comes first so that, bound as `(_cleanup, h)`, the
+/// harness (declared later) is dropped first: the server stops before the
+/// filesystem under it is unmounted.
+async fn btrfs_harness(bytes: u64) -> Option<(Cleanup, Harness)> {
     if !have("btrfs") || !have("mkfs.btrfs") {
         eprintln!("skipped: btrfs-progs is not installed");
         return None;
@@ -21,7 +24,7 @@ async fn btrfs_harness(bytes: u64) -> Option<(Harness, Cleanup)> {
     let (root, cleanup) = root();
     let fs = loop_fs(root.path(), "btrfs", "btrfs", bytes);
     let pool = PoolConfig::of_kind("bt", fs.join("pool"), PoolKind::Btrfs);
-    Some((Harness::with_pool_configs(root, vec![pool]).await, cleanup))
+    Some((cleanup, Harness::with_pool_configs(root, vec![pool]).await))
 }
 
 fn subvolumes(h: &Harness) -> String {
@@ -38,7 +41,7 @@ fn subvolumes(h: &Harness) -> String {
 
 #[tokio::test]
 async fn btrfs_quota_limits_writes_expansion_lifts_it_and_stats_follow() {
-    let Some((h, _cleanup)) = btrfs_harness(512 << 20).await else {
+    let Some((_cleanup, h)) = btrfs_harness(512 << 20).await else {
         return;
     };
     let v = h.create("pvc-q", "bt", 16 * MIB).await;
@@ -97,7 +100,7 @@ async fn btrfs_quota_limits_writes_expansion_lifts_it_and_stats_follow() {
 
 #[tokio::test]
 async fn btrfs_capacity_falls_with_promises_and_a_full_pool_leaves_no_trace() {
-    let Some((h, _cleanup)) = btrfs_harness(512 << 20).await else {
+    let Some((_cleanup, h)) = btrfs_harness(512 << 20).await else {
         return;
     };
     let dir = h.pool_dir("bt");
@@ -138,7 +141,7 @@ async fn btrfs_capacity_falls_with_promises_and_a_full_pool_leaves_no_trace() {
 
 #[tokio::test]
 async fn interrupted_btrfs_calls_are_finished_by_their_retry() {
-    let Some((mut h, _cleanup)) = btrfs_harness(512 << 20).await else {
+    let Some((_cleanup, mut h)) = btrfs_harness(512 << 20).await else {
         return;
     };
     let dir = h.pool_dir("bt");

@@ -130,6 +130,24 @@ proptest! {
         }
     }
 
+    /// The other half: a validator that refused everything would pass the
+    /// property above, so clean absolute paths must be accepted as given.
+    #[test]
+    fn node_path_accepts_clean_absolute_paths(path in "(/[a-z0-9_-]{1,8}){1,6}") {
+        let p = validate::node_path(&path, "target_path");
+        prop_assert_eq!(p.ok(), Some(std::path::PathBuf::from(&path)));
+    }
+
+    /// Ids built from valid parts parse, so `whatever_parses...` above does
+    /// not pass by parsing nothing.
+    #[test]
+    fn well_formed_ids_parse(pool in pool_name(), token in "[a-z0-9][a-z0-9._-]{0,40}") {
+        let raw = format!("{pool}:{token}");
+        let id = VolumeId::parse(&raw);
+        prop_assert!(id.is_some(), "{} did not parse", raw);
+        prop_assert_eq!(id.unwrap().to_string(), raw);
+    }
+
     #[test]
     fn node_path_refuses_dot_dot_and_relative_paths(
         head in "(/[a-z]{1,5}){0,3}",

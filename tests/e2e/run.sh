@@ -318,7 +318,10 @@ container_json() {
   k get ds -n "$NS" hostpath-csi-node -o json | jq -c --arg n "$1" '.spec.template.spec.containers[] | select(.name == $n)'
 }
 DRIVER_ARGS=()
-while IFS= read -r a; do DRIVER_ARGS+=("$a"); done < <(container_json hostpath-csi | jq -r '.args[]')
+driver_json=$(container_json hostpath-csi) || fail "reading the driver container from the DaemonSet"
+while IFS= read -r a; do DRIVER_ARGS+=("$a"); done < <(jq -r '.args[]' <<<"$driver_json")
+# The point is to run the DaemonSet's own flags: none read means none tested.
+((${#DRIVER_ARGS[@]})) || fail "no driver args read from the DaemonSet"
 DRIVER_ENDPOINT="$(container_json hostpath-csi | jq -r '.env[] | select(.name == "CSI_ENDPOINT") | .value')"
 [[ "$DRIVER_ENDPOINT" == "unix:///csi/csi.sock" ]] || fail "unexpected CSI_ENDPOINT $DRIVER_ENDPOINT in the DaemonSet"
 
@@ -337,12 +340,14 @@ start_driver 1
 # driver socket on the host, plus a kubeconfig (no in-cluster config here) and
 # a short capacity poll interval so the test need not wait a minute.
 PROV_ARGS=()
+prov_json=$(container_json csi-provisioner) || fail "reading the csi-provisioner container from the DaemonSet"
 while IFS= read -r a; do
   case "$a" in
     --csi-address=*) PROV_ARGS+=("--csi-address=$SOCK_DIR/csi.sock") ;;
     *) PROV_ARGS+=("$a") ;;
   esac
-done < <(container_json csi-provisioner | jq -r '.args[]')
+done < <(jq -r '.args[]' <<<"$prov_json")
+((${#PROV_ARGS[@]})) || fail "no csi-provisioner args read from the DaemonSet"
 PROV_ARGS+=("--kubeconfig=$W/provisioner.kubeconfig" "--capacity-poll-interval=3s" "--http-endpoint=127.0.0.1:$(free_port)")
 log "starting csi-provisioner: ${PROV_ARGS[*]}"
 NODE_NAME="$NODE" NAMESPACE="$NS" POD_NAME="$POD_NAME" supervise csi-provisioner "$CSI_PROVISIONER" "${PROV_ARGS[@]}"
@@ -478,7 +483,12 @@ sleep 2
 pass
 
 kill -0 "${PIDS[driver]}" 2>/dev/null || fail "the driver exited"
-kill -0 "${PIDS[csi-provisioner]}" 2>/dev/null || fail "csi-provisioner exited"
+# The supervisor restarts csi-provisioner, so check its child: it must be
+# running, and have restarted only around the deliberate driver kill (once,
+# or twice if its first restart came before the driver was back): more
+# means a crash loop.
+pgrep -P "${PIDS[csi-provisioner]}" >/dev/null || fail "csi-provisioner is not running"
+(($(restarts csi-provisioner) <= 2)) || fail "csi-provisioner restarted $(restarts csi-provisioner) times"
 # The RBAC rules in deploy/ must cover everything csi-provisioner did.
 current="RBAC: csi-provisioner, running with the DaemonSet's ServiceAccount, was never refused"
 if grep -i "forbidden" "$W/logs/csi-provisioner.log" >&2; then fail "csi-provisioner was refused access (above)"; fi

@@ -70,8 +70,9 @@ impl Drop for Workdir {
 
 /// Mount points at or below `dir`.
 pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    // Never guess "nothing mounted": a caller may delete the tree next.
     hostpath_csi::sys::mountinfo::read()
-        .unwrap_or_default()
+        .expect("reading /proc/self/mountinfo")
         .into_iter()
         .map(|e| e.mount_point)
         .filter(|m| m.starts_with(dir))
