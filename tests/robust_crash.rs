@@ -962,6 +962,25 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         unexpected.join("\n"),
     );
     assert!(c.kills.load(SeqCst) >= rounds.min(1), "no kill happened");
+    // The workload must really have done what it claims to test: volumes
+    // made, published and deleted, and kills landing during the aimed calls.
+    for (what, n) in [
+        ("creates", c.creates.load(SeqCst)),
+        ("deletes", c.deletes.load(SeqCst)),
+        ("publishes", c.publishes.load(SeqCst)),
+    ] {
+        assert!(n > 0, "no acknowledged {what}: the workload did not run");
+    }
+    if rounds > 0 {
+        let hit: u64 = aimed_at
+            .iter()
+            .filter_map(|rpc| interrupted.get(*rpc))
+            .sum();
+        assert!(
+            hit > 0,
+            "no kill landed during any of {aimed_at:?}: {interrupted:?}"
+        );
+    }
 }
 
 /// Copies the driver's log (all runs) to `$HOSTPATH_CSI_CRASH_LOG_DIR`,
@@ -1381,9 +1400,13 @@ async fn sweep_scenario() -> Vec<String> {
                 };
                 // As a CO would: retry until it works, but note every
                 // failure that is not "busy, retry".
+                let mut done = false;
                 for _ in 0..50 {
                     match c.delete_volume(del.clone()).await {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            done = true;
+                            break;
+                        }
                         Err(s) => {
                             if s.code() != Code::Aborted {
                                 errors.lock().unwrap().push(format!(
@@ -1394,10 +1417,21 @@ async fn sweep_scenario() -> Vec<String> {
                             }
                         }
                     }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                if !done {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("delete {i}: never succeeded in 50 tries"));
+                }
+                let mut done = false;
                 for _ in 0..50 {
                     match c.create_volume(create.clone()).await {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            done = true;
+                            break;
+                        }
                         Err(s) => {
                             if s.code() != Code::Aborted {
                                 errors.lock().unwrap().push(format!(
@@ -1408,6 +1442,13 @@ async fn sweep_scenario() -> Vec<String> {
                             }
                         }
                     }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if !done {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("create {i}: never succeeded in 50 tries"));
                 }
             }
         }));
@@ -1419,10 +1460,15 @@ async fn sweep_scenario() -> Vec<String> {
     let mut left: Vec<String> = std::fs::read_dir(&pool)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with("fresh-") && !n.starts_with(".fresh-"))
         .collect();
     left.sort();
-    assert!(left.is_empty(), "left in the pool: {left:?}");
+    // Exactly the fresh volumes and their records: every parked volume
+    // and every half-written record gone.
+    let mut want: Vec<String> = (0..N)
+        .flat_map(|i| [format!("fresh-{i}"), format!(".fresh-{i}.meta")])
+        .collect();
+    want.sort();
+    assert_eq!(left, want, "the pool after the retried calls");
     driver.kill();
     errors
 }
