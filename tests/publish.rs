@@ -127,7 +127,9 @@ async fn hostile_targets_are_refused_and_nothing_outside_is_touched() {
     let v = h.create("victim", "hdd", MIB).await;
     // Canonical, as the mount table shows it, or the "nothing mounted on
     // the canary" checks below could never fail.
-    let canary = std::fs::canonicalize(h.root.path()).unwrap().join("etc-canary");
+    let canary = std::fs::canonicalize(h.root.path())
+        .unwrap()
+        .join("etc-canary");
     std::fs::create_dir(&canary).unwrap();
     std::fs::write(canary.join("passwd"), b"root:x:0:0").unwrap();
 
