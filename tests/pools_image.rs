@@ -24,7 +24,7 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     let (root, _cleanup) = root();
     let pool = image_pool(root.path(), "img", fs);
     let h = Harness::with_pool_configs(root, vec![pool]).await;
-    let before = loops_under(h.root.path());
+    let before = loops_below(h.root.path());
 
     let v = h.create("pvc-a", "img", size).await;
     assert_eq!(v.capacity_bytes, size);
@@ -32,7 +32,7 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     assert_eq!(v.volume_context["kind"], "image");
     let dir = h.pool_dir("img");
     assert!(dir.join(".pvc-a.img").is_file());
-    assert_eq!(loops_under(h.root.path()).len(), before.len() + 1);
+    assert_eq!(loops_below(h.root.path()).len(), before.len() + 1);
 
     let target = h.target("t1");
     h.publish(&v.volume_id, &target, false).await.unwrap();
@@ -118,7 +118,7 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     delete(&h, &v.volume_id).await.unwrap();
     delete(&h, &v.volume_id).await.unwrap();
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
-    assert_eq!(loops_under(h.root.path()), before);
+    assert_eq!(loops_below(h.root.path()), before);
 }
 
 /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).
@@ -182,7 +182,7 @@ async fn image_capacity_tracks_promises_and_a_full_pool_leaves_no_trace() {
     // 100 MiB more cannot be promised: RESOURCE_EXHAUSTED, and nothing new
     // in the pool directory or among the loop devices.
     let files = listing(&dir);
-    let loops = loops_under(h.root.path());
+    let loops = loops_below(h.root.path());
     let e = h
         .controller()
         .create_volume(create_request("v3", "img", 100 * MIB))
@@ -190,7 +190,7 @@ async fn image_capacity_tracks_promises_and_a_full_pool_leaves_no_trace() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert_eq!(listing(&dir), files);
-    assert_eq!(loops_under(h.root.path()), loops);
+    assert_eq!(loops_below(h.root.path()), loops);
     // Nor can v1 grow by that much.
     let e = expand(&h, &v1.volume_id, 200 * MIB).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
@@ -222,7 +222,7 @@ async fn interrupted_image_calls_are_finished_by_their_retry() {
     let pool = image_pool(root.path(), "img", Filesystem::Ext4);
     let mut h = Harness::with_pool_configs(root, vec![pool]).await;
     let dir = h.pool_dir("img");
-    let base = loops_under(h.root.path());
+    let base = loops_below(h.root.path());
 
     // A create killed during mkfs left a scratch image; one killed after
     // losetup (before mount) left an attached loop device on a complete
@@ -236,13 +236,13 @@ async fn interrupted_image_calls_are_finished_by_their_retry() {
     sh("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
     std::fs::create_dir(dir.join("att")).unwrap();
     sh("losetup", &["--find", img.to_str().unwrap()]);
-    assert_eq!(loops_under(h.root.path()).len(), base.len() + 1);
+    assert_eq!(loops_below(h.root.path()).len(), base.len() + 1);
 
     let half = h.create("half", "img", 16 * MIB).await;
     assert!(!dir.join(".half.img.new").exists());
     let att = h.create("att", "img", 16 * MIB).await;
     // The retry reused the attached device instead of adding another.
-    assert_eq!(loops_under(h.root.path()).len(), base.len() + 2);
+    assert_eq!(loops_below(h.root.path()).len(), base.len() + 2);
     let t = h.target("att");
     h.publish(&att.volume_id, &t, false).await.unwrap();
     write_file(&t.join("f"), 1 << 20).unwrap();
@@ -277,7 +277,7 @@ async fn interrupted_image_calls_are_finished_by_their_retry() {
     delete(&h, &att.volume_id).await.unwrap();
     delete(&h, &half.volume_id).await.unwrap();
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
-    assert_eq!(loops_under(h.root.path()), base);
+    assert_eq!(loops_below(h.root.path()), base);
 
     // Someone else's data at a volume's path is never taken over.
     std::fs::create_dir(dir.join("taken")).unwrap();

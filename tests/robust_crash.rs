@@ -23,6 +23,7 @@
 //! ([`crash_test`]), so other pool kinds get the same test by adding a
 //! `#[tokio::test]` with their [`PoolSpec`]s.
 
+mod common;
 mod robust_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1338,6 +1339,35 @@ async fn retried_calls_do_not_race_the_startup_sweep() {
 }
 
 /// One restart over a pool full of leftovers; returns the failures.
+/// Calls `call` until it succeeds (50 tries, 10 ms apart), recording in
+/// `errors` every failure other than ABORTED ("busy, retry") and a call
+/// that never succeeded.
+async fn retry_as_a_co<T, Fut>(
+    errors: &Mutex<Vec<String>>,
+    what: &str,
+    mut call: impl FnMut() -> Fut,
+) where
+    Fut: Future<Output = Result<T, Status>>,
+{
+    for _ in 0..50 {
+        match call().await {
+            Ok(_) => return,
+            Err(s) if s.code() == Code::Aborted => {}
+            Err(s) => {
+                errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("{what}: {:?}: {}", s.code(), s.message()))
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    errors
+        .lock()
+        .unwrap()
+        .push(format!("{what}: never succeeded in 50 tries"));
+}
+
 async fn sweep_scenario() -> Vec<String> {
     use hostpath_csi::config::PoolKind;
     use hostpath_csi::volume::pool::Record;
@@ -1382,7 +1412,7 @@ async fn sweep_scenario() -> Vec<String> {
         let socket = socket.clone();
         let errors = Arc::clone(&errors);
         tasks.push(tokio::spawn(async move {
-            let mut c = ControllerClient::new(robust_support::connect_once(&socket).await.unwrap());
+            let c = ControllerClient::new(robust_support::connect_once(&socket).await.unwrap());
             for i in (t..N).step_by(8) {
                 let del = csi::DeleteVolumeRequest {
                     volume_id: format!("a:parked-{i}"),
@@ -1400,56 +1430,18 @@ async fn sweep_scenario() -> Vec<String> {
                 };
                 // As a CO would: retry until it works, but note every
                 // failure that is not "busy, retry".
-                let mut done = false;
-                for _ in 0..50 {
-                    match c.delete_volume(del.clone()).await {
-                        Ok(_) => {
-                            done = true;
-                            break;
-                        }
-                        Err(s) => {
-                            if s.code() != Code::Aborted {
-                                errors.lock().unwrap().push(format!(
-                                    "delete {i}: {:?}: {}",
-                                    s.code(),
-                                    s.message()
-                                ));
-                            }
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                if !done {
-                    errors
-                        .lock()
-                        .unwrap()
-                        .push(format!("delete {i}: never succeeded in 50 tries"));
-                }
-                let mut done = false;
-                for _ in 0..50 {
-                    match c.create_volume(create.clone()).await {
-                        Ok(_) => {
-                            done = true;
-                            break;
-                        }
-                        Err(s) => {
-                            if s.code() != Code::Aborted {
-                                errors.lock().unwrap().push(format!(
-                                    "create {i}: {:?}: {}",
-                                    s.code(),
-                                    s.message()
-                                ));
-                            }
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                if !done {
-                    errors
-                        .lock()
-                        .unwrap()
-                        .push(format!("create {i}: never succeeded in 50 tries"));
-                }
+                let what = format!("delete {i}");
+                retry_as_a_co(&errors, &what, || {
+                    let (mut c, del) = (c.clone(), del.clone());
+                    async move { c.delete_volume(del).await }
+                })
+                .await;
+                let what = format!("create {i}");
+                retry_as_a_co(&errors, &what, || {
+                    let (mut c, create) = (c.clone(), create.clone());
+                    async move { c.create_volume(create).await }
+                })
+                .await;
             }
         }));
     }

@@ -117,10 +117,6 @@ impl Backend for BtrfsBackend {
         PoolKind::Btrfs
     }
 
-    fn enforces_size(&self) -> bool {
-        true
-    }
-
     fn prepare(&self, pool_dir: &Path) -> Result<()> {
         let fs = nix::sys::statfs::statfs(pool_dir)
             .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e.into()))?;

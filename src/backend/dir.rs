@@ -15,6 +15,10 @@ use crate::config::PoolKind;
 use crate::error::{Error, Result};
 use crate::sys;
 
+/// Suffix of a volume parked for removal (`.<token>.deleting`): renamed
+/// out of its path in one step, then removed; a leftover is swept.
+const PARKED: &str = ".deleting";
+
 /// The `dir` backend.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DirBackend;
@@ -22,10 +26,6 @@ pub struct DirBackend;
 impl Backend for DirBackend {
     fn kind(&self) -> PoolKind {
         PoolKind::Dir
-    }
-
-    fn enforces_size(&self) -> bool {
-        false
     }
 
     fn create(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<()> {
@@ -64,7 +64,7 @@ impl Backend for DirBackend {
 
     fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
         let path = pool_dir.join(token);
-        let parked = pool_dir.join(format!(".{token}.deleting"));
+        let parked = pool_dir.join(format!(".{token}{PARKED}"));
         // Park first: the volume vanishes from its path in one rename, and
         // a delete killed half-way through the tree resumes from the parked
         // copy on retry.
@@ -75,6 +75,10 @@ impl Backend for DirBackend {
         }
         sys::fs::remove_tree(&parked)
             .map_err(|e| Error::io(format!("removing {}", parked.display()), e))
+    }
+
+    fn scratch_suffixes(&self) -> &'static [&'static str] {
+        &[PARKED]
     }
 
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {

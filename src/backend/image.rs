@@ -139,10 +139,8 @@ impl ImageBackend {
             // without auto-clear; set it now, or it would outlive the mount.
             if !autoclear(&dev) {
                 detach(&dev);
+                detach_others(&Self::image(pool_dir, token), &dev)?;
             }
-            // A killed call's `losetup` may also have attached a second,
-            // idle device to the image: release it.
-            detach_others(&Self::image(pool_dir, token), &dev)?;
             return Ok(dev);
         }
         let img = Self::image(pool_dir, token);
@@ -294,10 +292,6 @@ fn remove_file(path: &Path) -> Result<()> {
 impl Backend for ImageBackend {
     fn kind(&self) -> PoolKind {
         PoolKind::Image
-    }
-
-    fn enforces_size(&self) -> bool {
-        true
     }
 
     fn create(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {

@@ -39,7 +39,9 @@ pub trait Backend: Send + Sync + Debug {
     fn kind(&self) -> PoolKind;
 
     /// Whether a volume's size is enforced (writes beyond it fail).
-    fn enforces_size(&self) -> bool;
+    fn enforces_size(&self) -> bool {
+        self.kind().enforces_size()
+    }
 
     /// Checks the pool directory is usable for this kind.
     fn prepare(&self, _pool_dir: &Path) -> Result<()> {
@@ -123,11 +125,6 @@ pub trait Backend: Send + Sync + Debug {
     }
 }
 
-/// Builds the backend for a pool kind with default settings.
-pub fn for_kind(kind: PoolKind) -> Box<dyn Backend> {
-    for_pool(&PoolConfig::of_kind("default", PathBuf::new(), kind))
-}
-
 /// Builds the backend for a configured pool.
 pub fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
     match pool.kind {
@@ -141,18 +138,14 @@ pub fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
 /// filesystem says is taken, available what an unprivileged writer can
 /// still use.
 fn usage_of_fs(path: &Path) -> Result<VolumeUsage> {
-    let s = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| Error::io(format!("statfs {}", path.display()), e.into()))?;
-    let frag = s.fragment_size();
-    let total = s.blocks().saturating_mul(frag);
-    let free = s.blocks_free().saturating_mul(frag);
-    let available = s.blocks_available().saturating_mul(frag);
+    let s = crate::sys::fs::space(path)
+        .map_err(|e| Error::io(format!("statfs {}", path.display()), e))?;
     Ok(VolumeUsage {
-        used_bytes: total.saturating_sub(free),
-        available_bytes: available,
-        total_bytes: total,
-        used_inodes: s.files().saturating_sub(s.files_free()),
-        available_inodes: s.files_available(),
-        total_inodes: s.files(),
+        used_bytes: s.total_bytes.saturating_sub(s.free_bytes),
+        available_bytes: s.available_bytes,
+        total_bytes: s.total_bytes,
+        used_inodes: s.total_inodes.saturating_sub(s.free_inodes),
+        available_inodes: s.available_inodes,
+        total_inodes: s.total_inodes,
     })
 }

@@ -232,107 +232,112 @@ pub async fn delete_sequential(
 
 /// Creates then deletes `count` volumes with `workers` concurrent callers.
 pub async fn concurrent(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: usize) {
-    let prefix = format!("{}-c", env.prefix);
-    let bar = Arc::new(Progress::new(
-        &format!("CreateVolume ({workers} workers)"),
-        count as u64,
-    ));
+    let prefix = Arc::new(format!("{}-c", env.prefix));
+    let label = format!("CreateVolume ({workers} workers)");
+    let (s, made, wall) = fan_out(
+        ctx,
+        &label,
+        workers,
+        count,
+        Ctx::should_stop,
+        move |ctx, i| {
+            let name = format!("{prefix}-{i}");
+            async move {
+                let (d, r) = ctx.create(&name).await;
+                (d, r.map(|id| (name, id)))
+            }
+        },
+    )
+    .await;
+    let ops = Some(rate(s.len() + s.errors as usize, wall));
+    env.report()
+        .op("concurrent", &label, &s, ops, Some(Floor::DurableCreate));
+
+    let made = Arc::new(made);
+    let label = format!("DeleteVolume ({workers} workers)");
+    // Deletes run past the time limit (only Ctrl-C stops them): they undo
+    // what the creates made.
+    let interrupted = |c: &Ctx| c.stop.load(Ordering::Relaxed);
+    let (s, _, wall) = fan_out(
+        ctx,
+        &label,
+        workers,
+        made.len(),
+        interrupted,
+        move |ctx, i| {
+            let made = Arc::clone(&made);
+            async move {
+                let (name, id) = &made[i];
+                ctx.delete(name, id).await
+            }
+        },
+    )
+    .await;
+    let ops = Some(rate(s.len() + s.errors as usize, wall));
+    env.report()
+        .op("concurrent", &label, &s, ops, Some(Floor::DurableDelete));
+}
+
+/// Runs `op(ctx, i)` for every `i` in `0..count` from `workers` concurrent
+/// tasks, with a progress bar, stopping early when `stop` says so or after
+/// too many errors. Returns the samples, what the successful calls returned, and
+/// the wall time.
+async fn fan_out<T, F, Fut>(
+    ctx: &Arc<Ctx>,
+    label: &str,
+    workers: usize,
+    count: usize,
+    stop: fn(&Ctx) -> bool,
+    op: F,
+) -> (Samples, Vec<T>, Duration)
+where
+    T: Send + 'static,
+    F: Fn(Arc<Ctx>, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = super::ops::Timed<T>> + Send,
+{
+    let bar = Arc::new(Progress::new(label, count as u64));
     let next = Arc::new(AtomicUsize::new(0));
+    let op = Arc::new(op);
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (ctx, next, bar, prefix) = (
+        let (ctx, next, bar, op) = (
             Arc::clone(ctx),
             Arc::clone(&next),
             Arc::clone(&bar),
-            prefix.clone(),
+            Arc::clone(&op),
         );
         tasks.push(tokio::spawn(async move {
             let mut s = Samples::default();
-            let mut made = Vec::new();
+            let mut done = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count || ctx.should_stop() || s.errors > MAX_ERRORS {
+                if i >= count || stop(&ctx) || s.errors > MAX_ERRORS {
                     break;
                 }
-                let name = format!("{prefix}-{i}");
-                match ctx.create(&name).await {
-                    (d, Ok(id)) => {
+                match op(Arc::clone(&ctx), i).await {
+                    (d, Ok(v)) => {
                         s.push(d);
-                        made.push((name, id));
+                        done.push(v);
                     }
                     (_, Err(e)) => s.fail(e),
                 }
                 bar.inc();
             }
-            (s, made)
+            (s, done)
         }));
     }
     let mut s = Samples::default();
-    let mut made = Vec::new();
+    let mut done = Vec::new();
     for task in tasks {
-        if let Ok((ws, wm)) = task.await {
+        if let Ok((ws, wd)) = task.await {
             s.merge(ws);
-            made.extend(wm);
+            done.extend(wd);
         }
     }
     let wall = t.elapsed();
     bar.finish();
-    env.report().op(
-        "concurrent",
-        &format!("CreateVolume ({workers} workers)"),
-        &s,
-        Some(rate(s.len() + s.errors as usize, wall)),
-        Some(Floor::DurableCreate),
-    );
-
-    let made = Arc::new(made);
-    let bar = Arc::new(Progress::new(
-        &format!("DeleteVolume ({workers} workers)"),
-        made.len() as u64,
-    ));
-    let next = Arc::new(AtomicUsize::new(0));
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (ctx, next, bar, made) = (
-            Arc::clone(ctx),
-            Arc::clone(&next),
-            Arc::clone(&bar),
-            Arc::clone(&made),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut s = Samples::default();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= made.len() || ctx.stop.load(Ordering::Relaxed) || s.errors > MAX_ERRORS {
-                    break;
-                }
-                let (name, id) = &made[i];
-                match ctx.delete(name, id).await {
-                    (d, Ok(())) => s.push(d),
-                    (_, Err(e)) => s.fail(e),
-                }
-                bar.inc();
-            }
-            s
-        }));
-    }
-    let mut s = Samples::default();
-    for task in tasks {
-        if let Ok(ws) = task.await {
-            s.merge(ws);
-        }
-    }
-    let wall = t.elapsed();
-    bar.finish();
-    env.report().op(
-        "concurrent",
-        &format!("DeleteVolume ({workers} workers)"),
-        &s,
-        Some(rate(s.len() + s.errors as usize, wall)),
-        Some(Floor::DurableDelete),
-    );
+    (s, done, wall)
 }
 
 /// Full ListVolumes listings, paged, `repeats` times.

@@ -82,6 +82,10 @@ pub struct FsSpace {
     pub available_inodes: u64,
     /// Inodes in total.
     pub total_inodes: u64,
+    /// Bytes not in use at all (including the part reserved for root).
+    pub free_bytes: u64,
+    /// Inodes not in use at all.
+    pub free_inodes: u64,
     /// Whether the filesystem (or this mount of it) is read-only.
     pub read_only: bool,
 }
@@ -95,6 +99,8 @@ pub fn space(path: &Path) -> io::Result<FsSpace> {
         total_bytes: s.blocks().saturating_mul(frag),
         available_inodes: s.files_available(),
         total_inodes: s.files(),
+        free_bytes: s.blocks_free().saturating_mul(frag),
+        free_inodes: s.files_free(),
         read_only: s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
     })
 }

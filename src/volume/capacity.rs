@@ -118,6 +118,8 @@ impl Drop for Reservation<'_> {
 }
 
 /// Locks a pool's promises, building them from the records on first use.
+/// Only a ratio policy counts promises; with `none` nothing reads them, so
+/// the first create on a big `dir` pool does not read every record.
 pub(super) fn promises(pool: &Pool) -> Result<MutexGuard<'_, Option<HashMap<String, u64>>>> {
     let mut guard = pool
         .promises
@@ -126,9 +128,13 @@ pub(super) fn promises(pool: &Pool) -> Result<MutexGuard<'_, Option<HashMap<Stri
         .unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         let mut map = HashMap::new();
-        for token in pool.tokens()? {
-            if let Some(rec) = pool.read_record(&token)? {
-                map.insert(token, rec.capacity_bytes);
+        if let Overcommit::Ratio(_) = pool.policy.overcommit {
+            // The listing index already holds the tokens: one scan of the
+            // pool directory serves both.
+            for token in pool.page(std::ops::Bound::Unbounded, usize::MAX)? {
+                if let Some(rec) = pool.read_record(&token)? {
+                    map.insert(token, rec.capacity_bytes);
+                }
             }
         }
         *guard = Some(map);
@@ -173,21 +179,16 @@ pub(super) fn room(pool: &Pool, map: &HashMap<String, u64>, except: Option<&str>
     })
 }
 
-/// OUT_OF_RANGE when `capacity` is above the pool's maximum volume size or
-/// larger than its whole filesystem (CSI: "unsupported capacity_range").
+/// OUT_OF_RANGE when `capacity` is above the pool's maximum volume size
+/// (CSI: "unsupported capacity_range"). Larger than the whole filesystem
+/// is OUT_OF_RANGE too; [`Volumes::reserve`] checks that, with the one
+/// `statfs` it makes anyway.
 pub(super) fn check_ceiling(pool: &Pool, capacity: u64) -> Result<()> {
     if let Some(max) = pool.policy.max
         && capacity > max
     {
         return Err(Error::OutOfRange(format!(
             "{capacity} bytes requested, but volumes of pool {} are at most {max} bytes",
-            pool.name
-        )));
-    }
-    let total = pool.backend.space(&pool.dir)?.total_bytes;
-    if capacity > total {
-        return Err(Error::OutOfRange(format!(
-            "{capacity} bytes requested, but pool {} is on a filesystem of {total} bytes",
             pool.name
         )));
     }
@@ -231,7 +232,8 @@ impl Volumes {
     }
 
     /// Reserves `capacity` bytes for volume `token` (replacing its promise
-    /// of `previous` bytes, for an expansion), or RESOURCE_EXHAUSTED.
+    /// of `previous` bytes, for an expansion): OUT_OF_RANGE if it exceeds
+    /// the pool's filesystem, RESOURCE_EXHAUSTED if it cannot be promised.
     pub(super) fn reserve<'p>(
         &self,
         pool: &'p Pool,
@@ -242,6 +244,12 @@ impl Volumes {
         let mut guard = promises(pool)?;
         let map = guard.as_mut().expect("built by promises()");
         let room = room(pool, map, Some(token))?;
+        if capacity > room.total {
+            return Err(Error::OutOfRange(format!(
+                "{capacity} bytes requested, but pool {} is on a filesystem of {} bytes",
+                pool.name, room.total
+            )));
+        }
         let fits = match pool.policy.overcommit {
             // Nothing is reserved: only the growth must fit on the disk now.
             Overcommit::None => capacity.saturating_sub(previous.unwrap_or(0)) <= room.free,

@@ -7,7 +7,7 @@ use std::ops::Bound;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::capacity::promises;
-use super::id::{VolumeId, token_for_name};
+use super::id::VolumeId;
 use super::pool::{Pool, Record};
 use super::{Volume, Volumes};
 use crate::error::{Error, Result};
@@ -246,10 +246,5 @@ impl Volumes {
             }
         }
         Ok((out, next))
-    }
-
-    /// The token a CreateVolume name maps to (for tests and tools).
-    pub fn token_for(name: &str) -> String {
-        token_for_name(name)
     }
 }

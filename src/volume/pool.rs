@@ -9,7 +9,8 @@
 //! .<token>.meta         the volume's record (JSON); its presence is what
 //!                       makes the directory a volume of this driver
 //! .<token>.meta.tmp     a record being written
-//! .<token>.deleting     a volume being removed
+//! .<token><scratch>     the backend's half-made or half-removed storage
+//!                       (`.deleting` for dir, `.img.new` for image)
 //! ```
 //!
 //! The record is the commit point of CreateVolume and the last thing
@@ -69,17 +70,11 @@ pub struct Pool {
 }
 
 const META: &str = ".meta";
-const DELETING: &str = ".deleting";
 
 impl Pool {
     /// Where a volume's data lives.
     pub fn volume_path(&self, token: &str) -> PathBuf {
         self.dir.join(token)
-    }
-
-    /// Where a volume being deleted is parked.
-    pub fn deleting_path(&self, token: &str) -> PathBuf {
-        self.dir.join(format!(".{token}{DELETING}"))
     }
 
     fn record_name(token: &str) -> String {
@@ -159,7 +154,7 @@ impl Pool {
     }
 
     /// Tokens of all volumes with a record, unsorted.
-    pub fn tokens(&self) -> Result<Vec<String>> {
+    fn tokens(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
@@ -191,8 +186,8 @@ impl Pool {
             };
             let token = rest
                 .strip_suffix(".meta.tmp")
-                .or_else(|| rest.strip_suffix(DELETING))
-                // The backend's own scratch files (an image being made).
+                // The backend's own scratch files (a parked dir volume, an
+                // image being made).
                 .or_else(|| {
                     self.backend
                         .scratch_suffixes()

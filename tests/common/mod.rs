@@ -281,3 +281,67 @@ pub fn publish_request(
         ..Default::default()
     }
 }
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(program: &str, args: &[S]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a tool is installed: an executable of that name on `PATH` (or
+/// in the sbin directories root's `PATH` has). It is looked up rather than
+/// run, as tools disagree on a version flag (`mkfs.xfs --version` fails).
+/// Tests that need it are skipped, with a note, where it is not; under
+/// `scripts/test.sh`, which installs the tools and sets
+/// `HOSTPATH_CSI_REQUIRE_TOOLS=1`, a missing tool fails the test instead,
+/// so CI can never pass by testing nothing.
+pub fn have(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| {
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+    assert!(
+        found || std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "{program} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but not installed"
+    );
+    found
+}
+
+/// Loop devices backed by a file at or below `dir`: (device, file).
+/// Panics if `losetup` cannot answer, so a "no device left" check can
+/// never pass by not looking.
+pub fn loops_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let out = run(
+        "losetup",
+        &[
+            "--list",
+            "--noheadings",
+            "--raw",
+            "--output",
+            "NAME,BACK-FILE",
+        ],
+    );
+    out.lines()
+        .filter_map(|l| {
+            let (dev, back) = l.split_once(' ')?;
+            // --raw escapes blanks in names as \x20.
+            let back = back.trim().replace("\\x20", " ");
+            let back = back.strip_suffix(" (deleted)").unwrap_or(&back);
+            let back = PathBuf::from(back);
+            back.starts_with(&dir).then(|| (PathBuf::from(dev), back))
+        })
+        .collect()
+}

@@ -13,64 +13,11 @@ use hostpath_csi::csi;
 use tempfile::TempDir;
 
 use crate::common::{self, Harness};
+#[allow(unused_imports)]
+pub use crate::common::{have, loops_below, run as sh};
 
 /// MiB.
 pub const MIB: i64 = 1 << 20;
-
-/// Runs a command that must succeed and returns its stdout.
-pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Whether a tool is installed; tests needing it are skipped (with a note)
-/// where it is not, e.g. btrfs-progs on a developer laptop. Under
-/// `scripts/test.sh` (which installs the tools and sets
-/// `HOSTPATH_CSI_REQUIRE_TOOLS=1`) a missing tool fails the test instead,
-/// so CI can never pass by testing nothing.
-pub fn have(program: &str) -> bool {
-    // Look the program up rather than run it: tools disagree on a version
-    // flag (`mkfs.xfs --version` fails; it wants `-V`).
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
-        .any(|d| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(d.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-    assert!(
-        found || std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
-        "{program} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but not installed"
-    );
-    found
-}
-
-/// Loop devices whose backing file lies under `dir`.
-pub fn loops_under(dir: &Path) -> Vec<String> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let out = Command::new("losetup")
-        .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let dev = f.next()?;
-            let back = f.next()?;
-            Path::new(back).starts_with(&dir).then(|| dev.to_string())
-        })
-        .collect()
-}
 
 /// Unmounts everything under a directory and detaches loop devices backed
 /// by files under it when dropped. Declare it before the harness so it
@@ -80,8 +27,8 @@ pub struct Cleanup(pub PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         common::unmount_below(&self.0);
-        for dev in loops_under(&self.0) {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        for (dev, _) in loops_below(&self.0) {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
         }
     }
 }

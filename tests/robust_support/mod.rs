@@ -11,6 +11,9 @@
 
 #![allow(dead_code)]
 
+#[allow(unused_imports)]
+pub use crate::common::{have, loops_below, run};
+
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -88,34 +91,6 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
-/// Loop devices whose backing file lies at or below `dir`, with that file
-/// (as `losetup` shows it: a removed file keeps its old path).
-pub fn loops_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
-    let Ok(out) = Command::new("losetup")
-        .args([
-            "--list",
-            "--noheadings",
-            "--raw",
-            "--output",
-            "NAME,BACK-FILE",
-        ])
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (dev, back) = l.split_once(' ')?;
-            // --raw escapes blanks in names as \x20.
-            let back = back.trim().replace("\\x20", " ");
-            let back = back.strip_suffix(" (deleted)").unwrap_or(&back);
-            let back = PathBuf::from(back);
-            back.starts_with(dir).then(|| (PathBuf::from(dev), back))
-        })
-        .collect()
-}
-
 /// Detaches every loop device backed by a file at or below `dir`, waiting
 /// a little for devices that are still being released (auto-clear after a
 /// lazy unmount).
@@ -147,39 +122,6 @@ pub fn loop_autoclear(dev: &Path) -> Option<bool> {
     std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
         .ok()
         .map(|s| s.trim() == "1")
-}
-
-/// Runs a command that must succeed; returns its stdout.
-pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Whether a tool is installed: an executable of that name on `PATH` (or
-/// in the sbin directories root's `PATH` has). Tests that need it are
-/// skipped, with a note, where it is not.
-pub fn have(program: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .any(|d| {
-            std::fs::metadata(d.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-    // Under scripts/test.sh a missing tool is a failure, not a skip.
-    assert!(
-        found || std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
-        "{program} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but not installed"
-    );
-    found
 }
 
 /// A filesystem made in a sparse file and loop-mounted, for pools that
