@@ -47,13 +47,30 @@ pub struct FloorSamples {
     pub unmount: Option<Samples>,
 }
 
-/// Measures `count` of each in `dir` (created and emptied here).
-pub fn measure(
+/// What the create phase left on disk for [`finish`] to delete.
+#[derive(Debug)]
+pub struct Made {
+    dir: std::path::PathBuf,
+    count: usize,
+    sequential: usize,
+    parallel: usize,
+}
+
+/// Measures `count` durable creates in `dir` (created here), one after
+/// another and then from `workers` threads, and keeps what they made.
+///
+/// Deleting comes later, in [`finish`], after the driver's own creates:
+/// on ext4 without a journal, every new inode is slower while inodes freed
+/// in the last minutes are near it (the allocator checks them one by one),
+/// so creates measured right after mass deletes cost more than the same
+/// creates on a quiet disk. The floor and the driver are both measured
+/// before any deleting, so neither pays for the other's.
+pub fn creates(
     dir: &Path,
     count: usize,
     workers: usize,
     ctx: &Arc<Ctx>,
-) -> io::Result<FloorSamples> {
+) -> io::Result<(FloorSamples, Made)> {
     let mut out = FloorSamples::default();
     fs::create_dir_all(dir)?;
     let bar = Progress::new("floor: durable create", count as u64);
@@ -63,7 +80,7 @@ pub fn measure(
             break;
         }
         let t = Instant::now();
-        match durable_create(dir, i) {
+        match durable_create(dir, &format!("s{i}")) {
             Ok(()) => out.create.push(t.elapsed()),
             Err(e) => out.create.fail(e.to_string()),
         }
@@ -71,34 +88,57 @@ pub fn measure(
         bar.inc();
     }
     drop(bar);
-    let bar = Progress::new("floor: durable delete", made as u64);
-    for i in 0..made {
+    let mut parallel_made = 0;
+    if workers > 1 {
+        let (samples, wall, n) = parallel(dir, count, workers, ctx);
+        out.create_parallel = Some((samples, wall));
+        parallel_made = n;
+    }
+    let made = Made {
+        dir: dir.to_path_buf(),
+        count,
+        sequential: made,
+        parallel: parallel_made,
+    };
+    Ok((out, made))
+}
+
+/// Measures durable deletes of what [`creates`] made (the parallel ones
+/// are removed unmeasured), then the mount syscalls (root only).
+pub fn finish(made: Made, out: &mut FloorSamples, ctx: &Arc<Ctx>) -> io::Result<()> {
+    let dir = &made.dir;
+    let bar = Progress::new("floor: durable delete", made.sequential as u64);
+    for i in 0..made.sequential {
         let t = Instant::now();
-        match durable_delete(dir, i) {
+        match durable_delete(dir, &format!("s{i}")) {
             Ok(()) => out.delete.push(t.elapsed()),
             Err(e) => out.delete.fail(e.to_string()),
         }
         bar.inc();
     }
     drop(bar);
-    if workers > 1 {
-        out.create_parallel = Some(parallel(dir, count, workers, ctx));
+    for i in 0..made.parallel {
+        let _ = fs::remove_dir(dir.join(format!("p{i}")));
+        let _ = fs::remove_file(dir.join(format!(".p{i}.meta")));
+        let _ = fs::remove_file(dir.join(format!(".p{i}.meta.tmp")));
     }
+    let _ = File::open(dir).and_then(|d| d.sync_all());
     if nix::unistd::geteuid().is_root() {
-        let (bind, unmount) = mounts(dir, count, ctx)?;
+        let (bind, unmount) = mounts(dir, made.count, ctx)?;
         out.bind = Some(bind);
         out.unmount = Some(unmount);
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Durable creates from `workers` threads, then plain removal.
+/// Durable creates from `workers` threads; returns the samples, the wall
+/// time and how many names were used.
 fn parallel(
     dir: &Path,
     count: usize,
     workers: usize,
     ctx: &Arc<Ctx>,
-) -> (Samples, std::time::Duration) {
+) -> (Samples, std::time::Duration, usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
     let bar = Progress::new(&format!("floor: create x{workers}"), count as u64);
@@ -115,7 +155,7 @@ fn parallel(
                             break;
                         }
                         let t = Instant::now();
-                        match durable_create(dir, i) {
+                        match durable_create(dir, &format!("p{i}")) {
                             Ok(()) => mine.push(t.elapsed()),
                             Err(e) => mine.fail(e.to_string()),
                         }
@@ -133,18 +173,12 @@ fn parallel(
     });
     let wall = t.elapsed();
     drop(bar);
-    for i in 0..count.min(next.load(Ordering::Relaxed)) {
-        let _ = fs::remove_dir(dir.join(i.to_string()));
-        let _ = fs::remove_file(dir.join(format!(".{i}.meta")));
-        let _ = fs::remove_file(dir.join(format!(".{i}.meta.tmp")));
-    }
-    let _ = File::open(dir).and_then(|d| d.sync_all());
-    (all, wall)
+    (all, wall, count.min(next.load(Ordering::Relaxed)))
 }
 
-fn durable_create(dir: &Path, i: usize) -> io::Result<()> {
-    fs::create_dir(dir.join(i.to_string()))?;
-    let tmp = dir.join(format!(".{i}.meta.tmp"));
+fn durable_create(dir: &Path, name: &str) -> io::Result<()> {
+    fs::create_dir(dir.join(name))?;
+    let tmp = dir.join(format!(".{name}.meta.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -153,13 +187,13 @@ fn durable_create(dir: &Path, i: usize) -> io::Result<()> {
     f.write_all(RECORD)?;
     f.sync_all()?;
     drop(f);
-    fs::rename(&tmp, dir.join(format!(".{i}.meta")))?;
+    fs::rename(&tmp, dir.join(format!(".{name}.meta")))?;
     File::open(dir)?.sync_all()
 }
 
-fn durable_delete(dir: &Path, i: usize) -> io::Result<()> {
-    fs::remove_dir(dir.join(i.to_string()))?;
-    fs::remove_file(dir.join(format!(".{i}.meta")))?;
+fn durable_delete(dir: &Path, name: &str) -> io::Result<()> {
+    fs::remove_dir(dir.join(name))?;
+    fs::remove_file(dir.join(format!(".{name}.meta")))?;
     File::open(dir)?.sync_all()
 }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::driver::{Clients, Managed, memory_kib};
+use super::floor::{FloorSamples, Made};
 use super::ops::Ctx;
 use super::progress::Progress;
 use super::report::{FLOOR_SCENARIO, Floor, Report};
@@ -57,7 +58,7 @@ pub async fn probe(ctx: &Ctx, env: &Env<'_>, count: usize) {
     let bar = Progress::new("Probe", count as u64);
     let t = Instant::now();
     for _ in 0..count {
-        if ctx.should_stop() || s.errors > MAX_ERRORS {
+        if ctx.should_stop() || s.errors >= MAX_ERRORS {
             break;
         }
         match ctx.probe().await {
@@ -71,22 +72,70 @@ pub async fn probe(ctx: &Ctx, env: &Env<'_>, count: usize) {
         .op("probe", "Probe (gRPC round trip)", &s, Some(ops), None);
 }
 
-/// The floor, in the run directory.
-pub async fn floor(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: usize) {
+/// The floor's creates (sequential, then `workers` threads at once). What
+/// they made stays until [`floor_finish`], which the caller runs after the
+/// driver's creates (see `floor::creates` for why).
+pub async fn floor_creates(
+    ctx: &Arc<Ctx>,
+    env: &Env<'_>,
+    count: usize,
+    workers: usize,
+) -> Option<(FloorSamples, Made)> {
     let dir = env.run_dir.join("floor");
     let c = Arc::clone(ctx);
     let res =
-        tokio::task::spawn_blocking(move || super::floor::measure(&dir, count, workers, &c)).await;
+        tokio::task::spawn_blocking(move || super::floor::creates(&dir, count, workers, &c)).await;
+    let mut r = env.report();
+    let (f, made) = match res {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            r.skip(FLOOR_SCENARIO, format!("failed: {e}"));
+            return None;
+        }
+        Err(e) => {
+            r.skip(FLOOR_SCENARIO, format!("panicked: {e}"));
+            return None;
+        }
+    };
+    r.op(
+        FLOOR_SCENARIO,
+        Floor::DurableCreate.op(),
+        &f.create,
+        None,
+        None,
+    );
+    if let Some(x) = f.create.flatness() {
+        r.figure(
+            FLOOR_SCENARIO,
+            &format!(
+                "flatness: p50 last/first tenth of {} durable creates",
+                f.create.len()
+            ),
+            x,
+            "ratio",
+        );
+    }
+    if let Some((s, wall)) = &f.create_parallel {
+        r.op(
+            FLOOR_SCENARIO,
+            &format!("durable create, {workers} threads at once"),
+            s,
+            Some(rate(s.len(), *wall)),
+            None,
+        );
+    }
+    Some((f, made))
+}
+
+/// The floor's deletes (of what [`floor_creates`] made) and mount syscalls.
+pub async fn floor_finish(ctx: &Arc<Ctx>, env: &Env<'_>, mut f: FloorSamples, made: Made) {
+    let c = Arc::clone(ctx);
+    let res =
+        tokio::task::spawn_blocking(move || super::floor::finish(made, &mut f, &c).map(|()| f))
+            .await;
     let mut r = env.report();
     match res {
         Ok(Ok(f)) => {
-            r.op(
-                FLOOR_SCENARIO,
-                Floor::DurableCreate.op(),
-                &f.create,
-                None,
-                None,
-            );
             r.op(
                 FLOOR_SCENARIO,
                 Floor::DurableDelete.op(),
@@ -94,26 +143,6 @@ pub async fn floor(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: usize) 
                 None,
                 None,
             );
-            if let Some(x) = f.create.flatness() {
-                r.figure(
-                    FLOOR_SCENARIO,
-                    &format!(
-                        "flatness: p50 last/first tenth of {} durable creates",
-                        f.create.len()
-                    ),
-                    x,
-                    "ratio",
-                );
-            }
-            if let Some((s, wall)) = &f.create_parallel {
-                r.op(
-                    FLOOR_SCENARIO,
-                    &format!("durable create, {workers} threads at once"),
-                    s,
-                    Some(rate(s.len(), *wall)),
-                    None,
-                );
-            }
             match (f.bind, f.unmount) {
                 (Some(b), Some(u)) => {
                     r.op(FLOOR_SCENARIO, Floor::BindMount.op(), &b, None, None);
@@ -164,7 +193,7 @@ pub async fn create_sequential(
     let bar = Progress::new("CreateVolume (sequential)", count as u64);
     let t = Instant::now();
     for i in 0..count {
-        if ctx.should_stop() || s.errors > MAX_ERRORS {
+        if ctx.should_stop() || s.errors >= MAX_ERRORS {
             break;
         }
         let name = format!("{}-s-{i}", env.prefix);
@@ -211,7 +240,7 @@ pub async fn delete_sequential(
     for (name, id) in vols {
         // Deleting goes on past the time limit (but not past Ctrl-C or an
         // error burst): cleanup would have to do it anyway.
-        if ctx.stop.load(Ordering::Relaxed) || s.errors > MAX_ERRORS {
+        if ctx.stop.load(Ordering::Relaxed) || s.errors >= MAX_ERRORS {
             break;
         }
         match ctx.delete(name, id).await {
@@ -230,8 +259,14 @@ pub async fn delete_sequential(
     );
 }
 
-/// Creates then deletes `count` volumes with `workers` concurrent callers.
-pub async fn concurrent(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: usize) {
+/// Creates `count` volumes with `workers` concurrent callers; returns
+/// (name, id) of each made, for [`concurrent_deletes`].
+pub async fn concurrent_creates(
+    ctx: &Arc<Ctx>,
+    env: &Env<'_>,
+    count: usize,
+    workers: usize,
+) -> Vec<(String, String)> {
     let prefix = Arc::new(format!("{}-c", env.prefix));
     let label = format!("CreateVolume ({workers} workers)");
     let (s, made, wall) = fan_out(
@@ -252,7 +287,16 @@ pub async fn concurrent(ctx: &Arc<Ctx>, env: &Env<'_>, count: usize, workers: us
     let ops = Some(rate(s.len() + s.errors as usize, wall));
     env.report()
         .op("concurrent", &label, &s, ops, Some(Floor::DurableCreate));
+    made
+}
 
+/// Deletes what [`concurrent_creates`] made, from `workers` callers.
+pub async fn concurrent_deletes(
+    ctx: &Arc<Ctx>,
+    env: &Env<'_>,
+    made: Vec<(String, String)>,
+    workers: usize,
+) {
     let made = Arc::new(made);
     let label = format!("DeleteVolume ({workers} workers)");
     // Deletes run past the time limit (only Ctrl-C stops them): they undo
@@ -312,7 +356,7 @@ where
             let mut done = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count || stop(&ctx) || s.errors > MAX_ERRORS {
+                if i >= count || stop(&ctx) || s.errors >= MAX_ERRORS {
                     break;
                 }
                 match op(Arc::clone(&ctx), i).await {
@@ -422,7 +466,7 @@ pub async fn publish(
     let mut done: Vec<(&str, PathBuf, Option<PathBuf>)> = Vec::new();
     let bar = Progress::new("NodePublishVolume", vols.len() as u64);
     for (i, (_, id)) in vols.iter().enumerate() {
-        if ctx.should_stop() || publ.errors + stage.errors + cpub.errors > MAX_ERRORS {
+        if ctx.should_stop() || publ.errors + stage.errors + cpub.errors >= MAX_ERRORS {
             break;
         }
         let mut context = HashMap::new();
@@ -473,7 +517,7 @@ pub async fn publish(
         let bar = Progress::new("NodeGetVolumeStats", (stats_rounds * done.len()) as u64);
         'rounds: for _ in 0..stats_rounds {
             for (id, target, _) in &done {
-                if ctx.should_stop() || stats.errors > MAX_ERRORS {
+                if ctx.should_stop() || stats.errors >= MAX_ERRORS {
                     break 'rounds;
                 }
                 match ctx.stats(id, target).await {
