@@ -1,0 +1,187 @@
+//! `hostpath-csi bench` as a user runs it: against the real driver, which
+//! the bench starts itself, with every scenario. The figures are not
+//! judged here (speed targets live in BENCHMARKS.md); what is checked is
+//! what a user relies on: every scenario ran without errors, the report
+//! holds what the docs promise, a failing driver makes the exit code
+//! non-zero, and nothing the bench made is left behind.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
+
+fn bench(dir: &Path, extra: &[&str]) -> (Output, Vec<Value>) {
+    let sock = format!("unix://{}", dir.join("csi.sock").display());
+    let driver = format!(
+        "{BIN} --endpoint {sock} --node-id bench-node --pool default={}",
+        dir.join("pool").display()
+    );
+    let out = Command::new(BIN)
+        .args(["bench", "--endpoint", &sock, "--driver-cmd", &driver])
+        .arg("--workdir")
+        .arg(dir.join("work"))
+        .args([
+            "--format",
+            "json",
+            "--rpc-timeout",
+            "20",
+            "--max-duration",
+            "300",
+        ])
+        .args(extra)
+        .output()
+        .expect("running the bench");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (out, lines)
+}
+
+fn op<'a>(lines: &'a [Value], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|v| v["type"] == "op" && v["op"] == name)
+        .unwrap_or_else(|| panic!("no row {name:?} in {lines:#?}"))
+}
+
+fn figure(lines: &[Value], prefix: &str) -> f64 {
+    lines
+        .iter()
+        .find(|v| v["type"] == "figure" && v["name"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no figure {prefix:?} in {lines:#?}"))["value"]
+        .as_f64()
+        .unwrap()
+}
+
+/// Entries left in `dir` (recursively), for a readable failure message.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            out.push(e.path().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_scenario_runs_clean_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, lines) = bench(
+        tmp.path(),
+        &[
+            "--count",
+            "40",
+            "--floor-count",
+            "30",
+            "--workers",
+            "4",
+            "--publish-count",
+            "5",
+            "--stats-rounds",
+            "2",
+            "--list-repeats",
+            "2",
+            "--page-size",
+            "7",
+            "--startup-repeats",
+            "2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}\n{lines:#?}");
+
+    // Capabilities were read from the driver, not assumed.
+    let info = &lines[0]["info"];
+    assert_eq!(info["capabilities"]["node_id"], "bench-node", "{info}");
+    assert_eq!(info["capabilities"]["stage_unstage"], false);
+
+    let rows = [
+        ("Probe (gRPC round trip)", 40),
+        ("CreateVolume (sequential)", 40),
+        ("DeleteVolume (sequential)", 40),
+        ("CreateVolume (4 workers)", 40),
+        ("DeleteVolume (4 workers)", 40),
+        ("NodePublishVolume", 5),
+        ("NodeUnpublishVolume", 5),
+        ("NodeGetVolumeStats", 10),
+        ("ListVolumes page (max_entries 7)", 2 * 6),
+        ("start to first ready Probe (40 volumes)", 2),
+        ("durable create (mkdir+write+fsync+rename+fsync dir)", 30),
+        ("durable delete (rmdir+unlink+fsync dir)", 30),
+        ("durable create, 4 threads at once", 30),
+    ];
+    for (name, count) in rows {
+        let row = op(&lines, name);
+        assert_eq!(row["errors"], 0, "{row}");
+        assert_eq!(row["count"], count, "{row}");
+        assert!(row["p50_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // Creates are compared with the floor measured in the same run.
+    let create = op(&lines, "CreateVolume (sequential)");
+    assert!(create["ratio_to_floor"].as_f64().unwrap() > 0.0, "{create}");
+    assert!(
+        op(&lines, "CreateVolume (4 workers)")["ops_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(figure(&lines, "entries in one full listing"), 40.0);
+    for f in ["VmRSS idle", "VmRSS at 40 volumes", "VmRSS after a restart"] {
+        let mib = figure(&lines, f);
+        assert!(mib > 0.5 && mib < 512.0, "{f}: {mib} MiB");
+    }
+    assert!(
+        !lines.iter().any(|v| v["type"] == "cleanup"),
+        "cleanup problems: {lines:#?}"
+    );
+
+    // Every volume was deleted (the driver's records included), the
+    // bench's work directory is gone and nothing stays mounted.
+    assert_eq!(leftovers(&tmp.path().join("pool")), Vec::<String>::new());
+    assert!(
+        !tmp.path().join("work").exists(),
+        "{:?}",
+        leftovers(&tmp.path().join("work"))
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(tmp.path().to_str().unwrap()),
+        "mounts left: {mountinfo}"
+    );
+    assert!(!tmp.path().join("csi.sock").exists(), "driver not stopped");
+}
+
+#[test]
+fn failing_calls_make_the_exit_code_non_zero_and_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A pool the driver does not have: every CreateVolume fails.
+    let (out, lines) = bench(
+        tmp.path(),
+        &[
+            "--scenario",
+            "create-delete",
+            "--count",
+            "20",
+            "--parameter",
+            "pool=nope",
+        ],
+    );
+    assert!(!out.status.success(), "{lines:#?}");
+    let row = op(&lines, "CreateVolume (sequential)");
+    // A phase stops after 10 failed calls.
+    assert_eq!(row["errors"], 10, "{row}");
+    let first = row["first_errors"][0].as_str().unwrap();
+    assert!(
+        first.contains("InvalidArgument") && first.contains("nope"),
+        "{first}"
+    );
+    assert_eq!(leftovers(&tmp.path().join("pool")), Vec::<String>::new());
+}
