@@ -63,15 +63,6 @@ impl Volumes {
 
         let capacity = self.decide_capacity(pool, req.capacity)?;
         let reservation = self.reserve(pool, &id.token, capacity, None)?;
-        if !pool.backend.enforces_size() && (req.capacity.required > 0 || req.capacity.limit > 0) {
-            tracing::warn!(
-                volume_id = %id,
-                capacity,
-                pool = %pool.name,
-                "pool of kind dir does not enforce sizes: the volume can grow beyond its capacity \
-                 until the disk is full (volume context sizeEnforced=false)"
-            );
-        }
         pool.backend.create(&pool.dir, &id.token, capacity)?;
         let record = Record {
             name: req.name.clone(),

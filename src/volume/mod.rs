@@ -88,6 +88,16 @@ impl Volumes {
                 }
             }
         }
+        // Said once per start rather than on every CreateVolume: with a
+        // size on every claim, a warning per call would bury the log.
+        for p in self.pools.iter().filter(|p| !p.backend.enforces_size()) {
+            tracing::warn!(
+                pool = %p.name,
+                dir = %p.dir.display(),
+                "pool of kind dir does not enforce sizes: a volume can grow beyond its capacity \
+                 until the disk is full (its volume context says sizeEnforced=false)"
+            );
+        }
         Ok(())
     }
 
