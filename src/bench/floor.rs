@@ -9,8 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::mount::{MntFlags, MsFlags};
@@ -47,88 +46,109 @@ pub struct FloorSamples {
     pub unmount: Option<Samples>,
 }
 
-/// What the create phase left on disk for [`finish`] to delete.
+/// The floor of one bench run: its directory, what it has made there so
+/// far, and its samples.
+///
+/// Creates and deletes are separate steps because of when they may run.
+/// Every create comes before any delete: on ext4 without a journal, every
+/// new inode is slower while inodes freed in the last minutes are near it
+/// (the allocator checks them one by one), so creates measured after mass
+/// deletes would pay for them. And the sequential durable creates can be
+/// spread between the driver's creates ([`FloorRun::sequential`] in
+/// slices), so both see the disk in the same state: its speed drifts
+/// during a run (writeback of earlier work, other tenants of the host).
 #[derive(Debug)]
-pub struct Made {
-    dir: std::path::PathBuf,
+pub struct FloorRun {
+    dir: PathBuf,
+    /// Sequential durable creates wanted in all.
     count: usize,
     sequential: usize,
     parallel: usize,
+    /// What was measured so far.
+    pub samples: FloorSamples,
 }
 
-/// Measures `count` durable creates in `dir` (created here), one after
-/// another and then from `workers` threads, and keeps what they made.
-///
-/// Deleting comes later, in [`finish`], after the driver's own creates:
-/// on ext4 without a journal, every new inode is slower while inodes freed
-/// in the last minutes are near it (the allocator checks them one by one),
-/// so creates measured right after mass deletes cost more than the same
-/// creates on a quiet disk. The floor and the driver are both measured
-/// before any deleting, so neither pays for the other's.
-pub fn creates(
-    dir: &Path,
-    count: usize,
-    workers: usize,
-    ctx: &Arc<Ctx>,
-) -> io::Result<(FloorSamples, Made)> {
-    let mut out = FloorSamples::default();
-    fs::create_dir_all(dir)?;
-    let bar = Progress::new("floor: durable create", count as u64);
-    let mut made = 0;
-    for i in 0..count {
-        if ctx.should_stop() {
-            break;
-        }
-        let t = Instant::now();
-        match durable_create(dir, &format!("s{i}")) {
-            Ok(()) => out.create.push(t.elapsed()),
-            Err(e) => out.create.fail(e.to_string()),
-        }
-        made = i + 1;
-        bar.inc();
+impl FloorRun {
+    /// A floor of `count` durable creates in `dir` (created here).
+    pub fn new(dir: &Path, count: usize) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(FloorRun {
+            dir: dir.to_path_buf(),
+            count,
+            sequential: 0,
+            parallel: 0,
+            samples: FloorSamples::default(),
+        })
     }
-    drop(bar);
-    let mut parallel_made = 0;
-    if workers > 1 {
-        let (samples, wall, n) = parallel(dir, count, workers, ctx);
-        out.create_parallel = Some((samples, wall));
-        parallel_made = n;
-    }
-    let made = Made {
-        dir: dir.to_path_buf(),
-        count,
-        sequential: made,
-        parallel: parallel_made,
-    };
-    Ok((out, made))
-}
 
-/// Measures durable deletes of what [`creates`] made (the parallel ones
-/// are removed unmeasured), then the mount syscalls (root only).
-pub fn finish(made: Made, out: &mut FloorSamples, ctx: &Arc<Ctx>) -> io::Result<()> {
-    let dir = &made.dir;
-    let bar = Progress::new("floor: durable delete", made.sequential as u64);
-    for i in 0..made.sequential {
-        let t = Instant::now();
-        match durable_delete(dir, &format!("s{i}")) {
-            Ok(()) => out.delete.push(t.elapsed()),
-            Err(e) => out.delete.fail(e.to_string()),
+    /// Sequential durable creates still to do.
+    pub fn remaining(&self) -> usize {
+        self.count - self.sequential
+    }
+
+    /// Sequential durable creates due so that, after `done` of `of` steps
+    /// of something measured alongside, the same share of the floor is done.
+    pub fn due(&self, done: usize, of: usize) -> usize {
+        (self.count * done)
+            .div_ceil(of.max(1))
+            .min(self.count)
+            .saturating_sub(self.sequential)
+    }
+
+    /// Up to `n` more sequential durable creates (at most the remaining).
+    pub fn sequential(&mut self, n: usize, ctx: &Ctx, bar: Option<&Progress>) {
+        for _ in 0..n.min(self.remaining()) {
+            if ctx.should_stop() {
+                break;
+            }
+            let name = format!("s{}", self.sequential);
+            let t = Instant::now();
+            match durable_create(&self.dir, &name) {
+                Ok(()) => self.samples.create.push(t.elapsed()),
+                Err(e) => self.samples.create.fail(e.to_string()),
+            }
+            self.sequential += 1;
+            if let Some(b) = bar {
+                b.inc();
+            }
         }
-        bar.inc();
     }
-    drop(bar);
-    for i in 0..made.parallel {
-        let _ = fs::remove_dir(dir.join(format!("p{i}")));
-        let _ = fs::remove_file(dir.join(format!(".p{i}.meta")));
-        let _ = fs::remove_file(dir.join(format!(".p{i}.meta.tmp")));
+
+    /// `count` durable creates from `workers` threads at once.
+    pub fn parallel(&mut self, workers: usize, ctx: &Ctx) {
+        let (samples, wall, n) = parallel(&self.dir, self.count, workers, ctx);
+        self.samples.create_parallel = Some((samples, wall));
+        self.parallel = n;
     }
-    let _ = File::open(dir).and_then(|d| d.sync_all());
-    if nix::unistd::geteuid().is_root() {
-        let (bind, unmount) = mounts(dir, made.count, ctx)?;
-        out.bind = Some(bind);
-        out.unmount = Some(unmount);
+
+    /// Measures durable deletes of the sequential creates (the parallel
+    /// ones are removed unmeasured), then the mount syscalls (root only).
+    pub fn finish(&mut self, ctx: &Ctx) -> io::Result<()> {
+        let dir = &self.dir;
+        let out = &mut self.samples;
+        let bar = Progress::new("floor: durable delete", self.sequential as u64);
+        for i in 0..self.sequential {
+            let t = Instant::now();
+            match durable_delete(dir, &format!("s{i}")) {
+                Ok(()) => out.delete.push(t.elapsed()),
+                Err(e) => out.delete.fail(e.to_string()),
+            }
+            bar.inc();
+        }
+        drop(bar);
+        for i in 0..self.parallel {
+            let _ = fs::remove_dir(dir.join(format!("p{i}")));
+            let _ = fs::remove_file(dir.join(format!(".p{i}.meta")));
+            let _ = fs::remove_file(dir.join(format!(".p{i}.meta.tmp")));
+        }
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+        if nix::unistd::geteuid().is_root() {
+            let (bind, unmount) = mounts(dir, self.count, ctx)?;
+            out.bind = Some(bind);
+            out.unmount = Some(unmount);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Durable creates from `workers` threads; returns the samples, the wall
@@ -137,7 +157,7 @@ fn parallel(
     dir: &Path,
     count: usize,
     workers: usize,
-    ctx: &Arc<Ctx>,
+    ctx: &Ctx,
 ) -> (Samples, std::time::Duration, usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
@@ -197,7 +217,7 @@ fn durable_delete(dir: &Path, name: &str) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn mounts(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<(Samples, Samples)> {
+fn mounts(dir: &Path, count: usize, ctx: &Ctx) -> io::Result<(Samples, Samples)> {
     let src = dir.join("bind-source");
     let dst = dir.join("bind-target");
     fs::create_dir_all(&src)?;
@@ -240,4 +260,49 @@ fn mounts(dir: &Path, count: usize, ctx: &Arc<Ctx>) -> io::Result<(Samples, Samp
     fs::remove_dir(&dst)?;
     fs::remove_dir(&src)?;
     Ok((bind, unmount))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(count: usize) -> FloorRun {
+        FloorRun {
+            dir: PathBuf::from("/nonexistent"),
+            count,
+            sequential: 0,
+            parallel: 0,
+            samples: FloorSamples::default(),
+        }
+    }
+
+    /// Replays `steps` steps, doing what is due after each; returns how
+    /// many floor creates each step got.
+    fn spread(count: usize, steps: usize) -> Vec<usize> {
+        let mut f = run(count);
+        (1..=steps)
+            .map(|done| {
+                let due = f.due(done, steps);
+                f.sequential += due;
+                due
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_floor_keeps_pace_evenly_and_finishes_with_the_last_step() {
+        // 1000 floor creates along 10000 driver creates: one every tenth.
+        let s = spread(1000, 10_000);
+        assert_eq!(s.iter().sum::<usize>(), 1000);
+        assert!(s.iter().all(|&d| d <= 1), "{:?}", &s[..20]);
+        assert_eq!(s.iter().take(10).sum::<usize>(), 1);
+        // More floor creates than steps: several after each, evenly.
+        let s = spread(1000, 300);
+        assert_eq!(s.iter().sum::<usize>(), 1000);
+        assert!(s.iter().all(|&d| d == 3 || d == 4), "{s:?}");
+        // The last step completes the floor even if the steps stopped
+        // short (then `floor_finish` does the rest).
+        assert_eq!(spread(7, 1), vec![7]);
+        assert_eq!(run(5).due(0, 10), 0);
+    }
 }

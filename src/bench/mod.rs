@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 
 use driver::{Caps, Clients, Managed};
+use floor::FloorRun;
 use ops::Ctx;
 use report::Report;
 use scenarios::Env;
@@ -404,21 +405,23 @@ async fn scenarios_in_order(
     if has(Scenario::Probe) {
         scenarios::probe(ctx, env, n.min(10_000)).await;
     }
-    // Every create comes before any delete, the floor's included: on ext4
-    // without a journal, creating near inodes freed minutes ago is slower
-    // (see `floor::creates`), which would charge one phase for another's
-    // deletes.
+    // Every create comes before any delete, the floor's included, and the
+    // floor's sequential creates are spread between the driver's (see
+    // `floor::FloorRun` for why).
+    let interleave =
+        has(Scenario::CreateDelete) && ctx.caps.controller_service && ctx.caps.create_delete;
     let floor = if has(Scenario::Floor) {
-        scenarios::floor_creates(ctx, env, args.floor_count as usize, args.workers as usize).await
+        let (count, workers) = (args.floor_count as usize, args.workers as usize);
+        scenarios::floor_start(ctx, env, count, workers, interleave).await
     } else {
         None
     };
     if has(Scenario::Rss) {
         scenarios::rss(env, "idle").await;
     }
-    volume_scenarios(ctx, env, args, chosen, startup_limit).await;
-    if let Some((samples, made)) = floor {
-        scenarios::floor_finish(ctx, env, samples, made).await;
+    let floor = volume_scenarios(ctx, env, args, chosen, startup_limit, floor).await;
+    if let Some(f) = floor {
+        scenarios::floor_finish(ctx, env, f).await;
     }
 }
 
@@ -431,7 +434,8 @@ async fn volume_scenarios(
     args: &BenchArgs,
     chosen: &BTreeSet<Scenario>,
     startup_limit: Duration,
-) {
+    mut floor: Option<FloorRun>,
+) -> Option<FloorRun> {
     let n = args.count as usize;
     let has = |s: Scenario| chosen.contains(&s);
     let skip = |s: &str, why: &str| env.report.lock().expect("report lock").skip(s, why);
@@ -453,7 +457,7 @@ async fn volume_scenarios(
                 skip(&format!("{s:?}"), why);
             }
         }
-        return;
+        return floor;
     }
     let mut vols = Vec::new();
     let scenario = if has(Scenario::CreateDelete) {
@@ -462,7 +466,7 @@ async fn volume_scenarios(
         "populate"
     };
     if needs_volumes {
-        vols = scenarios::create_sequential(ctx, env, scenario, n).await;
+        (vols, floor) = scenarios::create_sequential(ctx, env, scenario, n, floor).await;
         if has(Scenario::Rss) {
             scenarios::rss(env, &format!("at {} volumes", vols.len())).await;
         }
@@ -523,6 +527,7 @@ async fn volume_scenarios(
     if !made.is_empty() {
         scenarios::concurrent_deletes(ctx, env, made, args.workers as usize).await;
     }
+    floor
 }
 
 async fn stop_driver(managed: &tokio::sync::Mutex<Option<Managed>>, report: &Mutex<Report>) {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::driver::{Clients, Managed, memory_kib};
-use super::floor::{FloorSamples, Made};
+use super::floor::FloorRun;
 use super::ops::Ctx;
 use super::progress::Progress;
 use super::report::{FLOOR_SCENARIO, Floor, Report};
@@ -72,22 +72,34 @@ pub async fn probe(ctx: &Ctx, env: &Env<'_>, count: usize) {
         .op("probe", "Probe (gRPC round trip)", &s, Some(ops), None);
 }
 
-/// The floor's creates (sequential, then `workers` threads at once). What
-/// they made stays until [`floor_finish`], which the caller runs after the
-/// driver's creates (see `floor::creates` for why).
-pub async fn floor_creates(
+/// Starts the floor: its directory and the durable creates from `workers`
+/// threads at once. With `interleave`, the sequential durable creates are
+/// left for [`create_sequential`] to spread between the driver's; without,
+/// they run now.
+pub async fn floor_start(
     ctx: &Arc<Ctx>,
     env: &Env<'_>,
     count: usize,
     workers: usize,
-) -> Option<(FloorSamples, Made)> {
+    interleave: bool,
+) -> Option<FloorRun> {
     let dir = env.run_dir.join("floor");
     let c = Arc::clone(ctx);
-    let res =
-        tokio::task::spawn_blocking(move || super::floor::creates(&dir, count, workers, &c)).await;
+    let res = tokio::task::spawn_blocking(move || {
+        let mut f = FloorRun::new(&dir, count)?;
+        if workers > 1 {
+            f.parallel(workers, &c);
+        }
+        if !interleave {
+            let bar = Progress::new("floor: durable create", count as u64);
+            f.sequential(count, &c, Some(&bar));
+        }
+        Ok::<_, std::io::Error>(f)
+    })
+    .await;
     let mut r = env.report();
-    let (f, made) = match res {
-        Ok(Ok(v)) => v,
+    let f = match res {
+        Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             r.skip(FLOOR_SCENARIO, format!("failed: {e}"));
             return None;
@@ -97,25 +109,7 @@ pub async fn floor_creates(
             return None;
         }
     };
-    r.op(
-        FLOOR_SCENARIO,
-        Floor::DurableCreate.op(),
-        &f.create,
-        None,
-        None,
-    );
-    if let Some(x) = f.create.flatness() {
-        r.figure(
-            FLOOR_SCENARIO,
-            &format!(
-                "flatness: p50 last/first tenth of {} durable creates",
-                f.create.len()
-            ),
-            x,
-            "ratio",
-        );
-    }
-    if let Some((s, wall)) = &f.create_parallel {
+    if let Some((s, wall)) = &f.samples.create_parallel {
         r.op(
             FLOOR_SCENARIO,
             &format!("durable create, {workers} threads at once"),
@@ -124,18 +118,43 @@ pub async fn floor_creates(
             None,
         );
     }
-    Some((f, made))
+    Some(f)
 }
 
-/// The floor's deletes (of what [`floor_creates`] made) and mount syscalls.
-pub async fn floor_finish(ctx: &Arc<Ctx>, env: &Env<'_>, mut f: FloorSamples, made: Made) {
+/// Completes the floor: any sequential durable creates not done yet, then
+/// the deletes of what it made and the mount syscalls; reports it all.
+pub async fn floor_finish(ctx: &Arc<Ctx>, env: &Env<'_>, mut f: FloorRun) {
     let c = Arc::clone(ctx);
-    let res =
-        tokio::task::spawn_blocking(move || super::floor::finish(made, &mut f, &c).map(|()| f))
-            .await;
+    let res = tokio::task::spawn_blocking(move || {
+        let rest = f.remaining();
+        if rest > 0 {
+            let bar = Progress::new("floor: durable create", rest as u64);
+            f.sequential(rest, &c, Some(&bar));
+        }
+        f.finish(&c).map(|()| f.samples)
+    })
+    .await;
     let mut r = env.report();
     match res {
         Ok(Ok(f)) => {
+            r.op(
+                FLOOR_SCENARIO,
+                Floor::DurableCreate.op(),
+                &f.create,
+                None,
+                None,
+            );
+            if let Some(x) = f.create.flatness() {
+                r.figure(
+                    FLOOR_SCENARIO,
+                    &format!(
+                        "flatness: p50 last/first tenth of {} durable creates",
+                        f.create.len()
+                    ),
+                    x,
+                    "ratio",
+                );
+            }
             r.op(
                 FLOOR_SCENARIO,
                 Floor::DurableDelete.op(),
@@ -183,15 +202,17 @@ pub async fn rss(env: &Env<'_>, what: &str) {
 /// Creates `count` volumes one after another; returns (name, id) of those
 /// made.
 pub async fn create_sequential(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     env: &Env<'_>,
     scenario: &str,
     count: usize,
-) -> Vec<(String, String)> {
+    mut floor: Option<FloorRun>,
+) -> (Vec<(String, String)>, Option<FloorRun>) {
     let mut s = Samples::default();
     let mut made = Vec::with_capacity(count);
     let bar = Progress::new("CreateVolume (sequential)", count as u64);
     let t = Instant::now();
+    let mut floor_time = Duration::ZERO;
     for i in 0..count {
         if ctx.should_stop() || s.errors >= MAX_ERRORS {
             break;
@@ -205,8 +226,25 @@ pub async fn create_sequential(
             (_, Err(e)) => s.fail(e),
         }
         bar.inc();
+        // The floor keeps pace: after the driver's i-th create, the same
+        // share of the floor's creates is done.
+        if let Some(mut f) = floor.take() {
+            let due = f.due(i + 1, count);
+            if due > 0 {
+                let started = Instant::now();
+                let c = Arc::clone(ctx);
+                f = tokio::task::spawn_blocking(move || {
+                    f.sequential(due, &c, None);
+                    f
+                })
+                .await
+                .expect("floor creates do not panic");
+                floor_time += started.elapsed();
+            }
+            floor = Some(f);
+        }
     }
-    let ops = rate(s.len() + s.errors as usize, t.elapsed());
+    let ops = rate(s.len() + s.errors as usize, t.elapsed() - floor_time);
     drop(bar);
     let mut r = env.report();
     r.op(
@@ -224,7 +262,7 @@ pub async fn create_sequential(
             "ratio",
         );
     }
-    made
+    (made, floor)
 }
 
 /// Deletes volumes one after another.
