@@ -75,7 +75,7 @@ impl Volumes {
                 .unwrap_or(0),
         };
         if let Err(e) = pool
-            .write_record(&id.token, &record)
+            .create_record(&id.token, &record)
             .and_then(|()| pool.sync())
         {
             // Not acknowledged, so not a volume: take the storage back

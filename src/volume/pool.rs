@@ -93,7 +93,7 @@ impl Pool {
         }
     }
 
-    /// Writes a record atomically (flush the pool with [`Pool::sync`]).
+    /// Replaces a record atomically (flush the pool with [`Pool::sync`]).
     pub fn write_record(&self, token: &str, record: &Record) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::Internal(format!("encoding record: {e}")))?;
@@ -103,6 +103,29 @@ impl Pool {
                 e,
             )
         })
+    }
+
+    /// Writes the record of a new volume: it appears complete or not at
+    /// all (flush the pool with [`Pool::sync`]).
+    pub fn create_record(&self, token: &str, record: &Record) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::Internal(format!("encoding record: {e}")))?;
+        let name = Self::record_name(token);
+        sys::fs::create_durably(&self.dir, &name, &bytes).map_err(|e| {
+            Error::io(
+                format!("writing the record of {token} in pool {}", self.name),
+                e,
+            )
+        })?;
+        // A temp record left by an interrupted earlier attempt (or an
+        // older driver) is ours to remove: the caller holds the token.
+        match std::fs::remove_file(self.dir.join(format!("{name}.tmp"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(
+                format!("removing the old temp record of {token}"),
+                e,
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Removes a record (flush the pool with [`Pool::sync`]).
