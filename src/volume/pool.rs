@@ -8,7 +8,8 @@
 //! <token>/              the volume's data (what gets bind-mounted)
 //! .<token>.meta         the volume's record (JSON); its presence is what
 //!                       makes the directory a volume of this driver
-//! .<token>.meta.tmp     a record being written
+//! .<token>.meta.tmp     a record being replaced (expansion), or a new one
+//!                       where nameless files cannot be linked
 //! .<token><scratch>     the backend's half-made or half-removed storage
 //!                       (`.deleting` for dir, `.img.new` for image)
 //! ```
