@@ -69,6 +69,12 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// Whether the driver makes and removes volumes (CONTROLLER_SERVICE
+    /// with CREATE_DELETE_VOLUME).
+    pub fn creates_volumes(&self) -> bool {
+        self.controller_service && self.create_delete
+    }
+
     /// Asks the driver. Only GetPluginInfo must answer; a service that does
     /// not answer counts as absent.
     pub async fn discover(c: &Clients, timeout: Duration) -> Result<Caps, String> {

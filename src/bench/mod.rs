@@ -408,8 +408,7 @@ async fn scenarios_in_order(
     // Every create comes before any delete, the floor's included, and the
     // floor's sequential creates are spread between the driver's (see
     // `floor::FloorRun` for why).
-    let interleave =
-        has(Scenario::CreateDelete) && ctx.caps.controller_service && ctx.caps.create_delete;
+    let interleave = has(Scenario::CreateDelete) && ctx.caps.creates_volumes();
     let floor = if has(Scenario::Floor) {
         let (count, workers) = (args.floor_count as usize, args.workers as usize);
         scenarios::floor_start(ctx, env, count, workers, interleave).await
@@ -449,8 +448,7 @@ async fn volume_scenarios(
         Scenario::Rss,
     ];
     let needs_volumes = at_scale.iter().any(|s| has(*s));
-    let can_create = ctx.caps.controller_service && ctx.caps.create_delete;
-    if !can_create {
+    if !ctx.caps.creates_volumes() {
         let why = "the driver does not advertise CONTROLLER_SERVICE with CREATE_DELETE_VOLUME";
         for s in at_scale.iter().chain([&Scenario::Concurrent]) {
             if has(*s) {

@@ -72,6 +72,23 @@ pub async fn probe(ctx: &Ctx, env: &Env<'_>, count: usize) {
         .op("probe", "Probe (gRPC round trip)", &s, Some(ops), None);
 }
 
+/// Runs a step of the floor on the blocking pool; a failure is reported
+/// as the floor's skip reason and ends the floor (`None`).
+async fn floor_step<T: Send + 'static>(
+    ctx: &Arc<Ctx>,
+    env: &Env<'_>,
+    step: impl FnOnce(&Ctx) -> std::io::Result<T> + Send + 'static,
+) -> Option<T> {
+    let c = Arc::clone(ctx);
+    let why = match tokio::task::spawn_blocking(move || step(&c)).await {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(e) => format!("panicked: {e}"),
+    };
+    env.report().skip(FLOOR_SCENARIO, why);
+    None
+}
+
 /// Starts the floor: its directory and the durable creates from `workers`
 /// threads at once. With `interleave`, the sequential durable creates are
 /// left for [`create_sequential`] to spread between the driver's; without,
@@ -84,33 +101,20 @@ pub async fn floor_start(
     interleave: bool,
 ) -> Option<FloorRun> {
     let dir = env.run_dir.join("floor");
-    let c = Arc::clone(ctx);
-    let res = tokio::task::spawn_blocking(move || {
+    let f = floor_step(ctx, env, move |c| {
         let mut f = FloorRun::new(&dir, count)?;
         if workers > 1 {
-            f.parallel(workers, &c);
+            f.parallel(workers, c);
         }
         if !interleave {
             let bar = Progress::new("floor: durable create", count as u64);
-            f.sequential(count, &c, Some(&bar));
+            f.sequential(count, c, Some(&bar));
         }
-        Ok::<_, std::io::Error>(f)
+        Ok(f)
     })
-    .await;
-    let mut r = env.report();
-    let f = match res {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
-            r.skip(FLOOR_SCENARIO, format!("failed: {e}"));
-            return None;
-        }
-        Err(e) => {
-            r.skip(FLOOR_SCENARIO, format!("panicked: {e}"));
-            return None;
-        }
-    };
+    .await?;
     if let Some((s, wall)) = &f.samples.create_parallel {
-        r.op(
+        env.report().op(
             FLOOR_SCENARIO,
             &format!("durable create, {workers} threads at once"),
             s,
@@ -124,54 +128,50 @@ pub async fn floor_start(
 /// Completes the floor: any sequential durable creates not done yet, then
 /// the deletes of what it made and the mount syscalls; reports it all.
 pub async fn floor_finish(ctx: &Arc<Ctx>, env: &Env<'_>, mut f: FloorRun) {
-    let c = Arc::clone(ctx);
-    let res = tokio::task::spawn_blocking(move || {
+    let Some(f) = floor_step(ctx, env, move |c| {
         let rest = f.remaining();
         if rest > 0 {
             let bar = Progress::new("floor: durable create", rest as u64);
-            f.sequential(rest, &c, Some(&bar));
+            f.sequential(rest, c, Some(&bar));
         }
-        f.finish(&c).map(|()| f.samples)
+        f.finish(c).map(|()| f.samples)
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut r = env.report();
-    match res {
-        Ok(Ok(f)) => {
-            r.op(
-                FLOOR_SCENARIO,
-                Floor::DurableCreate.op(),
-                &f.create,
-                None,
-                None,
-            );
-            if let Some(x) = f.create.flatness() {
-                r.figure(
-                    FLOOR_SCENARIO,
-                    &format!(
-                        "flatness: p50 last/first tenth of {} durable creates",
-                        f.create.len()
-                    ),
-                    x,
-                    "ratio",
-                );
-            }
-            r.op(
-                FLOOR_SCENARIO,
-                Floor::DurableDelete.op(),
-                &f.delete,
-                None,
-                None,
-            );
-            match (f.bind, f.unmount) {
-                (Some(b), Some(u)) => {
-                    r.op(FLOOR_SCENARIO, Floor::BindMount.op(), &b, None, None);
-                    r.op(FLOOR_SCENARIO, Floor::Unmount.op(), &u, None, None);
-                }
-                _ => r.skip("floor (mounts)", "bind mounts need root"),
-            }
+    r.op(
+        FLOOR_SCENARIO,
+        Floor::DurableCreate.op(),
+        &f.create,
+        None,
+        None,
+    );
+    if let Some(x) = f.create.flatness() {
+        r.figure(
+            FLOOR_SCENARIO,
+            &format!(
+                "flatness: p50 last/first tenth of {} durable creates",
+                f.create.len()
+            ),
+            x,
+            "ratio",
+        );
+    }
+    r.op(
+        FLOOR_SCENARIO,
+        Floor::DurableDelete.op(),
+        &f.delete,
+        None,
+        None,
+    );
+    match (f.bind, f.unmount) {
+        (Some(b), Some(u)) => {
+            r.op(FLOOR_SCENARIO, Floor::BindMount.op(), &b, None, None);
+            r.op(FLOOR_SCENARIO, Floor::Unmount.op(), &u, None, None);
         }
-        Ok(Err(e)) => r.skip(FLOOR_SCENARIO, format!("failed: {e}")),
-        Err(e) => r.skip(FLOOR_SCENARIO, format!("panicked: {e}")),
+        _ => r.skip("floor (mounts)", "bind mounts need root"),
     }
 }
 
@@ -230,18 +230,17 @@ pub async fn create_sequential(
         // share of the floor's creates is done.
         if let Some(mut f) = floor.take() {
             let due = f.due(i + 1, count);
-            if due > 0 {
+            if due == 0 {
+                floor = Some(f);
+            } else {
                 let started = Instant::now();
-                let c = Arc::clone(ctx);
-                f = tokio::task::spawn_blocking(move || {
-                    f.sequential(due, &c, None);
-                    f
+                floor = floor_step(ctx, env, move |c| {
+                    f.sequential(due, c, None);
+                    Ok(f)
                 })
-                .await
-                .expect("floor creates do not panic");
+                .await;
                 floor_time += started.elapsed();
             }
-            floor = Some(f);
         }
     }
     let ops = rate(s.len() + s.errors as usize, t.elapsed() - floor_time);

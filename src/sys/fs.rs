@@ -1,9 +1,10 @@
 //! Durable, symlink-safe file operations.
 //!
 //! Crash safety rests on two rules used throughout the store: a file is
-//! written under a temporary name, flushed, then renamed into place; and the
-//! directory holding it is flushed after the rename, so a `kill -9` or a
-//! power cut leaves either the old state or the new one, never a torn file.
+//! written and flushed before it gets its name (nameless then linked, or
+//! under a temporary name then renamed); and the directory holding it is
+//! flushed after that, so a `kill -9` or a power cut leaves either the old
+//! state or the new one, never a torn file.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -248,9 +249,9 @@ fn remove_dir_on(dir: &Path, dev: u64) -> io::Result<()> {
 /// Shares directory flushes between concurrent callers (group commit).
 ///
 /// Every CreateVolume and DeleteVolume ends by flushing its pool directory.
-/// Under load, many calls finish their renames at once and would each pay a
-/// flush; one flush that *starts after* a caller's rename covers that
-/// rename, so a caller waits for the next flush to start and finish instead
+/// Under load, many calls name their records at once and would each pay a
+/// flush; one flush that *starts after* a caller's link or rename covers
+/// it, so a caller waits for the next flush to start and finish instead
 /// of issuing its own. Under no load it costs one flush, as before.
 #[derive(Debug, Default)]
 pub struct DirFlush {
@@ -278,7 +279,7 @@ impl DirFlush {
     /// [`DirFlush::flush`] with the flush itself given, for tests.
     fn flush_with(&self, flush: impl Fn() -> io::Result<()>) -> io::Result<()> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // A flush under way may have started before our rename: only the
+        // A flush under way may have started before our link: only the
         // next one counts.
         let needed = s.started + 1;
         loop {

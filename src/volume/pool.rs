@@ -72,6 +72,10 @@ pub struct Pool {
 
 const META: &str = ".meta";
 
+fn encode(record: &Record) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(format!("encoding record: {e}")))
+}
+
 impl Pool {
     /// Where a volume's data lives.
     pub fn volume_path(&self, token: &str) -> PathBuf {
@@ -96,28 +100,23 @@ impl Pool {
 
     /// Replaces a record atomically (flush the pool with [`Pool::sync`]).
     pub fn write_record(&self, token: &str, record: &Record) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(record)
-            .map_err(|e| Error::Internal(format!("encoding record: {e}")))?;
-        sys::fs::write_atomic(&self.dir, &Self::record_name(token), &bytes).map_err(|e| {
-            Error::io(
-                format!("writing the record of {token} in pool {}", self.name),
-                e,
-            )
-        })
+        sys::fs::write_atomic(&self.dir, &Self::record_name(token), &encode(record)?)
+            .map_err(|e| self.write_error(token, e))
+    }
+
+    fn write_error(&self, token: &str, e: io::Error) -> Error {
+        Error::io(
+            format!("writing the record of {token} in pool {}", self.name),
+            e,
+        )
     }
 
     /// Writes the record of a new volume: it appears complete or not at
     /// all (flush the pool with [`Pool::sync`]).
     pub fn create_record(&self, token: &str, record: &Record) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(record)
-            .map_err(|e| Error::Internal(format!("encoding record: {e}")))?;
         let name = Self::record_name(token);
-        sys::fs::create_durably(&self.dir, &name, &bytes).map_err(|e| {
-            Error::io(
-                format!("writing the record of {token} in pool {}", self.name),
-                e,
-            )
-        })?;
+        sys::fs::create_durably(&self.dir, &name, &encode(record)?)
+            .map_err(|e| self.write_error(token, e))?;
         // A temp record left by an interrupted earlier attempt (or an
         // older driver) is ours to remove: the caller holds the token.
         match std::fs::remove_file(self.dir.join(format!("{name}.tmp"))) {
