@@ -392,6 +392,11 @@ else:
 has_capacity() { local c; c="$(capacity "$1")" && ((c > 0)); }
 capacity_below() { local c; c="$(capacity "$1")" && ((c < $2)); }
 capacity_above() { local c; c="$(capacity "$1")" && ((c > $2)); }
+# capacity_current CLASS DIR: the object already shows what DIR's filesystem
+# has free now (the provisioner polls, so it lags behind recent creates).
+capacity_current() {
+  local c; c="$(capacity "$1")" && ((c == $(stat -f -c '%a * %S' "$2")))
+}
 # check_provisioned CLAIM POOL POOLDIR: asserts on the PV and the pool dir.
 check_provisioned() {
   local pvc="$1" pool="$2" dir="$3" pv
@@ -425,6 +430,10 @@ pass
 scenario "2 capacity: CSIStorageCapacity objects for both classes, following the pools' free space"
 wait_for 60 "CSIStorageCapacity for hdd" has_capacity hdd
 wait_for 60 "CSIStorageCapacity for ssd" has_capacity ssd
+# The baseline must include scenario 1's volumes, or a later poll that
+# catches up with them reads as a change.
+wait_for 60 "hdd capacity to show the pool's free space" capacity_current hdd "$HDD"
+wait_for 60 "ssd capacity to show the pool's free space" capacity_current ssd "$SSD"
 hdd_cap="$(capacity hdd)"; ssd_cap="$(capacity ssd)"
 log "  capacity: hdd=$hdd_cap ssd=$ssd_cap"
 ((hdd_cap > ssd_cap)) || fail "hdd ($hdd_cap) should have more capacity than ssd ($ssd_cap)"
