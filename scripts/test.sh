@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh machine as root:
 #   1. set-up (Debian packages, csi-sanity) via scripts/setup.sh
-#   2. cargo test: unit tests and the in-process integration tests (real
-#      mounts, btrfs and image pools, crash, hostile-input and load tests)
+#   2. cargo test over the workspace (the driver, csi-proto, csi-bench):
+#      unit tests and the in-process integration tests (real mounts, btrfs
+#      and image pools, crash, hostile-input and load tests, the bench)
 #   3. the official CSI conformance suite against every pool kind
 #   4. the Kubernetes end-to-end test against real control-plane components
 # Set HOSTPATH_CSI_SKIP_E2E=1 to leave out step 4 while iterating.
@@ -63,7 +64,7 @@ step() {
   fi
 }
 
-step "cargo test" cargo test --all-targets
+step "cargo test" cargo test --workspace --all-targets
 # Growing a mounted ext4 needs CAP_SYS_RESOURCE (bit 24 of CapEff); some
 # test VMs' root lacks it, so the ext4 image pool is checked only where the
 # kernel would let any driver pass its expansion tests.

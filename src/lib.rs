@@ -1,7 +1,8 @@
 //! `hostpath-csi`: a CSI driver for node-local (hostPath) storage.
 //!
 //! # Layout
-//! - `config`: flags, environment and config file into one checked `Config`.
+//! - `config`: the checked configuration and its pools (the command line
+//!   that fills it lives with the binary, `src/cli.rs`).
 //! - `server`: binds the socket and serves the services until shutdown.
 //! - `grpc`: thin CSI Identity, Controller and Node adapters.
 //! - `validate`: request fields into typed, checked values.
@@ -11,12 +12,11 @@
 //! - `backend`: per pool kind, how storage is made, sized and removed.
 //! - `sys`: the only place with mount syscalls, mountinfo and durable writes.
 //! - `error`: the error type and its one mapping onto gRPC codes.
-//! - `client`: connecting to a CSI socket (benchmarks, tests).
-//! - `bench`: `hostpath-csi bench`, a load generator for any CSI driver.
+//!
+//! The CSI messages and services come from the `csi-proto` crate of this
+//! workspace; `csi-bench`, a load generator for any CSI driver, is another.
 
 pub mod backend;
-pub mod bench;
-pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -24,22 +24,3 @@ pub mod server;
 pub mod sys;
 pub mod validate;
 pub mod volume;
-
-/// Code generated from `proto/csi.proto` (CSI spec v1.12.0).
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod csi {
-    tonic::include_proto!("csi.v1");
-}
-
-/// Sets up logging in the chosen format, filtered by `filter`.
-pub fn init_logging(format: config::LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        config::LogFormat::Human => builder.init(),
-        config::LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}

@@ -15,9 +15,9 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
-use crate::csi;
 use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
 use crate::volume::Volumes;
+use csi_proto as csi;
 
 /// How long to wait before retrying pools that could not be opened (a disk
 /// that is mounted late, say).

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use crate::csi;
-use crate::csi::volume_capability::access_mode::Mode;
 use crate::error::{Error, Result};
+use csi_proto as csi;
+use csi_proto::volume_capability::access_mode::Mode;
 
 /// Longest CreateVolume name accepted. Longer names are not refused by the
 /// spec, but nothing legitimate sends kilobytes of name.

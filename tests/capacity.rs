@@ -8,10 +8,10 @@ mod common;
 mod pools;
 
 use common::{Harness, create_request};
+use csi_proto as csi;
+use csi_proto::controller_service_capability::rpc::Type as CtrlCap;
+use csi_proto::node_service_capability::rpc::Type as NodeCap;
 use hostpath_csi::config::{ByteSize, Overcommit, PoolConfig, PoolKind};
-use hostpath_csi::csi;
-use hostpath_csi::csi::controller_service_capability::rpc::Type as CtrlCap;
-use hostpath_csi::csi::node_service_capability::rpc::Type as NodeCap;
 use pools::*;
 use tonic::Code;
 

@@ -101,7 +101,7 @@ async fn enforce_and_expand(fs: Filesystem, size: i64, grown: i64) {
     h.restart().await;
     let listed = h
         .controller()
-        .list_volumes(hostpath_csi::csi::ListVolumesRequest::default())
+        .list_volumes(csi_proto::ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hostpath_csi::csi;
-use hostpath_csi::csi::identity_client::IdentityClient;
+use csi_proto as csi;
+use csi_proto::identity_client::IdentityClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
 
@@ -61,7 +61,7 @@ fn spawn_under(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Driver {
 async fn wait_ready(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(ch) = hostpath_csi::client::connect(sock).await
+        if let Ok(ch) = csi_proto::connect(sock).await
             && let Ok(r) = IdentityClient::new(ch).probe(csi::ProbeRequest {}).await
             && r.into_inner().ready == Some(true)
         {
@@ -142,7 +142,7 @@ async fn json_logs_and_secrets_never_logged() {
         &["--log-format", "json", "--log-level", "trace"],
     );
     wait_ready(&sock).await;
-    let ch = hostpath_csi::client::connect(&sock).await.unwrap();
+    let ch = csi_proto::connect(&sock).await.unwrap();
     let mut c = csi::controller_client::ControllerClient::new(ch.clone());
     let mut req = common::create_request("with-secret", "p", 1 << 20);
     req.secrets
@@ -260,7 +260,7 @@ async fn probe_is_not_ready_until_the_pools_can_be_opened() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let ch = loop {
-        if let Ok(ch) = hostpath_csi::client::connect(&sock).await {
+        if let Ok(ch) = csi_proto::connect(&sock).await {
             break ch;
         }
         assert!(Instant::now() < deadline, "socket never appeared");
@@ -314,7 +314,7 @@ async fn volumes_work_without_the_capability_to_link_nameless_files() {
     assert_eq!(eff & (1 << CAP_DAC_READ_SEARCH), 0, "{eff:x}");
     assert_ne!(eff & (1 << 21), 0, "CAP_SYS_ADMIN kept: {eff:x}");
 
-    let ch = hostpath_csi::client::connect(&sock).await.unwrap();
+    let ch = csi_proto::connect(&sock).await.unwrap();
     let mut c = csi::controller_client::ControllerClient::new(ch);
     let v = c
         .create_volume(common::create_request("no-cap", "p", 1 << 20))

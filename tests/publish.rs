@@ -6,7 +6,7 @@ mod common;
 use std::io::ErrorKind;
 
 use common::{Harness, mounts_at, publish_request};
-use hostpath_csi::csi;
+use csi_proto as csi;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;

@@ -33,14 +33,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use csi_proto as csi;
+use csi_proto::controller_client::ControllerClient;
+use csi_proto::controller_service_capability::rpc::Type as CtrlRpc;
+use csi_proto::identity_client::IdentityClient;
+use csi_proto::node_client::NodeClient;
+use csi_proto::node_service_capability::rpc::Type as NodeRpc;
+use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::PoolKind;
-use hostpath_csi::csi;
-use hostpath_csi::csi::controller_client::ControllerClient;
-use hostpath_csi::csi::controller_service_capability::rpc::Type as CtrlRpc;
-use hostpath_csi::csi::identity_client::IdentityClient;
-use hostpath_csi::csi::node_client::NodeClient;
-use hostpath_csi::csi::node_service_capability::rpc::Type as NodeRpc;
-use hostpath_csi::csi::volume_capability::access_mode::Mode;
 use hostpath_csi::volume::id::token_for_name;
 use hostpath_csi::volume::pool::Record;
 use robust_support::{

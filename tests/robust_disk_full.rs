@@ -11,8 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::{Harness, create_request};
+use csi_proto as csi;
 use hostpath_csi::config::PoolConfig;
-use hostpath_csi::csi;
 use tonic::Code;
 
 const KIB: i64 = 1 << 10;

@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::{Harness, mount_cap};
-use hostpath_csi::csi;
-use hostpath_csi::csi::volume_capability::AccessType as Pa;
-use hostpath_csi::csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use csi_proto::volume_capability::AccessType as Pa;
+use csi_proto::volume_capability::access_mode::Mode;
 use robust_support::{make_canary, mounts_below, tree_digest};
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -1213,7 +1213,7 @@ async fn a_table_of_hostile_requests_is_refused_with_the_right_codes() {
 /// Runs every case and returns a line per case that did not go as the
 /// table says.
 async fn run_table(h: &Harness, table: &[Case]) -> Vec<String> {
-    let ch = hostpath_csi::client::connect(&h.socket).await.unwrap();
+    let ch = csi_proto::connect(&h.socket).await.unwrap();
     let mut failures = Vec::new();
     for c in table {
         let res = exec(ch.clone(), c.req.clone()).await;

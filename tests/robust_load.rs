@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hostpath_csi::csi;
-use hostpath_csi::csi::controller_client::ControllerClient;
-use hostpath_csi::csi::identity_client::IdentityClient;
-use hostpath_csi::csi::node_client::NodeClient;
-use hostpath_csi::csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use csi_proto::controller_client::ControllerClient;
+use csi_proto::identity_client::IdentityClient;
+use csi_proto::node_client::NodeClient;
+use csi_proto::volume_capability::access_mode::Mode;
 use robust_support::{Driver, PoolSpec, Workdir, env_u64, mounts_below};
 use tonic::transport::Channel;
 
@@ -196,7 +196,7 @@ async fn load(socket: &Path, pools: &[&str], targets: &Path, clients: usize, sec
             id,
             // Each client has a connection of its own, as separate
             // sidecars and kubelet would.
-            ch: hostpath_csi::client::connect(socket).await.unwrap(),
+            ch: csi_proto::connect(socket).await.unwrap(),
             pool: pools[id % pools.len()].to_string(),
             targets: targets.to_path_buf(),
             report: Arc::clone(&report),

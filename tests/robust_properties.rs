@@ -7,7 +7,7 @@
 
 use std::path::{Component, Path};
 
-use hostpath_csi::csi;
+use csi_proto as csi;
 use hostpath_csi::validate;
 use hostpath_csi::volume::id::{
     MAX_POOL_LEN, MAX_TOKEN_LEN, VolumeId, token_for_name, valid_token,

@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{Harness, create_request, mount_cap};
-use hostpath_csi::csi;
-use hostpath_csi::csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use csi_proto::volume_capability::access_mode::Mode;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking};
-use crate::csi;
-use crate::csi::controller_service_capability::{self, rpc};
 use crate::error::Error;
 use crate::validate;
 use crate::volume::Volume;
 use crate::volume::control::CreateRequest;
+use csi_proto as csi;
+use csi_proto::controller_service_capability::{self, rpc};
 
 /// Controller service.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Shared;
-use crate::csi;
-use crate::csi::plugin_capability::{self, service, volume_expansion};
+use csi_proto as csi;
+use csi_proto::plugin_capability::{self, service, volume_expansion};
 
 /// Identity service.
 #[derive(Debug, Clone)]

@@ -4,7 +4,6 @@
 //! volume logic on the blocking pool, and converts the answer back. No
 //! handler logs a whole request: CSI requests can carry secrets.
 
-pub mod codec;
 pub mod controller;
 pub mod identity;
 pub mod node;

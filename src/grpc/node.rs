@@ -5,12 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking};
-use crate::csi;
-use crate::csi::node_service_capability::{self, rpc};
-use crate::csi::volume_usage::Unit;
 use crate::error::Error;
 use crate::validate;
 use crate::volume::node::PublishRequest;
+use csi_proto as csi;
+use csi_proto::node_service_capability::{self, rpc};
+use csi_proto::volume_usage::Unit;
 
 /// Node service.
 #[derive(Debug, Clone)]

@@ -13,12 +13,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use csi_proto as csi;
+use csi_proto::controller_client::ControllerClient;
+use csi_proto::identity_client::IdentityClient;
+use csi_proto::node_client::NodeClient;
+use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::{Config, PoolConfig, PoolKind};
-use hostpath_csi::csi;
-use hostpath_csi::csi::controller_client::ControllerClient;
-use hostpath_csi::csi::identity_client::IdentityClient;
-use hostpath_csi::csi::node_client::NodeClient;
-use hostpath_csi::csi::volume_capability::access_mode::Mode;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -101,7 +101,7 @@ impl Harness {
         });
         self.stop = Some(tx);
         self.task = Some(task);
-        let channel = hostpath_csi::client::connect(&self.socket).await.unwrap();
+        let channel = csi_proto::connect(&self.socket).await.unwrap();
         self.channel = Some(channel);
         self.wait_ready().await;
     }

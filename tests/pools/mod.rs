@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hostpath_csi::csi;
+use csi_proto as csi;
 use tempfile::TempDir;
 
 use crate::common::{self, Harness};

@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use csi_proto as csi;
+use csi_proto::identity_client::IdentityClient;
 use hostpath_csi::config::PoolKind;
-use hostpath_csi::csi;
-use hostpath_csi::csi::identity_client::IdentityClient;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -407,7 +407,7 @@ impl Drop for Driver {
 
 /// One connection attempt to a CSI socket.
 pub async fn connect_once(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    hostpath_csi::client::connect(socket).await
+    csi_proto::connect(socket).await
 }
 
 /// Creates a tree of files, directories and a symlink that nothing in the

@@ -7,9 +7,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::driver::{Caps, Clients, bounded};
-use crate::csi;
-use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode};
+use csi_proto as csi;
+use csi_proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode};
+
+use crate::driver::{Caps, Clients, bounded};
+use crate::error::Error;
+use crate::lock;
 
 /// What the bench has made in the driver and not yet undone.
 #[derive(Debug, Default)]
@@ -47,7 +50,7 @@ pub struct Ctx {
 }
 
 /// A call's latency and its outcome.
-pub type Timed<T> = (Duration, Result<T, String>);
+pub type Timed<T> = (Duration, Result<T, Error>);
 
 async fn timed<T>(
     timeout: Duration,
@@ -77,15 +80,15 @@ impl Ctx {
 
     /// Replaces the connection (after the driver was restarted).
     pub fn reconnect(&self, clients: Clients) {
-        *self.clients.lock().expect("clients lock") = clients;
+        *lock(&self.clients) = clients;
     }
 
     fn c(&self) -> Clients {
-        self.clients.lock().expect("clients lock").clone()
+        lock(&self.clients).clone()
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        self.ledger.lock().expect("ledger lock")
+        lock(&self.ledger)
     }
 
     /// Probe.
@@ -123,11 +126,7 @@ impl Ctx {
             ..Default::default()
         };
         let (d, r) = timed(self.rpc_timeout, self.c().controller.create_volume(req)).await;
-        let r = r.and_then(|resp| {
-            resp.volume
-                .map(|v| v.volume_id)
-                .ok_or_else(|| "CreateVolume answered without a volume".to_string())
-        });
+        let r = r.and_then(|resp| resp.volume.map(|v| v.volume_id).ok_or(Error::NoVolume));
         if let Ok(id) = &r {
             self.ledger()
                 .volumes

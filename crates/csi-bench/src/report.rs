@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use serde_json::{Value, json};
 
-use super::stats::{Samples, Summary};
+use crate::stats::{Samples, Summary};
 
 /// Which floor an operation is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,12 +9,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::driver::{Clients, Managed, memory_kib};
-use super::floor::FloorRun;
-use super::ops::Ctx;
-use super::progress::Progress;
-use super::report::{FLOOR_SCENARIO, Floor, Report};
-use super::stats::{Samples, rate};
+use crate::driver::{Clients, Managed, memory_kib};
+use crate::floor::FloorRun;
+use crate::lock;
+use crate::ops::Ctx;
+use crate::progress::Progress;
+use crate::report::{FLOOR_SCENARIO, Floor, Report};
+use crate::stats::{Samples, rate};
 
 /// A phase stops after this many failed calls: something is wrong and
 /// hammering on says nothing more.
@@ -39,7 +40,7 @@ pub struct Env<'a> {
 
 impl Env<'_> {
     fn report(&self) -> std::sync::MutexGuard<'_, Report> {
-        self.report.lock().expect("report lock")
+        lock(self.report)
     }
 
     /// The current driver pid (a restarted driver has a new one).
@@ -374,7 +375,7 @@ async fn fan_out<T, F, Fut>(
 where
     T: Send + 'static,
     F: Fn(Arc<Ctx>, usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = super::ops::Timed<T>> + Send,
+    Fut: std::future::Future<Output = crate::ops::Timed<T>> + Send,
 {
     let bar = Arc::new(Progress::new(label, count as u64));
     let next = Arc::new(AtomicUsize::new(0));
@@ -445,7 +446,7 @@ pub async fn list(ctx: &Ctx, env: &Env<'_>, page_size: i32, repeats: usize, pres
                     token = next;
                 }
                 (_, Err(e)) => {
-                    pages.fail(e.clone());
+                    pages.fail(&e);
                     full.fail(e);
                     continue 'outer;
                 }

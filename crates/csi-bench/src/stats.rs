@@ -23,11 +23,12 @@ impl Samples {
             .push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
-    /// A failed call.
-    pub fn fail(&mut self, why: impl Into<String>) {
+    /// A failed call, and why (kept for the report if it is among the
+    /// first few).
+    pub fn fail(&mut self, why: impl std::fmt::Display) {
         self.errors += 1;
         if self.first_errors.len() < KEPT_ERRORS {
-            self.first_errors.push(why.into());
+            self.first_errors.push(why.to_string());
         }
     }
 
@@ -45,11 +46,6 @@ impl Samples {
     /// Number of successful calls.
     pub fn len(&self) -> usize {
         self.nanos.len()
-    }
-
-    /// Whether no call succeeded.
-    pub fn is_empty(&self) -> bool {
-        self.nanos.is_empty()
     }
 
     /// Percentiles of all samples.

@@ -1,25 +1,42 @@
-//! `hostpath-csi bench` as a user runs it: against the real driver, which
-//! the bench starts itself, with every scenario. The figures are not
-//! judged here (speed targets live in BENCHMARKS.md); what is checked is
-//! what a user relies on: every scenario ran without errors, the report
-//! holds what the docs promise, a failing driver makes the exit code
-//! non-zero, and nothing the bench made is left behind.
+//! `csi-bench` as a user runs it: against the real driver of this
+//! workspace (`hostpath-csi`), which the bench starts itself, with every
+//! scenario. The figures are not judged here (speed targets live in
+//! BENCHMARKS.md); what is checked is what a user relies on: every
+//! scenario ran without errors, the report holds what the docs promise, a
+//! failing driver makes the exit code non-zero, and nothing the bench made
+//! is left behind.
+//!
+//! The driver binary is taken from the same target directory as the
+//! bench's: `cargo test` at the workspace root (which `scripts/test.sh`
+//! runs) builds both. Publishing bind-mounts, so this needs root.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
+const BENCH: &str = env!("CARGO_BIN_EXE_csi-bench");
+
+/// The driver, built beside the bench by a workspace `cargo test`.
+fn driver_bin() -> PathBuf {
+    let bin = Path::new(BENCH).with_file_name("hostpath-csi");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests from the workspace root (`cargo test`), which builds the driver too",
+        bin.display()
+    );
+    bin
+}
 
 fn bench(dir: &Path, extra: &[&str]) -> (Output, Vec<Value>) {
     let sock = format!("unix://{}", dir.join("csi.sock").display());
     let driver = format!(
-        "{BIN} --endpoint {sock} --node-id bench-node --pool default={}",
+        "{} --endpoint {sock} --node-id bench-node --pool default={}",
+        driver_bin().display(),
         dir.join("pool").display()
     );
-    let out = Command::new(BIN)
-        .args(["bench", "--endpoint", &sock, "--driver-cmd", &driver])
+    let out = Command::new(BENCH)
+        .args(["--endpoint", &sock, "--driver-cmd", &driver])
         .arg("--workdir")
         .arg(dir.join("work"))
         .args([

@@ -1,4 +1,4 @@
-//! `hostpath-csi bench` against a driver that stages and attaches, which
+//! `csi-bench` against a driver that stages and attaches, which
 //! ours does not: does the bench follow what a driver advertises?
 //!
 //! TEST DOUBLE: the driver here is a small in-test CSI server, not a real
@@ -16,13 +16,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use hostpath_csi::csi;
-use hostpath_csi::csi::controller_service_capability::rpc::Type as CRpc;
-use hostpath_csi::csi::node_service_capability::rpc::Type as NRpc;
+use csi_proto as csi;
+use csi_proto::controller_service_capability::rpc::Type as CRpc;
+use csi_proto::node_service_capability::rpc::Type as NRpc;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hostpath-csi");
+const BIN: &str = env!("CARGO_BIN_EXE_csi-bench");
 const NODE: &str = "double-node";
 
 #[derive(Debug, Default)]
@@ -326,7 +326,7 @@ async fn the_bench_attaches_and_stages_in_csi_order_where_the_driver_asks_for_it
     let work = dir.path().join("work");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(BIN)
-            .args(["bench", "--endpoint", &endpoint, "--format", "json"])
+            .args(["--endpoint", &endpoint, "--format", "json"])
             .args(["--scenario", "publish,stats", "--count", "4"])
             .args(["--publish-count", "3", "--stats-rounds", "2"])
             .arg("--workdir")

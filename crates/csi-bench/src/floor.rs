@@ -12,11 +12,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use nix::mount::{MntFlags, MsFlags};
-
-use super::ops::Ctx;
-use super::progress::Progress;
-use super::stats::Samples;
+use crate::ops::Ctx;
+use crate::progress::Progress;
+use crate::stats::Samples;
+use crate::sys;
 
 /// A record about the size of a driver's (a few hundred bytes of JSON).
 const RECORD: &[u8] = br#"{
@@ -105,7 +104,7 @@ impl FloorRun {
             let t = Instant::now();
             match durable_create(&self.dir, &name) {
                 Ok(()) => self.samples.create.push(t.elapsed()),
-                Err(e) => self.samples.create.fail(e.to_string()),
+                Err(e) => self.samples.create.fail(e),
             }
             self.sequential += 1;
             if let Some(b) = bar {
@@ -131,7 +130,7 @@ impl FloorRun {
             let t = Instant::now();
             match durable_delete(dir, &format!("s{i}")) {
                 Ok(()) => out.delete.push(t.elapsed()),
-                Err(e) => out.delete.fail(e.to_string()),
+                Err(e) => out.delete.fail(e),
             }
             bar.inc();
         }
@@ -142,7 +141,7 @@ impl FloorRun {
             let _ = fs::remove_file(dir.join(format!(".p{i}.meta.tmp")));
         }
         let _ = File::open(dir).and_then(|d| d.sync_all());
-        if nix::unistd::geteuid().is_root() {
+        if sys::is_root() {
             let (bind, unmount) = mounts(dir, self.count, ctx)?;
             out.bind = Some(bind);
             out.unmount = Some(unmount);
@@ -177,7 +176,7 @@ fn parallel(
                         let t = Instant::now();
                         match durable_create(dir, &format!("p{i}")) {
                             Ok(()) => mine.push(t.elapsed()),
-                            Err(e) => mine.fail(e.to_string()),
+                            Err(e) => mine.fail(e),
                         }
                         bar.inc();
                     }
@@ -230,14 +229,7 @@ fn mounts(dir: &Path, count: usize, ctx: &Ctx) -> io::Result<(Samples, Samples)>
             break;
         }
         let t = Instant::now();
-        let r = nix::mount::mount(
-            Some(&src),
-            &dst,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        );
-        match r {
+        match sys::bind_mount(&src, &dst) {
             Ok(()) => bind.push(t.elapsed()),
             Err(e) => {
                 bind.fail(format!("mount: {e}"));
@@ -245,7 +237,7 @@ fn mounts(dir: &Path, count: usize, ctx: &Ctx) -> io::Result<(Samples, Samples)>
             }
         }
         let t = Instant::now();
-        match nix::mount::umount2(&dst, MntFlags::UMOUNT_NOFOLLOW) {
+        match sys::unmount(&dst) {
             Ok(()) => unmount.push(t.elapsed()),
             Err(e) => {
                 unmount.fail(format!("umount: {e}"));

@@ -1,5 +1,5 @@
-//! Connecting to a CSI driver's Unix socket, for the benchmark tool and
-//! the tests (which talk to the driver exactly as a CO would).
+//! Connecting to a CSI driver's Unix socket, as a CO does: for csi-bench
+//! and the driver's tests.
 
 use std::path::{Path, PathBuf};
 

@@ -13,11 +13,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
 
-use crate::client;
-use crate::csi;
-use crate::csi::controller_client::ControllerClient;
-use crate::csi::identity_client::IdentityClient;
-use crate::csi::node_client::NodeClient;
+use csi_proto as csi;
+use csi_proto::controller_client::ControllerClient;
+use csi_proto::identity_client::IdentityClient;
+use csi_proto::node_client::NodeClient;
+
+use crate::error::Error;
 
 /// The three CSI clients over one connection.
 #[derive(Debug, Clone)]
@@ -77,7 +78,7 @@ impl Caps {
 
     /// Asks the driver. Only GetPluginInfo must answer; a service that does
     /// not answer counts as absent.
-    pub async fn discover(c: &Clients, timeout: Duration) -> Result<Caps, String> {
+    pub async fn discover(c: &Clients, timeout: Duration) -> Result<Caps, Error> {
         use csi::controller_service_capability::{Type as CType, rpc::Type as CRpc};
         use csi::node_service_capability::{Type as NType, rpc::Type as NRpc};
         use csi::plugin_capability::{Type as PType, service::Type as PService};
@@ -90,7 +91,7 @@ impl Caps {
                 .get_plugin_info(csi::GetPluginInfoRequest {}),
         )
         .await
-        .map_err(|e| format!("GetPluginInfo: {e}"))?;
+        .map_err(|e| Error::PluginInfo(Box::new(e)))?;
         caps.name = info.name;
         caps.version = info.vendor_version;
 
@@ -155,26 +156,30 @@ impl Caps {
     }
 }
 
-/// Runs one RPC with a time limit; the error is a readable message.
+/// Runs one RPC with a time limit.
 pub async fn bounded<T>(
     timeout: Duration,
     fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
+) -> Result<T, Error> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(s)) => Err(Error::Status(s)),
+        Err(_) => Err(Error::Timeout(timeout)),
     }
 }
 
 /// Opens a connection, bounded in time.
-pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
-    match tokio::time::timeout(timeout, client::connect(endpoint)).await {
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, Error> {
+    match tokio::time::timeout(timeout, csi::connect(endpoint)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("connecting to {endpoint}: {e}")),
-        Err(_) => Err(format!(
-            "connecting to {endpoint}: no answer within {timeout:?}"
-        )),
+        Ok(Err(source)) => Err(Error::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        }),
+        Err(_) => Err(Error::ConnectTimeout {
+            endpoint: endpoint.to_string(),
+            timeout,
+        }),
     }
 }
 
@@ -211,18 +216,22 @@ impl Managed {
         &mut self,
         endpoint: &str,
         limit: Duration,
-    ) -> Result<(Duration, Channel), String> {
+    ) -> Result<(Duration, Channel), Error> {
         if self.child.is_some() {
-            return Err("the driver is already running".into());
+            return Err(Error::AlreadyRunning);
         }
         let (out, err) = match &self.log {
             Some(p) => {
+                let log_error = |source| Error::DriverLog {
+                    path: p.clone(),
+                    source,
+                };
                 let f = File::options()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| format!("opening {}: {e}", p.display()))?;
-                let f2 = f.try_clone().map_err(|e| e.to_string())?;
+                    .map_err(log_error)?;
+                let f2 = f.try_clone().map_err(log_error)?;
                 (Stdio::from(f), Stdio::from(f2))
             }
             None => (Stdio::null(), Stdio::null()),
@@ -238,7 +247,10 @@ impl Managed {
             // bench, which still needs the driver to clean up.
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("starting {:?}: {e}", self.cmd))?;
+            .map_err(|source| Error::Spawn {
+                command: self.cmd.clone(),
+                source,
+            })?;
         self.child = Some(child);
         let deadline = started + limit;
         let mut channel = None;
@@ -249,15 +261,13 @@ impl Managed {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                return Err(format!("the driver exited during startup: {status}"));
+                return Err(Error::ExitedAtStartup(status));
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the driver did not answer Probe ready within {limit:?}"
-                ));
+                return Err(Error::NotReady(limit));
             }
             if channel.is_none() {
-                channel = client::connect(endpoint).await.ok();
+                channel = csi::connect(endpoint).await.ok();
             }
             if let Some(ch) = &channel {
                 let mut id = IdentityClient::new(ch.clone());
@@ -277,7 +287,7 @@ impl Managed {
     }
 
     /// Stops the driver: SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(&mut self, grace: Duration) -> Result<(), String> {
+    pub async fn stop(&mut self, grace: Duration) -> Result<(), Error> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -285,16 +295,14 @@ impl Managed {
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            if child.try_wait().map_err(Error::Wait)?.is_some() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let _ = child.kill();
         let _ = child.wait();
-        Err(format!(
-            "the driver ignored SIGTERM for {grace:?}; killed it"
-        ))
+        Err(Error::IgnoredSigterm(grace))
     }
 }
 

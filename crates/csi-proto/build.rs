@@ -1,5 +1,5 @@
 //! Compiles `proto/csi.proto` into Rust with protox, a pure-Rust protobuf
-//! compiler, so building the driver needs no system `protoc`.
+//! compiler, so building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/csi.proto");
@@ -8,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
-        .codec_path("crate::grpc::codec::CsiCodec")
+        .codec_path("crate::codec::CsiCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

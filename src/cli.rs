@@ -1,0 +1,312 @@
+//! The driver's command line: `hostpath-csi [serve] [FLAGS]`, each flag
+//! also readable from an environment variable so that a DaemonSet can set
+//! it from the downward API. [`ServeArgs::resolve`] turns the flags into
+//! the library's checked [`Config`]; the checks themselves live in
+//! `hostpath_csi::config`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hostpath_csi::config::{self, Config, ConfigError, PoolConfig};
+
+/// Default driver name; distinct from the upstream demo driver's so both
+/// can run in one cluster.
+pub const DEFAULT_DRIVER_NAME: &str = "hostpath-csi.dev";
+/// Where the default pool lives when no pool is configured.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hostpath-csi";
+/// Default endpoint.
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/hostpath-csi/csi.sock";
+
+/// `hostpath-csi`: a CSI driver that turns volumes into directories on this
+/// node's disks.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, accepted without the word `serve` too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI Identity, Controller and Node services (the default).
+    Serve(ServeArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Flags of `hostpath-csi serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// CSI endpoint to listen on: `unix:///path/to/csi.sock` (or a plain
+    /// path). A stale socket file there is replaced.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+
+    /// This node's id, reported by NodeGetInfo and used as the topology
+    /// value that pins volumes to this node. Defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: Option<String>,
+
+    /// Driver name reported by GetPluginInfo; StorageClasses name it in
+    /// their `provisioner` field.
+    #[arg(long, env = "HOSTPATH_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+
+    /// A pool: `NAME=DIR` (kind dir) or `NAME=DIR:KIND` with KIND one of
+    /// `dir`, `btrfs` (DIR on btrfs; a subvolume with a qgroup limit per
+    /// volume) or `image` (a loop-mounted ext4 image per volume).
+    /// Repeatable. StorageClasses pick a pool with the parameter `pool:
+    /// NAME`. Size limits, overcommit and the image filesystem are set in
+    /// the config file. With no pools from flags or the config file, one
+    /// pool `default` lives under --state-dir.
+    #[arg(
+        long = "pool",
+        value_name = "NAME=DIR[:KIND]",
+        env = "HOSTPATH_CSI_POOLS",
+        value_delimiter = ','
+    )]
+    pub pools: Vec<String>,
+
+    /// TOML file with `[[pools]]` tables (name, path, kind and size
+    /// settings); see the README. Pools from --pool are added to it.
+    #[arg(long, env = "HOSTPATH_CSI_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Directory for the default pool when none is configured.
+    #[arg(long, env = "HOSTPATH_CSI_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// Most volumes the scheduler may place on this node (0: no limit).
+    #[arg(long, env = "HOSTPATH_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    pub max_volumes_per_node: i64,
+
+    /// Log format.
+    #[arg(long, env = "HOSTPATH_CSI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `hostpath_csi=debug` (tracing syntax).
+    #[arg(long, env = "HOSTPATH_CSI_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+impl ServeArgs {
+    /// Resolves flags, environment and config file into a checked config.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let socket = config::socket_path(&self.endpoint)?;
+        let mut pools = match &self.config {
+            Some(path) => config::load_file(path)?.pools,
+            None => Vec::new(),
+        };
+        for flag in &self.pools {
+            pools.push(config::parse_pool_flag(flag)?);
+        }
+        if pools.is_empty() {
+            pools.push(PoolConfig::dir("default", self.state_dir.join("default")));
+        }
+        config::check_pools(&pools)?;
+        config::check_driver_name(&self.driver_name)?;
+        let node_id = match &self.node_id {
+            Some(n) if !n.is_empty() => n.clone(),
+            _ => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .ok_or(ConfigError::NodeId)?,
+        };
+        Ok(Config {
+            socket,
+            node_id,
+            driver_name: self.driver_name.clone(),
+            pools,
+            max_volumes_per_node: self.max_volumes_per_node.max(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostpath_csi::config::{ByteSize, Filesystem, Overcommit, PoolKind};
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut v = vec!["hostpath-csi", "--node-id", "n1"];
+        v.extend_from_slice(extra);
+        Cli::parse_from(v).serve
+    }
+
+    #[test]
+    fn defaults_give_one_default_pool() {
+        let c = args(&[]).resolve().unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].name, "default");
+        assert_eq!(
+            c.pools[0].path,
+            PathBuf::from("/var/lib/hostpath-csi/default")
+        );
+        assert_eq!(c.socket, PathBuf::from("/run/hostpath-csi/csi.sock"));
+        assert_eq!(c.driver_name, DEFAULT_DRIVER_NAME);
+    }
+
+    #[test]
+    fn pool_flags_and_mistakes() {
+        let c = args(&["--pool", "hdd=/mnt/hdd", "--pool", "ssd=/mnt/ssd"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            c.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["hdd", "ssd"]
+        );
+        assert!(matches!(
+            args(&["--pool", "hdd"]).resolve(),
+            Err(ConfigError::PoolFlag(_))
+        ));
+        assert!(matches!(
+            args(&["--pool", "HDD=/x"]).resolve(),
+            Err(ConfigError::PoolName(_))
+        ));
+        assert!(matches!(
+            args(&["--pool", "a=rel"]).resolve(),
+            Err(ConfigError::RelativePath(..))
+        ));
+        assert!(matches!(
+            args(&["--pool", "a=/x", "--pool", "b=/x/y"]).resolve(),
+            Err(ConfigError::Overlap(..))
+        ));
+        assert!(matches!(
+            args(&["--pool", "a=/x", "--pool", "a=/y"]).resolve(),
+            Err(ConfigError::DuplicatePool(_))
+        ));
+        assert!(matches!(
+            args(&["--endpoint", "tcp://127.0.0.1:1"]).resolve(),
+            Err(ConfigError::Endpoint(_))
+        ));
+    }
+
+    #[test]
+    fn config_file_pools() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[[pools]]\nname = \"hdd\"\npath = \"/mnt/hdd\"\nkind = \"dir\"\n",
+        )
+        .unwrap();
+        let c = args(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.pools[0].kind, PoolKind::Dir);
+        std::fs::write(
+            &f,
+            "[[pools]]\nname = \"hdd\"\npath = \"/mnt/hdd\"\nbogus = 1\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            args(&["--config", f.to_str().unwrap()]).resolve(),
+            Err(ConfigError::File(..))
+        ));
+    }
+
+    #[test]
+    fn pool_flags_with_kinds() {
+        let c = args(&[
+            "--pool",
+            "a=/x:btrfs",
+            "--pool",
+            "b=/y:image",
+            "--pool",
+            "c=/z:dir",
+        ])
+        .resolve()
+        .unwrap();
+        let kinds: Vec<_> = c.pools.iter().map(|p| (p.path.clone(), p.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (PathBuf::from("/x"), PoolKind::Btrfs),
+                (PathBuf::from("/y"), PoolKind::Image),
+                (PathBuf::from("/z"), PoolKind::Dir),
+            ]
+        );
+        assert!(c.expansion_supported());
+        assert!(matches!(
+            args(&["--pool", "a=/x:brtfs"]).resolve(),
+            Err(ConfigError::PoolFlag(_))
+        ));
+        assert!(
+            !args(&["--pool", "a=/x"])
+                .resolve()
+                .unwrap()
+                .expansion_supported()
+        );
+    }
+
+    #[test]
+    fn pool_settings_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            r#"
+[[pools]]
+name = "fast"
+path = "/mnt/btrfs/vols"
+kind = "btrfs"
+min_volume_size = "1Mi"
+max_volume_size = 10737418240
+default_volume_size = "512Mi"
+overcommit = 1.5
+
+[[pools]]
+name = "img"
+path = "/mnt/img"
+kind = "image"
+filesystem = "xfs"
+overcommit = "none"
+"#,
+        )
+        .unwrap();
+        let c = args(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        let fast = &c.pools[0];
+        assert_eq!(fast.kind, PoolKind::Btrfs);
+        assert_eq!(fast.min_volume_size, Some(ByteSize(1 << 20)));
+        assert_eq!(fast.max_volume_size, Some(ByteSize(10 << 30)));
+        assert_eq!(fast.default_volume_size, Some(ByteSize(512 << 20)));
+        assert_eq!(fast.overcommit(), Overcommit::Ratio(1.5));
+        assert_eq!(c.pools[1].filesystem(), Filesystem::Xfs);
+        assert_eq!(c.pools[1].overcommit(), Overcommit::None);
+        assert_eq!(
+            PoolConfig::dir("d", "/d".into()).overcommit(),
+            Overcommit::None
+        );
+
+        for bad in [
+            "kind = \"dir\"\nfilesystem = \"xfs\"",
+            "kind = \"dir\"\novercommit = 1.0",
+            "kind = \"btrfs\"\nmin_volume_size = \"2Gi\"\nmax_volume_size = \"1Gi\"",
+            "kind = \"btrfs\"\nmax_volume_size = \"1 parsec\"",
+            "kind = \"btrfs\"\novercommit = -1.0",
+        ] {
+            std::fs::write(
+                &f,
+                format!("[[pools]]\nname = \"p\"\npath = \"/p\"\n{bad}\n"),
+            )
+            .unwrap();
+            let r = args(&["--config", f.to_str().unwrap()]).resolve();
+            assert!(
+                matches!(r, Err(ConfigError::Setting(..) | ConfigError::File(..))),
+                "{bad}: {r:?}"
+            );
+        }
+    }
+}
