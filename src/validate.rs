@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::sys::mount::MountFlags;
 use csi_proto as csi;
 use csi_proto::volume_capability::access_mode::Mode;
 
@@ -30,21 +31,6 @@ pub enum AccessMode {
     SingleNodeMultiWriter,
     /// Any MULTI_NODE_* mode: a node-local disk cannot offer it.
     MultiNode,
-}
-
-/// Mount options a bind mount can honour.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MountFlags {
-    /// `ro`.
-    pub read_only: bool,
-    /// `nosuid`.
-    pub nosuid: bool,
-    /// `nodev`.
-    pub nodev: bool,
-    /// `noexec`.
-    pub noexec: bool,
-    /// `noatime`.
-    pub noatime: bool,
 }
 
 /// How the volume is to be accessed.

@@ -42,7 +42,7 @@ use csi_proto::node_service_capability::rpc::Type as NodeRpc;
 use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::PoolKind;
 use hostpath_csi::volume::id::token_for_name;
-use hostpath_csi::volume::pool::Record;
+use hostpath_csi::volume::record::Record;
 use robust_support::{
     Driver, LoopFs, PoolSpec, Rng, Workdir, env_u64, have, loop_autoclear, loops_below,
     make_canary, mounts_below, pool_dir, run, tree_digest,
@@ -1370,7 +1370,7 @@ async fn retry_as_a_co<T, Fut>(
 
 async fn sweep_scenario() -> Vec<String> {
     use hostpath_csi::config::PoolKind;
-    use hostpath_csi::volume::pool::Record;
+    use hostpath_csi::volume::record::Record;
 
     const N: usize = 120;
     let work = Workdir::new("hostpath-csi-sweep");

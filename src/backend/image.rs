@@ -394,7 +394,7 @@ impl Backend for ImageBackend {
         }
     }
 
-    fn publish_source(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
+    fn make_available(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
         self.ensure_mounted(pool_dir, token)?;
         Ok(pool_dir.join(token))
     }

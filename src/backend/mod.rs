@@ -64,9 +64,11 @@ pub trait Backend: Send + Sync + Debug {
             .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e))
     }
 
-    /// The directory to bind-mount when publishing (image volumes mount
-    /// their filesystem here first).
-    fn publish_source(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
+    /// Makes the volume's data reachable at `pool_dir/token` and returns
+    /// that path, the directory to bind-mount when publishing. Image
+    /// volumes mount their filesystem there first if it is not (after a
+    /// reboot, say); the other kinds only return the path.
+    fn make_available(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
         Ok(pool_dir.join(token))
     }
 

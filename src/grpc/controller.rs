@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 use super::{Shared, blocking};
 use crate::error::Error;
 use crate::validate;
+use crate::volume::CreateRequest;
 use crate::volume::Volume;
-use crate::volume::control::CreateRequest;
 use csi_proto as csi;
 use csi_proto::controller_service_capability::{self, rpc};
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{Shared, blocking};
 use crate::error::Error;
 use crate::validate;
-use crate::volume::node::PublishRequest;
+use crate::volume::PublishRequest;
 use csi_proto as csi;
 use csi_proto::node_service_capability::{self, rpc};
 use csi_proto::volume_usage::Unit;

@@ -8,10 +8,12 @@ use nix::mount::{MntFlags, MsFlags};
 
 use super::fs::{fd_path, open_dir_path};
 
-/// Options applied to a bind mount after it is made.
+/// Per-mount flags a bind mount can honour: what a CO may ask for in a
+/// volume capability's `mount_flags` (parsed by `validate`), applied
+/// after the bind is made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BindOptions {
-    /// Make the mount read-only.
+pub struct MountFlags {
+    /// `ro`: make the mount read-only.
     pub read_only: bool,
     /// `nosuid`.
     pub nosuid: bool,
@@ -23,7 +25,7 @@ pub struct BindOptions {
     pub noatime: bool,
 }
 
-impl BindOptions {
+impl MountFlags {
     fn flags(&self) -> MsFlags {
         let mut f = MsFlags::empty();
         f.set(MsFlags::MS_RDONLY, self.read_only);
@@ -42,7 +44,7 @@ impl BindOptions {
 /// redirect the mount. Per-mount flags such as read-only need a second
 /// call: the kernel ignores them on the first `MS_BIND` (verified on this
 /// kernel: a single `MS_BIND|MS_RDONLY` stays writable).
-pub fn bind(source: &Path, target: &Path, opts: BindOptions) -> io::Result<()> {
+pub fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result<()> {
     let src = open_dir_path(source)?;
     let dst = open_dir_path(target)?;
     nix::mount::mount(

@@ -1,27 +1,41 @@
 //! The volume logic: plain Rust, no gRPC, callable from tests directly.
 //!
-//! [`Volumes`] owns the pools and the per-volume locks. Its controller-side
-//! operations are in `control` (create, delete, list), `capacity` (sizes,
-//! promises, GetCapacity) and `expand`, its
-//! node-side ones (publish, unpublish, stats) in `node`. All of it blocks;
-//! the gRPC layer calls it from `spawn_blocking`.
+//! [`Volumes`] holds the pools and the per-volume locks. Each CSI call is
+//! one method that reads top to bottom the same way: check what the
+//! request asks against this node (which pool, which topology), take the
+//! volume's lock, let the [`pool::Pool`] do the storage work, and describe
+//! the result. The controller's calls are in `controller`, the node's in
+//! `node`; the rules they apply live beside them:
+//! - `pool`: one pool's directory, backend, records, listing index and
+//!   promises, behind its methods;
+//! - `record`: what is remembered about a volume;
+//! - `capacity`: sizes and what a pool can still promise;
+//! - `target`: publish targets from the CO, inspected as hostile paths;
+//! - `id`: volume ids and the on-disk names derived from them;
+//! - `inflight`: one call at a time per volume.
+//!
+//! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
 pub mod capacity;
-pub mod control;
-pub mod expand;
+mod controller;
 pub mod id;
 pub mod inflight;
-pub mod node;
+mod node;
 pub mod pool;
+pub mod record;
+mod target;
 
 use std::collections::BTreeMap;
 
-use crate::backend;
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use id::VolumeId;
 use inflight::InFlight;
-use pool::{Pool, Record};
+use pool::Pool;
+use record::Record;
+
+pub use controller::{CreateRequest, Expanded};
+pub use node::{PublishRequest, Stats};
 
 /// Topology key that pins a volume to the node holding it.
 pub const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
@@ -49,56 +63,36 @@ impl Volumes {
     /// Opens the configured pools: creates and checks their directories.
     /// Cleaning up leftovers of interrupted calls is left to
     /// [`Volumes::sweep`], which can run once the driver serves.
-    pub fn open(pools: &[PoolConfig], node_id: &str) -> Result<Self> {
-        let pools = pools
-            .iter()
-            .map(|p| Pool {
-                name: p.name.clone(),
-                dir: p.path.clone(),
-                backend: backend::for_pool(p),
-                policy: capacity::SizePolicy::from_config(p),
-                promises: capacity::Promises::default(),
-                flusher: Default::default(),
-                index: Default::default(),
-            })
-            .collect();
-        let mut v = Volumes {
-            pools,
-            node_id: node_id.to_string(),
-            inflight: InFlight::default(),
-        };
-        v.prepare()?;
-        Ok(v)
-    }
-
-    fn prepare(&mut self) -> Result<()> {
-        for p in &mut self.pools {
-            p.prepare()?;
-        }
-        for (i, a) in self.pools.iter().enumerate() {
-            for b in &self.pools[i + 1..] {
-                if a.overlaps(&b.dir) {
+    pub fn open(configs: &[PoolConfig], node_id: &str) -> Result<Self> {
+        let pools = configs.iter().map(Pool::open).collect::<Result<Vec<_>>>()?;
+        for (i, a) in pools.iter().enumerate() {
+            for b in &pools[i + 1..] {
+                if a.overlaps(b.dir()) {
                     return Err(Error::FailedPrecondition(format!(
                         "pools {} and {} resolve to overlapping directories {} and {}",
-                        a.name,
-                        b.name,
-                        a.dir.display(),
-                        b.dir.display()
+                        a.name(),
+                        b.name(),
+                        a.dir().display(),
+                        b.dir().display()
                     )));
                 }
             }
         }
         // Said once per start rather than on every CreateVolume: with a
         // size on every claim, a warning per call would bury the log.
-        for p in self.pools.iter().filter(|p| !p.backend.enforces_size()) {
+        for p in pools.iter().filter(|p| !p.enforces_size()) {
             tracing::warn!(
-                pool = %p.name,
-                dir = %p.dir.display(),
+                pool = %p.name(),
+                dir = %p.dir().display(),
                 "pool of kind dir does not enforce sizes: a volume can grow beyond its capacity \
                  until the disk is full (its volume context says sizeEnforced=false)"
             );
         }
-        Ok(())
+        Ok(Volumes {
+            pools,
+            node_id: node_id.to_string(),
+            inflight: InFlight::default(),
+        })
     }
 
     /// Removes leftovers of interrupted calls that no record refers to,
@@ -106,32 +100,19 @@ impl Volumes {
     /// its leftovers). Returns how many were removed.
     pub fn sweep(&self) -> Result<usize> {
         let mut n = 0;
-        for p in &self.pools {
-            for (token, path) in p.leftovers()? {
+        for pool in &self.pools {
+            for (token, path) in pool.leftovers()? {
                 let Ok(_guard) = self.inflight.claim(&token) else {
                     continue;
                 };
-                // Re-check under the lock: the call that held it may have
+                // Removed under the lock: the call that held it may have
                 // finished with this very file.
-                if std::fs::symlink_metadata(&path).is_err() {
-                    continue;
+                if pool.remove_leftover(&path)? {
+                    n += 1;
                 }
-                crate::sys::fs::remove_tree(&path)
-                    .map_err(|e| Error::io(format!("removing leftover {}", path.display()), e))?;
-                n += 1;
             }
         }
         Ok(n)
-    }
-
-    /// This node's id.
-    pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    /// The pools, in configuration order.
-    pub fn pools(&self) -> &[Pool] {
-        &self.pools
     }
 
     /// The topology segment of this node.
@@ -139,8 +120,14 @@ impl Volumes {
         BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
     }
 
+    /// Whether a topology segment is satisfied by this node.
+    fn on_this_node(&self, segment: &BTreeMap<String, String>) -> bool {
+        let ours = self.topology();
+        segment.iter().all(|(k, v)| ours.get(k) == Some(v))
+    }
+
     fn pool(&self, name: &str) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.name == name)
+        self.pools.iter().find(|p| p.name() == name)
     }
 
     /// The pool named by the `pool` parameter; without one, the only pool or
@@ -149,7 +136,7 @@ impl Volumes {
         let known = || {
             self.pools
                 .iter()
-                .map(|p| p.name.as_str())
+                .map(Pool::name)
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -183,14 +170,12 @@ impl Volumes {
         Ok((id, pool))
     }
 
+    /// A volume as the CO sees it: its id, capacity and volume context.
     fn describe(&self, id: &VolumeId, pool: &Pool, record: &Record) -> Volume {
         let mut context = BTreeMap::from([
-            ("pool".to_string(), pool.name.clone()),
+            ("pool".to_string(), pool.name().to_string()),
             ("kind".to_string(), record.kind.as_str().to_string()),
-            (
-                "sizeEnforced".to_string(),
-                pool.backend.enforces_size().to_string(),
-            ),
+            ("sizeEnforced".to_string(), pool.enforces_size().to_string()),
         ]);
         if let Some(ns) = record.parameters.get("csi.storage.k8s.io/pvc/namespace") {
             context.insert("pvcNamespace".into(), ns.clone());

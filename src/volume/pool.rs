@@ -1,5 +1,8 @@
 //! A pool: a directory holding volumes, their records, and a backend that
-//! knows how to make storage of the pool's kind.
+//! knows how to make storage of the pool's kind. [`Pool`] keeps all of it
+//! behind its methods: the directory, the backend, the records, the
+//! listing index, what its volumes were promised, and its directory
+//! flushes.
 //!
 //! Layout inside the pool directory (tokens never start with a dot, so the
 //! driver's own files can never be mistaken for a volume):
@@ -19,78 +22,219 @@
 //! and a record without complete storage marks a call that must be retried.
 //! Each change writes one small file and flushes one directory, so a call
 //! costs the same with ten volumes or ten thousand.
+//!
+//! Every method that takes a token expects the caller to hold that token's
+//! lock (`volume::inflight`); the pool's own locks only guard its in-memory
+//! index and promises.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use serde::{Deserialize, Serialize};
-
-use crate::backend::Backend;
-use crate::config::PoolKind;
+use crate::backend::{self, Backend, VolumeUsage};
+use crate::config::{Overcommit, PoolConfig, PoolKind};
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::volume::id::valid_token;
+use crate::volume::record::{self, Record};
 
-/// What the driver remembers about a volume it created.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The CreateVolume name.
-    pub name: String,
-    /// Kind of the pool at creation.
-    pub kind: PoolKind,
-    /// Capacity promised to the CO, in bytes.
-    pub capacity_bytes: u64,
-    /// CreateVolume parameters, including the claim name and namespace the
-    /// external-provisioner adds, so an operator can tell whose it is.
-    #[serde(default)]
-    pub parameters: BTreeMap<String, String>,
-    /// Creation time, seconds since the epoch.
-    #[serde(default)]
-    pub created_unix: u64,
+/// Size given to a volume whose request names none, unless the pool's
+/// `default_volume_size` says otherwise.
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+
+/// A pool's size settings, from its configuration (the capacity policy in
+/// `volume::capacity` applies them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SizeLimits {
+    /// Smallest volume (0: none beyond the backend's own minimum).
+    pub min: u64,
+    /// Largest volume, if limited.
+    pub max: Option<u64>,
+    /// Size of a volume whose request names none.
+    pub default: u64,
+    /// How much may be promised.
+    pub overcommit: Overcommit,
 }
 
-/// A configured, prepared pool.
+impl SizeLimits {
+    fn from_config(p: &PoolConfig) -> Self {
+        SizeLimits {
+            min: p.min_volume_size.map_or(0, |b| b.0),
+            max: p.max_volume_size.map(|b| b.0),
+            default: p.default_volume_size.map_or(DEFAULT_VOLUME_SIZE, |b| b.0),
+            overcommit: p.overcommit(),
+        }
+    }
+}
+
+/// A configured, opened pool.
 #[derive(Debug)]
 pub struct Pool {
     /// Name StorageClasses use.
-    pub name: String,
+    name: String,
     /// Canonical directory.
-    pub dir: PathBuf,
+    dir: PathBuf,
     /// Storage backend for the pool's kind.
-    pub backend: Box<dyn Backend>,
-    /// Size limits and promise policy (see `volume::control`).
-    pub policy: crate::volume::capacity::SizePolicy,
-    /// What the pool's volumes were promised, kept in memory.
-    pub promises: crate::volume::capacity::Promises,
+    backend: Box<dyn Backend>,
+    /// Size settings.
+    limits: SizeLimits,
     /// Directory flushes shared between concurrent calls.
-    pub flusher: sys::fs::DirFlush,
+    flusher: sys::fs::DirFlush,
     /// Sorted tokens of the pool's volumes for ListVolumes: read from the
     /// directory on first use, then kept up to date by create and delete,
     /// so a page costs its own size, not the pool's.
-    pub index: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
+    index: Mutex<Option<BTreeSet<String>>>,
+    /// The capacity promised to each volume (by token), including creates
+    /// and expansions in progress. `None` until first needed, then built
+    /// from the records; only a ratio policy counts promises, so with
+    /// `none` it stays empty and nothing reads every record.
+    ///
+    /// A std mutex: held only for in-memory changes and the few statfs and
+    /// qgroup reads that decide whether a reservation fits, never across
+    /// an await.
+    promises: Mutex<Option<HashMap<String, u64>>>,
 }
 
-const META: &str = ".meta";
+/// Space figures of a pool, and what it can still promise under its
+/// overcommit setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Size of the pool's filesystem.
+    pub total: u64,
+    /// Bytes free on it.
+    pub free: u64,
+    /// What can still be promised: with `none`, what is free; with a
+    /// ratio `r`, `r` times (free + what the volumes hold) minus the
+    /// promises.
+    pub promisable: u64,
+}
 
-fn encode(record: &Record) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(format!("encoding record: {e}")))
+/// Bytes reserved for a create or expand in progress; given back when
+/// dropped unless [`Reservation::commit`] was called.
+#[must_use]
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    pool: &'a Pool,
+    token: String,
+    previous: Option<u64>,
+    committed: bool,
+}
+
+impl Reservation<'_> {
+    /// Keeps the reserved bytes as the volume's promise.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        if let Some(map) = lock(&self.pool.promises).as_mut() {
+            match self.previous {
+                Some(p) => map.insert(self.token.clone(), p),
+                None => map.remove(&self.token),
+            };
+        }
+    }
+}
+
+/// Locks an in-memory table of the pool. A panic elsewhere cannot leave
+/// it half-changed (each change is one insert or remove), so a poisoned
+/// lock is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Pool {
+    /// Opens a configured pool: creates its directory if needed, checks
+    /// that it takes a durable write, resolves its canonical path and lets
+    /// the backend check the directory suits its kind.
+    pub fn open(config: &PoolConfig) -> Result<Pool> {
+        let name = &config.name;
+        let ctx = |what: &str, dir: &Path| format!("pool {name}: {what} {}", dir.display());
+        std::fs::create_dir_all(&config.path)
+            .map_err(|e| Error::io(ctx("creating", &config.path), e))?;
+        let dir = std::fs::canonicalize(&config.path)
+            .map_err(|e| Error::io(ctx("resolving", &config.path), e))?;
+        sys::fs::write_atomic(&dir, ".probe", b"ok")
+            .and_then(|()| std::fs::remove_file(dir.join(".probe")))
+            .and_then(|()| sys::fs::sync_dir(&dir))
+            .map_err(|e| Error::io(ctx("is not writable:", &dir), e))?;
+        let backend = backend::for_pool(config);
+        backend.prepare(&dir)?;
+        Ok(Pool {
+            name: name.clone(),
+            dir,
+            backend,
+            limits: SizeLimits::from_config(config),
+            flusher: Default::default(),
+            index: Default::default(),
+            promises: Default::default(),
+        })
+    }
+
+    /// Name StorageClasses use.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Canonical directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pool's kind.
+    pub fn kind(&self) -> PoolKind {
+        self.backend.kind()
+    }
+
+    /// Whether volumes of this pool are held to their size.
+    pub fn enforces_size(&self) -> bool {
+        self.backend.enforces_size()
+    }
+
+    /// The pool's size settings.
+    pub fn limits(&self) -> &SizeLimits {
+        &self.limits
+    }
+
+    /// Smallest volume the pool's kind can make.
+    pub fn kind_min_volume_size(&self) -> u64 {
+        self.backend.min_volume_size()
+    }
+
+    /// Volume sizes are rounded up to a multiple of this.
+    pub fn granularity(&self) -> u64 {
+        self.backend.granularity()
+    }
+
+    /// Whether the node must grow the filesystem after an expansion.
+    pub fn needs_node_expand(&self) -> bool {
+        self.backend.needs_node_expand()
+    }
+
+    /// Whether `path` lies inside this pool or contains it.
+    pub fn overlaps(&self, path: &Path) -> bool {
+        path.starts_with(&self.dir) || self.dir.starts_with(path)
+    }
+
     /// Where a volume's data lives.
     pub fn volume_path(&self, token: &str) -> PathBuf {
         self.dir.join(token)
     }
 
-    fn record_name(token: &str) -> String {
-        format!(".{token}{META}")
-    }
+    // --- Records -----------------------------------------------------------
 
     /// Reads a volume's record; `None` when there is none.
-    pub fn read_record(&self, token: &str) -> Result<Option<Record>> {
-        let path = self.dir.join(Self::record_name(token));
+    pub fn record(&self, token: &str) -> Result<Option<Record>> {
+        let path = self.dir.join(record::file_name(token));
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+            Ok(bytes) => Record::decode(&bytes)
                 .map(Some)
                 .map_err(|e| Error::Internal(format!("record {} is corrupt: {e}", path.display()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -98,24 +242,237 @@ impl Pool {
         }
     }
 
-    /// Replaces a record atomically (flush the pool with [`Pool::sync`]).
-    pub fn write_record(&self, token: &str, record: &Record) -> Result<()> {
-        sys::fs::write_atomic(&self.dir, &Self::record_name(token), &encode(record)?)
-            .map_err(|e| self.write_error(token, e))
+    /// Up to `limit` tokens with records, in order, starting at `from`.
+    pub fn page(&self, from: Bound<&str>, limit: usize) -> Result<Vec<String>> {
+        let mut index = lock(&self.index);
+        if index.is_none() {
+            *index = Some(self.tokens()?.into_iter().collect());
+        }
+        Ok(index
+            .get_or_insert_default()
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
-    fn write_error(&self, token: &str, e: io::Error) -> Error {
-        Error::io(
-            format!("writing the record of {token} in pool {}", self.name),
-            e,
-        )
+    // --- Volumes -----------------------------------------------------------
+
+    /// Makes a new volume: its storage, then its record (the commit
+    /// point), then one flush of the pool directory. A failure after the
+    /// storage was made takes it back, so nothing is left that no record
+    /// explains. Called only while no record exists for `token`.
+    pub fn create(&self, token: &str, record: &Record) -> Result<()> {
+        self.backend
+            .create(&self.dir, token, record.capacity_bytes)?;
+        if let Err(e) = self.create_record(token, record).and_then(|()| self.sync()) {
+            // Not acknowledged, so not a volume: take the storage back
+            // rather than leave a directory no record explains.
+            let _ = self.remove_record(token);
+            if let Err(undo) = self.backend.delete(&self.dir, token) {
+                tracing::warn!(pool = %self.name, token, error = %undo, "cannot undo a failed create");
+            }
+            let _ = self.sync();
+            return Err(e);
+        }
+        if let Some(set) = lock(&self.index).as_mut() {
+            set.insert(token.to_string());
+        }
+        Ok(())
     }
+
+    /// Remakes the storage of a volume that has a record but no storage:
+    /// an earlier CreateVolume was killed between writing the record and
+    /// flushing it, and its retry must not hand out a volume that cannot
+    /// be published.
+    pub fn ensure_storage(&self, token: &str, capacity: u64) -> Result<()> {
+        if std::fs::symlink_metadata(self.volume_path(token)).is_ok() {
+            return Ok(());
+        }
+        self.backend.create(&self.dir, token, capacity)?;
+        self.sync()
+    }
+
+    /// Removes a volume: its storage, then its record (last, so a delete
+    /// killed half-way is finished by its retry), then one flush; it leaves
+    /// the listing and gives its promise back.
+    pub fn remove(&self, token: &str) -> Result<()> {
+        self.backend.delete(&self.dir, token)?;
+        self.remove_record(token)?;
+        if let Some(set) = lock(&self.index).as_mut() {
+            set.remove(token);
+        }
+        self.sync()?;
+        if let Some(map) = lock(&self.promises).as_mut() {
+            map.remove(token);
+        }
+        Ok(())
+    }
+
+    /// Grows a volume to `capacity` bytes (the controller half: raise the
+    /// limit, grow the image) and records the new size.
+    pub fn expand(&self, token: &str, record: &mut Record, capacity: u64) -> Result<()> {
+        self.backend.expand(&self.dir, token, capacity)?;
+        record.capacity_bytes = capacity;
+        sys::fs::write_atomic(&self.dir, &record::file_name(token), &record.encode()?)
+            .map_err(|e| self.write_error(token, e))?;
+        self.sync()
+    }
+
+    /// Makes the volume's data reachable at its path and returns that
+    /// path, the directory to bind-mount (an image volume's filesystem is
+    /// mounted there first, after a reboot say).
+    pub fn make_available(&self, token: &str) -> Result<PathBuf> {
+        self.backend.make_available(&self.dir, token)
+    }
+
+    /// Tidies up after an unpublish of the volume.
+    pub fn unpublished(&self, token: &str) -> Result<()> {
+        self.backend.unpublished(&self.dir, token)
+    }
+
+    /// What the volume uses; `capacity` is the size promised to the CO.
+    pub fn usage(&self, token: &str, capacity: u64) -> Result<VolumeUsage> {
+        self.backend.usage(&self.dir, token, capacity)
+    }
+
+    /// The node half of an expansion: grows the mounted filesystem.
+    pub fn node_expand(&self, token: &str) -> Result<()> {
+        self.backend.node_expand(&self.dir, token)
+    }
+
+    // --- Promises ----------------------------------------------------------
+
+    /// The pool's room now: its filesystem's size and free space, and what
+    /// it can still promise.
+    pub fn room(&self) -> Result<Room> {
+        self.with_promises(|promises| self.measure(promises, None))
+    }
+
+    /// Reserves `bytes` for volume `token` (replacing its promise of
+    /// `previous` bytes, for an expansion) if `fits` accepts the pool's
+    /// room, measured with the promises locked (and `token`'s own left
+    /// out), so two concurrent reservations cannot both take the last
+    /// free bytes.
+    pub fn reserve(
+        &self,
+        token: &str,
+        bytes: u64,
+        previous: Option<u64>,
+        fits: impl FnOnce(&Room) -> Result<()>,
+    ) -> Result<Reservation<'_>> {
+        self.with_promises(|promises| {
+            fits(&self.measure(promises, Some(token))?)?;
+            promises.insert(token.to_string(), bytes);
+            Ok(())
+        })?;
+        Ok(Reservation {
+            pool: self,
+            token: token.to_string(),
+            previous,
+            committed: false,
+        })
+    }
+
+    /// Runs `f` with the promises locked, building them from the records
+    /// on first use.
+    fn with_promises<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, u64>) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = lock(&self.promises);
+        if guard.is_none() {
+            let mut map = HashMap::new();
+            if let Overcommit::Ratio(_) = self.limits.overcommit {
+                // The listing index already holds the tokens: one scan of
+                // the pool directory serves both.
+                for token in self.page(Bound::Unbounded, usize::MAX)? {
+                    if let Some(rec) = self.record(&token)? {
+                        map.insert(token, rec.capacity_bytes);
+                    }
+                }
+            }
+            *guard = Some(map);
+        }
+        f(guard.get_or_insert_default())
+    }
+
+    /// Measures the pool against `promises`; `except` leaves one volume's
+    /// promise out (an expansion's own).
+    fn measure(&self, promises: &HashMap<String, u64>, except: Option<&str>) -> Result<Room> {
+        let space = self.backend.space(&self.dir)?;
+        let (total, free) = (space.total_bytes, space.available_bytes);
+        let promisable = match self.limits.overcommit {
+            Overcommit::None => free,
+            Overcommit::Ratio(r) => {
+                let tokens: Vec<&str> = promises.keys().map(String::as_str).collect();
+                let used = self.backend.used_by(&self.dir, &tokens)?;
+                let promised: u64 = promises
+                    .iter()
+                    .filter(|(t, _)| Some(t.as_str()) != except)
+                    .map(|(_, c)| *c)
+                    .sum();
+                let usable = free.saturating_add(used) as f64 * r;
+                (usable as u64).saturating_sub(promised)
+            }
+        };
+        Ok(Room {
+            total,
+            free,
+            promisable,
+        })
+    }
+
+    // --- Leftovers ---------------------------------------------------------
+
+    /// Leftovers of interrupted calls that no record refers to any more:
+    /// half-written records and the backend's scratch files (a parked dir
+    /// volume, an image being made), with the token each belongs to.
+    /// Removing one is safe while no call holds that token's lock.
+    pub fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix('.') else {
+                continue;
+            };
+            let token = rest.strip_suffix(record::TEMP_SUFFIX).or_else(|| {
+                self.backend
+                    .scratch_suffixes()
+                    .iter()
+                    .find_map(|s| rest.strip_suffix(s))
+            });
+            if let Some(token) = token
+                && valid_token(token)
+            {
+                out.push((token.to_string(), entry.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes one leftover found by [`Pool::leftovers`], unless it is gone
+    /// already (the call that held its token may have finished with it);
+    /// returns whether it removed something. The caller holds the token.
+    pub fn remove_leftover(&self, path: &Path) -> Result<bool> {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Ok(false);
+        }
+        sys::fs::remove_tree(path)
+            .map_err(|e| Error::io(format!("removing leftover {}", path.display()), e))?;
+        Ok(true)
+    }
+
+    // --- Internals ---------------------------------------------------------
 
     /// Writes the record of a new volume: it appears complete or not at
-    /// all (flush the pool with [`Pool::sync`]).
-    pub fn create_record(&self, token: &str, record: &Record) -> Result<()> {
-        let name = Self::record_name(token);
-        sys::fs::create_durably(&self.dir, &name, &encode(record)?)
+    /// all (the caller flushes the pool).
+    fn create_record(&self, token: &str, record: &Record) -> Result<()> {
+        let name = record::file_name(token);
+        sys::fs::create_durably(&self.dir, &name, &record.encode()?)
             .map_err(|e| self.write_error(token, e))?;
         // A temp record left by an interrupted earlier attempt (or an
         // older driver) is ours to remove: the caller holds the token.
@@ -128,9 +485,16 @@ impl Pool {
         }
     }
 
-    /// Removes a record (flush the pool with [`Pool::sync`]).
-    pub fn remove_record(&self, token: &str) -> Result<()> {
-        match std::fs::remove_file(self.dir.join(Self::record_name(token))) {
+    fn write_error(&self, token: &str, e: io::Error) -> Error {
+        Error::io(
+            format!("writing the record of {token} in pool {}", self.name),
+            e,
+        )
+    }
+
+    /// Removes a record (the caller flushes the pool).
+    fn remove_record(&self, token: &str) -> Result<()> {
+        match std::fs::remove_file(self.dir.join(record::file_name(token))) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(Error::io(format!("removing the record of {token}"), e))
             }
@@ -140,109 +504,25 @@ impl Pool {
 
     /// Flushes the pool directory: makes preceding creates, renames and
     /// removals in it durable.
-    pub fn sync(&self) -> Result<()> {
+    fn sync(&self) -> Result<()> {
         self.flusher
             .flush(&self.dir)
             .map_err(|e| Error::io(format!("flushing pool {}", self.name), e))
     }
 
-    /// Up to `limit` tokens with records, in order, starting at `from`.
-    pub fn page(&self, from: std::ops::Bound<&str>, limit: usize) -> Result<Vec<String>> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if index.is_none() {
-            *index = Some(self.tokens()?.into_iter().collect());
-        }
-        let set = index.as_ref().expect("filled above");
-        Ok(set
-            .range::<str, _>((from, std::ops::Bound::Unbounded))
-            .take(limit)
-            .cloned()
-            .collect())
-    }
-
-    /// Notes a committed volume in the listing index.
-    pub fn index_insert(&self, token: &str) {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(set) = index.as_mut() {
-            set.insert(token.to_string());
-        }
-    }
-
-    /// Drops a deleted volume from the listing index.
-    pub fn index_remove(&self, token: &str) {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(set) = index.as_mut() {
-            set.remove(token);
-        }
-    }
-
     /// Tokens of all volumes with a record, unsorted.
     fn tokens(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
-            let name = entry.file_name();
+        let listing = |e| Error::io(format!("listing pool {}", self.name), e);
+        for entry in std::fs::read_dir(&self.dir).map_err(listing)? {
+            let name = entry.map_err(listing)?.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(token) = name.strip_prefix('.').and_then(|n| n.strip_suffix(META))
-                && crate::volume::id::valid_token(token)
+            if let Some(token) = record::token_of(name)
+                && valid_token(token)
             {
                 out.push(token.to_string());
             }
         }
         Ok(out)
-    }
-
-    /// Leftovers of interrupted calls that no record refers to any more:
-    /// half-written records and parked volumes, with the token each belongs
-    /// to. Removing one is safe while no call holds that token's lock.
-    pub fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
-        let mut out = Vec::new();
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(rest) = name.strip_prefix('.') else {
-                continue;
-            };
-            let token = rest
-                .strip_suffix(".meta.tmp")
-                // The backend's own scratch files (a parked dir volume, an
-                // image being made).
-                .or_else(|| {
-                    self.backend
-                        .scratch_suffixes()
-                        .iter()
-                        .find_map(|s| rest.strip_suffix(s))
-                });
-            if let Some(token) = token
-                && crate::volume::id::valid_token(token)
-            {
-                out.push((token.to_string(), entry.path()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Checks the pool directory exists (creating it if needed) and takes
-    /// a durable write, then canonicalises its path.
-    pub fn prepare(&mut self) -> Result<()> {
-        let ctx = |what: &str, dir: &Path| format!("pool {}: {what} {}", self.name, dir.display());
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(ctx("creating", &self.dir), e))?;
-        let dir = std::fs::canonicalize(&self.dir)
-            .map_err(|e| Error::io(ctx("resolving", &self.dir), e))?;
-        self.dir = dir;
-        sys::fs::write_atomic(&self.dir, ".probe", b"ok")
-            .and_then(|()| std::fs::remove_file(self.dir.join(".probe")))
-            .and_then(|()| sys::fs::sync_dir(&self.dir))
-            .map_err(|e| Error::io(ctx("is not writable:", &self.dir), e))?;
-        self.backend.prepare(&self.dir)
-    }
-
-    /// Whether `path` lies inside this pool or contains it.
-    pub fn overlaps(&self, path: &Path) -> bool {
-        path.starts_with(&self.dir) || self.dir.starts_with(path)
     }
 }

@@ -1,0 +1,224 @@
+//! Paths the CO names on the node (publish targets, volume paths), treated
+//! as hostile: the parent is resolved but the last component is never
+//! followed, nothing inside (or above) a pool is accepted, and only
+//! mounts whose source is one of the driver's volumes are ever unmounted.
+//!
+//! NodePublishVolume first inspects its target ([`inspect`]), then acts on
+//! what it found through a [`TargetDir`], which owns the undo: a directory
+//! the call created is removed again unless the mount was made.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::pool::Pool;
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::sys::mount::MountFlags;
+use crate::sys::mountinfo::MountEntry;
+
+/// Resolves symlinks in the path's parent (kubelet's own directory may be
+/// a symlink) and keeps the last component as given; `None` when the
+/// parent does not exist. Refuses paths inside or above a pool.
+pub(super) fn resolve(path: &Path, pools: &[Pool]) -> Result<Option<PathBuf>> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a usable path",
+            path.display()
+        )));
+    };
+    let parent = match std::fs::canonicalize(parent) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("resolving {}", parent.display()), e)),
+    };
+    let resolved = parent.join(name);
+    if let Some(pool) = pools.iter().find(|p| p.overlaps(&resolved)) {
+        return Err(Error::InvalidArgument(format!(
+            "path {} lies inside or above pool {} ({}); refusing to use it",
+            path.display(),
+            pool.name(),
+            pool.dir().display()
+        )));
+    }
+    Ok(Some(resolved))
+}
+
+/// The mount table, read at most once per call and only if a check needs
+/// it: on a node with many mounts, reading it is the costly part.
+#[derive(Debug, Default)]
+pub(super) struct MountTable(Option<Vec<MountEntry>>);
+
+impl MountTable {
+    /// The table, read now if it was not yet.
+    pub(super) fn get(&mut self) -> Result<&[MountEntry]> {
+        if self.0.is_none() {
+            self.0 = Some(read_mounts()?);
+        }
+        Ok(self.0.as_deref().unwrap_or_default())
+    }
+}
+
+/// Reads the mount table.
+pub(super) fn read_mounts() -> Result<Vec<MountEntry>> {
+    sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))
+}
+
+/// What a publish target holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Inspection {
+    /// Nothing: the call makes the directory.
+    Missing,
+    /// An empty directory with nothing mounted on it.
+    Empty,
+    /// The volume itself (an earlier publish), mounted read-only or not.
+    Shows {
+        /// Whether that mount is read-only.
+        read_only: bool,
+    },
+}
+
+/// Looks at a publish target without following it: what it holds, or why
+/// it cannot be used (a symlink, a file, another mount, someone's files).
+/// `source` is the directory the volume is bind-mounted from; `mounts` is
+/// read only if the target is a directory that does not show the volume.
+pub(super) fn inspect(target: &Path, source: &Path, mounts: &mut MountTable) -> Result<Inspection> {
+    let meta = match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Inspection::Missing),
+        Err(e) => return Err(Error::io(format!("inspecting {}", target.display()), e)),
+        Ok(m) => m,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(Error::InvalidArgument(format!(
+            "target_path {} is a symlink; refusing to follow it",
+            target.display()
+        )));
+    }
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "target_path {} exists and is not a directory",
+            target.display()
+        )));
+    }
+    if identity(target)? == identity(source)? {
+        let read_only = sys::fs::space(target)
+            .map_err(|e| Error::io(format!("statfs {}", target.display()), e))?
+            .read_only;
+        return Ok(Inspection::Shows { read_only });
+    }
+    if sys::mountinfo::mounted_at(mounts.get()?, target).is_some() {
+        return Err(Error::FailedPrecondition(format!(
+            "target_path {} already has another mount; unpublish it first",
+            target.display()
+        )));
+    }
+    if !sys::fs::is_empty_dir(target)
+        .map_err(|e| Error::io(format!("reading {}", target.display()), e))?
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "target_path {} is not empty; refusing to mount over its contents",
+            target.display()
+        )));
+    }
+    Ok(Inspection::Empty)
+}
+
+/// Device and inode of a directory, not following a symlink.
+pub(super) fn identity(path: &Path) -> Result<(u64, u64)> {
+    sys::fs::identity(path).map_err(|e| Error::io(format!("inspecting {}", path.display()), e))
+}
+
+/// A publish target directory, owning the undo of the call: one it created
+/// is removed again when this is dropped before [`TargetDir::bind`]
+/// succeeded, so no failure path leaves a stray directory.
+#[derive(Debug)]
+pub(super) struct TargetDir<'a> {
+    path: &'a Path,
+    created: bool,
+}
+
+impl<'a> TargetDir<'a> {
+    /// Makes the target directory (its parent exists).
+    pub(super) fn create(path: &'a Path) -> Result<Self> {
+        std::fs::create_dir(path)
+            .map_err(|e| Error::io(format!("creating target {}", path.display()), e))?;
+        Ok(TargetDir {
+            path,
+            created: true,
+        })
+    }
+
+    /// A target directory that was there already (it stays either way).
+    pub(super) fn existing(path: &'a Path) -> Self {
+        TargetDir {
+            path,
+            created: false,
+        }
+    }
+
+    /// Bind-mounts `source` here with `flags`; the directory is kept from
+    /// then on.
+    pub(super) fn bind(mut self, source: &Path, flags: MountFlags) -> Result<()> {
+        sys::mount::bind(source, self.path, flags).map_err(|e| {
+            Error::io(
+                format!(
+                    "bind-mounting {} at {}",
+                    source.display(),
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
+        self.created = false;
+        Ok(())
+    }
+}
+
+impl Drop for TargetDir<'_> {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir(self.path);
+        }
+    }
+}
+
+/// Whether `target` exists, not following it: `false` when it is gone,
+/// INVALID_ARGUMENT when it is a symlink.
+pub(super) fn exists_unfollowed(target: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("inspecting {}", target.display()), e)),
+        Ok(m) if m.file_type().is_symlink() => Err(Error::InvalidArgument(format!(
+            "target_path {} is a symlink; refusing to follow it",
+            target.display()
+        ))),
+        Ok(_) => Ok(true),
+    }
+}
+
+/// Removes an unpublished target directory if it is empty; one that still
+/// holds files (it was never a mount) is left in place, with a warning.
+pub(super) fn remove_if_empty(target: &Path) -> Result<()> {
+    match std::fs::remove_dir(target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTEMPTY as i32) => {
+            tracing::warn!(target = %target.display(), "target is not a mount and not empty; left in place");
+            Ok(())
+        }
+        Err(e) => Err(Error::io(format!("removing {}", target.display()), e)),
+    }
+}
+
+/// Whether a mount's source lies inside one of the pools (directly, or
+/// on a filesystem mounted inside a pool, like an image volume's).
+pub(super) fn is_ours(pools: &[Pool], table: &[MountEntry], m: &MountEntry) -> bool {
+    pools.iter().any(|pool| {
+        table.iter().filter(|e| e.device == m.device).any(|e| {
+            if let Ok(rel) = pool.dir().strip_prefix(&e.mount_point) {
+                m.root.starts_with(e.root.join(rel))
+            } else {
+                e.mount_point.starts_with(pool.dir()) && m.root.starts_with(&e.root)
+            }
+        })
+    })
+}
