@@ -26,6 +26,8 @@ use tonic::transport::Channel;
 
 /// Node id every harness uses.
 pub const NODE: &str = "test-node";
+/// How long a started harness may take to answer Probe ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running driver and the directory it owns.
 pub struct Harness {
@@ -106,9 +108,14 @@ impl Harness {
         self.wait_ready().await;
     }
 
-    /// Waits until Probe says ready.
+    /// Waits until Probe says ready. Opening a pool flushes its directory
+    /// (and mounts or formats nothing), which is quick on a quiet disk but
+    /// took over 2 s on this machine while other test suites and builds
+    /// kept it busy (load average 20); the limit only bounds a broken
+    /// driver, so it is generous.
     pub async fn wait_ready(&self) {
-        for _ in 0..200 {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        while std::time::Instant::now() < deadline {
             let r = self.identity().probe(csi::ProbeRequest {}).await;
             if let Ok(r) = r
                 && r.into_inner().ready == Some(true)
@@ -117,7 +124,7 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("driver never became ready");
+        panic!("driver never became ready within {READY_TIMEOUT:?}");
     }
 
     /// Stops the server (gracefully) and starts a new one on the same
