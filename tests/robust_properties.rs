@@ -70,7 +70,7 @@ proptest! {
         prop_assert!(text.len() <= 128, "{} is {} bytes", text, text.len());
         let parsed = VolumeId::parse(&text);
         prop_assert_eq!(parsed.as_ref(), Some(&id));
-        assert_safe_token(&parsed.unwrap().token);
+        assert_safe_token(parsed.unwrap().token());
     }
 
     #[test]
@@ -80,8 +80,8 @@ proptest! {
         "(hdd|ssd|\\.\\.|/etc|x|:|/|\\.|\\x00|-){0,8}",
     ]) {
         if let Some(id) = VolumeId::parse(&raw) {
-            assert_safe_token(&id.token);
-            prop_assert!(!id.pool.is_empty() && !id.pool.contains('/') && !id.pool.contains('.'));
+            assert_safe_token(id.token());
+            prop_assert!(!id.pool().is_empty() && !id.pool().contains('/') && !id.pool().contains('.'));
             // An id is its own canonical text: no two spellings name one volume.
             prop_assert_eq!(id.to_string(), raw);
         }
@@ -113,7 +113,7 @@ proptest! {
         match validate::node_path(&path, "target_path") {
             Ok(p) => {
                 prop_assert!(p.is_absolute(), "{:?} -> {:?}", path, p);
-                prop_assert!(p != Path::new("/"), "{:?} accepted as root", path);
+                prop_assert!(p.as_path() != Path::new("/"), "{:?} accepted as root", path);
                 prop_assert!(!path.contains('\0'));
                 prop_assert!(!path.split('/').any(|c| c == ".." || c == "."), "{:?} accepted", path);
                 for c in p.components() {
@@ -135,7 +135,7 @@ proptest! {
     #[test]
     fn node_path_accepts_clean_absolute_paths(path in "(/[a-z0-9_-]{1,8}){1,6}") {
         let p = validate::node_path(&path, "target_path");
-        prop_assert_eq!(p.ok(), Some(std::path::PathBuf::from(&path)));
+        prop_assert_eq!(p.ok().map(|p| p.to_path_buf()), Some(std::path::PathBuf::from(&path)));
     }
 
     /// Ids built from valid parts parse, so `whatever_parses...` above does

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking};
-use crate::error::Error;
 use crate::validate;
-use crate::volume::CreateRequest;
 use crate::volume::Volume;
 use csi_proto as csi;
 use csi_proto::controller_service_capability::{self, rpc};
@@ -39,13 +37,6 @@ fn to_csi(v: Volume, topology: BTreeMap<String, String>) -> csi::Volume {
     }
 }
 
-fn segments(t: &csi::Topology) -> BTreeMap<String, String> {
-    t.segments
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 #[tonic::async_trait]
 impl csi::controller_server::Controller for Controller {
     #[tracing::instrument(skip_all, fields(name = %request.get_ref().name), err(level = "warn"))]
@@ -53,36 +44,7 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let name = validate::volume_name(&r.name)?.to_string();
-        let capabilities = validate::capabilities(&r.volume_capabilities)?;
-        let capacity = validate::capacity_range(r.capacity_range.as_ref())?;
-        if r.volume_content_source.is_some() {
-            return Err(Error::InvalidArgument(
-                "volume_content_source: creating volumes from snapshots or other volumes is not supported"
-                    .into(),
-            )
-            .into());
-        }
-        if !r.mutable_parameters.is_empty() {
-            return Err(Error::InvalidArgument(
-                "mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME"
-                    .into(),
-            )
-            .into());
-        }
-        let requisite = r
-            .accessibility_requirements
-            .as_ref()
-            .map(|a| a.requisite.iter().map(segments).collect())
-            .unwrap_or_default();
-        let req = CreateRequest {
-            name,
-            capacity,
-            capabilities,
-            parameters: validate::parameters(&r.parameters),
-            requisite,
-        };
+        let req = validate::create_volume(request.get_ref())?;
         let (volume, topology) =
             blocking(&self.shared, move |v| Ok((v.create(&req)?, v.topology()))).await?;
         Ok(Response::new(csi::CreateVolumeResponse {
@@ -95,8 +57,10 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::DeleteVolumeRequest>,
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
-        let id = validate::volume_id(&request.get_ref().volume_id)?.to_string();
-        blocking(&self.shared, move |v| v.delete(&id)).await?;
+        // An id that cannot name a volume of ours names none to delete.
+        if let Some(id) = validate::delete_volume(request.get_ref())? {
+            blocking(&self.shared, move |v| v.delete(&id)).await?;
+        }
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
 
@@ -105,11 +69,11 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = validate::validate_volume_capabilities(request.get_ref())?;
+        let id = req.id;
+        blocking(&self.shared, move |v| v.check_exists(&id)).await?;
         let r = request.into_inner();
-        let id = validate::volume_id(&r.volume_id)?.to_string();
-        let caps = validate::capabilities(&r.volume_capabilities)?;
-        let verdict = blocking(&self.shared, move |v| v.validate(&id, &caps)).await?;
-        Ok(Response::new(match verdict {
+        Ok(Response::new(match req.declined {
             None => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
                     volume_context: r.volume_context,
@@ -131,9 +95,9 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
-        let r = request.into_inner();
+        let req = validate::list_volumes(request.get_ref())?;
         let (volumes, next_token, topology) = blocking(&self.shared, move |v| {
-            let (vols, next) = v.list(&r.starting_token, r.max_entries)?;
+            let (vols, next) = v.list(&req)?;
             Ok((vols, next, v.topology()))
         })
         .await?;
@@ -155,18 +119,8 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
-        let r = request.into_inner();
-        let caps = r
-            .volume_capabilities
-            .iter()
-            .map(validate::capability)
-            .collect::<Result<Vec<_>, _>>()?;
-        let params = validate::parameters(&r.parameters);
-        let topology = r.accessible_topology.as_ref().map(segments);
-        let c = blocking(&self.shared, move |v| {
-            v.capacity(&params, &caps, topology.as_ref())
-        })
-        .await?;
+        let req = validate::get_capacity(request.get_ref())?;
+        let c = blocking(&self.shared, move |v| v.capacity(&req)).await?;
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: c.available as i64,
             maximum_volume_size: Some(c.maximum_volume_size as i64),
@@ -180,13 +134,8 @@ impl csi::controller_server::Controller for Controller {
         &self,
         request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let id = validate::volume_id(&r.volume_id)?.to_string();
-        let range = validate::capacity_range(r.capacity_range.as_ref())?;
-        if let Some(c) = r.volume_capability.as_ref() {
-            validate::capability(c)?;
-        }
-        let e = blocking(&self.shared, move |v| v.expand(&id, range)).await?;
+        let req = validate::controller_expand_volume(request.get_ref())?;
+        let e = blocking(&self.shared, move |v| v.expand(&req)).await?;
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
             capacity_bytes: e.capacity_bytes as i64,
             node_expansion_required: e.node_expansion_required,

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking};
-use crate::error::Error;
 use crate::validate;
-use crate::volume::PublishRequest;
 use csi_proto as csi;
 use csi_proto::node_service_capability::{self, rpc};
 use csi_proto::volume_usage::Unit;
@@ -41,19 +39,7 @@ impl csi::node_server::Node for Node {
         &self,
         request: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?.to_string();
-        let target = validate::node_path(&r.target_path, "target_path")?;
-        let capability = r
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
-        let req = PublishRequest {
-            volume_id,
-            target,
-            capability: validate::capability(capability)?,
-            read_only: r.readonly,
-        };
+        let req = validate::node_publish_volume(request.get_ref())?;
         blocking(&self.shared, move |v| v.publish(&req)).await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
@@ -63,10 +49,8 @@ impl csi::node_server::Node for Node {
         &self,
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?.to_string();
-        let target = validate::node_path(&r.target_path, "target_path")?;
-        blocking(&self.shared, move |v| v.unpublish(&volume_id, &target)).await?;
+        let req = validate::node_unpublish_volume(request.get_ref())?;
+        blocking(&self.shared, move |v| v.unpublish(&req)).await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -75,14 +59,8 @@ impl csi::node_server::Node for Node {
         &self,
         request: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?.to_string();
-        validate::required(&r.volume_path, "volume_path")?;
-        // A path that cannot be valid cannot hold the volume either: the
-        // spec's answer for "not at that path" is NOT_FOUND.
-        let path = validate::node_path(&r.volume_path, "volume_path")
-            .map_err(|e| Error::NotFound(e.to_string()))?;
-        let s = blocking(&self.shared, move |v| v.stats(&volume_id, &path)).await?;
+        let req = validate::node_get_volume_stats(request.get_ref())?;
+        let s = blocking(&self.shared, move |v| v.stats(&req)).await?;
         let u = s.usage;
         Ok(Response::new(csi::NodeGetVolumeStatsResponse {
             usage: vec![
@@ -106,14 +84,8 @@ impl csi::node_server::Node for Node {
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let volume_id = validate::volume_id(&r.volume_id)?.to_string();
-        validate::required(&r.volume_path, "volume_path")?;
-        // As for stats: a path that cannot be valid cannot hold the volume.
-        let path = validate::node_path(&r.volume_path, "volume_path")
-            .map_err(|e| Error::NotFound(e.to_string()))?;
-        validate::capacity_range(r.capacity_range.as_ref())?;
-        let capacity = blocking(&self.shared, move |v| v.node_expand(&volume_id, &path)).await?;
+        let req = validate::node_expand_volume(request.get_ref())?;
+        let capacity = blocking(&self.shared, move |v| v.node_expand(&req)).await?;
         Ok(Response::new(csi::NodeExpandVolumeResponse {
             capacity_bytes: capacity as i64,
         }))

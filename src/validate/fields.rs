@@ -1,14 +1,14 @@
-//! Turns request fields into typed, checked values.
-//!
-//! Everything a request carries passes through here before the volume logic
-//! sees it, so the checks (and the INVALID_ARGUMENT messages) live in one
-//! place and the volume logic works with values that are already sane.
+//! The checks of single request fields, and the typed values they give:
+//! names, ids, node paths, capacity ranges, capabilities, mount flags.
+//! The per-call requests in `validate` are built from these.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::sys::mount::MountFlags;
+use crate::volume::id::VolumeId;
 use csi_proto as csi;
 use csi_proto::volume_capability::access_mode::Mode;
 
@@ -114,8 +114,9 @@ pub fn volume_name(name: &str) -> Result<&str> {
     Ok(name)
 }
 
-/// Checks a volume id field for presence and plausible size; whether it
-/// names a volume is the volume logic's question (NOT_FOUND).
+/// Checks a volume id field for presence and plausible size
+/// (INVALID_ARGUMENT); whether it can name a volume is [`parse_volume_id`]'s
+/// question (NOT_FOUND).
 pub fn volume_id(id: &str) -> Result<&str> {
     required(id, "volume_id")?;
     if id.len() > MAX_NAME_LEN {
@@ -125,6 +126,12 @@ pub fn volume_id(id: &str) -> Result<&str> {
         )));
     }
     Ok(id)
+}
+
+/// Parses a volume id; an id that cannot name a volume of this driver is
+/// NOT_FOUND, as the spec asks for unknown ids.
+pub fn parse_volume_id(id: &str) -> Result<VolumeId> {
+    VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
 }
 
 /// Checks a capacity range.
@@ -220,9 +227,41 @@ pub fn mount_flags(flags: &[String]) -> Result<MountFlags> {
     Ok(f)
 }
 
-/// Checks a target or volume path: absolute, no `.`/`..` components, no
-/// NUL, not too long. Returns it with a trailing slash removed.
-pub fn node_path(path: &str, field: &str) -> Result<PathBuf> {
+/// A checked target or volume path on the node: absolute, without `.` or
+/// `..` components or NUL bytes, not the root directory, no longer than
+/// PATH_MAX, without a trailing slash. So it always has a parent directory
+/// and a last component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePath(PathBuf);
+
+impl NodePath {
+    /// The path.
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The directory holding it.
+    pub fn parent(&self) -> &Path {
+        self.0.parent().unwrap_or(Path::new("/"))
+    }
+
+    /// Its last component.
+    pub fn file_name(&self) -> &OsStr {
+        self.0.file_name().unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for NodePath {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Checks a target or volume path (see [`NodePath`]); a trailing slash is
+/// dropped.
+pub fn node_path(path: &str, field: &str) -> Result<NodePath> {
     required(path, field)?;
     let bad = |why: &str| Err(Error::InvalidArgument(format!("{field} {path:?} {why}")));
     if path.len() > MAX_PATH_LEN {
@@ -241,7 +280,7 @@ pub fn node_path(path: &str, field: &str) -> Result<PathBuf> {
     if p.components().all(|c| matches!(c, Component::RootDir)) {
         return bad("must not be the root directory");
     }
-    Ok(p.components().collect())
+    Ok(NodePath(p.components().collect()))
 }
 
 /// Parameters worth keeping with a volume: everything the CO sent. They
@@ -257,7 +296,12 @@ mod tests {
 
     #[test]
     fn node_paths() {
-        assert_eq!(node_path("/a/b/", "t").unwrap(), PathBuf::from("/a/b"));
+        let p = node_path("/a/b/", "t").unwrap();
+        assert_eq!(p.as_path(), Path::new("/a/b"));
+        assert_eq!(
+            (p.parent(), p.file_name()),
+            (Path::new("/a"), OsStr::new("b"))
+        );
         for bad in ["", "rel", "/a/../b", "/a/./b", "/..", "/", "//", "/a\0b"] {
             assert!(node_path(bad, "target_path").is_err(), "{bad:?}");
         }

@@ -19,13 +19,14 @@ pub const MAX_POOL_LEN: usize = 31;
 /// Prefix of tokens made by hashing names that are not plain file names.
 const HASH_PREFIX: &str = "sha256-";
 
-/// A parsed, safe volume id.
+/// A parsed, safe volume id: a valid pool name and a valid token, so the
+/// token can be joined to a pool directory as it is. Made only by
+/// [`VolumeId::parse`] (ids from requests) and [`VolumeId::for_name`] (ids
+/// the driver hands out), so holding one is proof of both checks.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VolumeId {
-    /// Pool the volume lives in.
-    pub pool: String,
-    /// Directory name of the volume inside the pool.
-    pub token: String,
+    pool: String,
+    token: String,
 }
 
 impl VolumeId {
@@ -40,12 +41,36 @@ impl VolumeId {
         })
     }
 
-    /// The id of the volume CreateVolume makes for `name` in `pool`.
+    /// The id of the volume CreateVolume makes for `name` in `pool` (a
+    /// configured pool, so a valid pool name).
     pub fn for_name(pool: &str, name: &str) -> Self {
         VolumeId {
             pool: pool.to_string(),
             token: token_for_name(name),
         }
+    }
+
+    /// The id of a volume listed from a pool's own records, whose tokens
+    /// were checked with [`valid_token`] when the pool directory was read.
+    pub(crate) fn listed(pool: &str, token: &str) -> Self {
+        debug_assert!(
+            valid_pool_name(pool) && valid_token(token),
+            "{pool}:{token}"
+        );
+        VolumeId {
+            pool: pool.to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    /// Pool the volume lives in.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// Directory name of the volume inside the pool.
+    pub fn token(&self) -> &str {
+        &self.token
     }
 }
 

@@ -34,8 +34,14 @@ use inflight::InFlight;
 use pool::Pool;
 use record::Record;
 
-pub use controller::{CreateRequest, Expanded};
-pub use node::{PublishRequest, Stats};
+pub use capacity::Capacity;
+pub use controller::Expanded;
+pub use node::Stats;
+
+/// NOT_FOUND for a volume id that names no volume (the spec's answer).
+fn not_found(id: &VolumeId) -> Error {
+    Error::NotFound(format!("volume {:?} does not exist", id.to_string()))
+}
 
 /// Topology key that pins a volume to the node holding it.
 pub const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
@@ -157,17 +163,15 @@ impl Volumes {
         }
     }
 
-    /// Resolves an id from a request to its pool, or NOT_FOUND.
-    fn locate(&self, raw: &str) -> Result<(VolumeId, &Pool)> {
-        let id = VolumeId::parse(raw)
-            .ok_or_else(|| Error::NotFound(format!("volume {raw:?} does not exist")))?;
-        let pool = self.pool(&id.pool).ok_or_else(|| {
+    /// The pool a volume id names, or NOT_FOUND.
+    fn pool_of(&self, id: &VolumeId) -> Result<&Pool> {
+        self.pool(id.pool()).ok_or_else(|| {
             Error::NotFound(format!(
-                "volume {raw:?} does not exist: no pool {:?} on this node",
-                id.pool
+                "volume {:?} does not exist: no pool {:?} on this node",
+                id.to_string(),
+                id.pool()
             ))
-        })?;
-        Ok((id, pool))
+        })
     }
 
     /// A volume as the CO sees it: its id, capacity and volume context.

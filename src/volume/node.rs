@@ -2,31 +2,17 @@
 //! NodeGetVolumeStats and NodeExpandVolume. The paths they are given are
 //! the CO's and are handled as hostile (`target`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::Volumes;
 use super::id::VolumeId;
 use super::pool::Pool;
 use super::target::{self, Inspection, MountTable, TargetDir};
+use super::{Volumes, not_found};
 use crate::backend::VolumeUsage;
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::sys::mount::MountFlags;
 use crate::sys::mountinfo::MountEntry;
-use crate::validate::{AccessMode, AccessType, Capability};
-
-/// A checked NodePublishVolume request.
-#[derive(Debug, Clone)]
-pub struct PublishRequest {
-    /// Volume id.
-    pub volume_id: String,
-    /// Where to mount it (checked by `validate::node_path`).
-    pub target: PathBuf,
-    /// The capability to publish with.
-    pub capability: Capability,
-    /// Whether the CO asks for a read-only mount.
-    pub read_only: bool,
-}
+use crate::validate::{NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
 
 /// What NodeGetVolumeStats answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,27 +26,13 @@ pub struct Stats {
 impl Volumes {
     /// NodePublishVolume: bind-mounts the volume at the target; idempotent
     /// for the same volume and target.
-    pub fn publish(&self, req: &PublishRequest) -> Result<()> {
-        let (id, pool) = self.locate(&req.volume_id)?;
-        if let Some(why) = req.capability.unsupported_reason() {
-            return Err(Error::InvalidArgument(why));
-        }
-        let AccessType::Mount { flags, .. } = req.capability.access else {
-            return Err(Error::InvalidArgument(
-                "only mount access is supported".into(),
-            ));
-        };
-        let flags = MountFlags {
-            read_only: req.read_only
-                || flags.read_only
-                || req.capability.mode == AccessMode::SingleNodeReaderOnly,
-            ..flags
-        };
-        let single_writer = req.capability.mode == AccessMode::SingleNodeSingleWriter;
+    pub fn publish(&self, req: &PublishVolume) -> Result<()> {
+        let (id, flags) = (&req.id, req.flags);
+        let pool = self.pool_of(id)?;
         let target = self.resolve_target(&req.target)?;
-        let _guard = self.inflight.claim(&id.token)?;
+        let _guard = self.inflight.claim(id.token())?;
 
-        let source = available_source(&id, pool)?;
+        let source = available_source(id, pool)?;
         let mut mounts = MountTable::default();
         let dir = match target::inspect(&target, &source, &mut mounts)? {
             Inspection::Shows { read_only } if read_only == flags.read_only => return Ok(()),
@@ -76,7 +48,7 @@ impl Volumes {
         };
         // ReadWriteOncePod: one publication at a time (CSI spec,
         // NodePublishVolume errors: FAILED_PRECONDITION).
-        if single_writer
+        if req.single_writer
             && let Some(at) = sys::mountinfo::binds_of(mounts.get()?, &source)
                 .into_iter()
                 .find(|m| *m != target)
@@ -94,10 +66,11 @@ impl Volumes {
     /// NodeUnpublishVolume: unmounts the volume from the target and removes
     /// the target directory if it is empty. A target that is already gone
     /// or not mounted is success.
-    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
-        let (id, pool) = self.locate(volume_id)?;
-        let _guard = self.inflight.claim(&id.token)?;
-        let Some(target) = target::resolve(target, &self.pools)? else {
+    pub fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
+        let id = &req.id;
+        let pool = self.pool_of(id)?;
+        let _guard = self.inflight.claim(id.token())?;
+        let Some(target) = target::resolve(&req.target, &self.pools)? else {
             return Ok(());
         };
         if !target::exists_unfollowed(&target)? {
@@ -123,20 +96,18 @@ impl Volumes {
                 .map_err(|e| Error::io(format!("unmounting {}", target.display()), e))?;
         }
         target::remove_if_empty(&target)?;
-        pool.unpublished(&id.token)?;
+        pool.unpublished(id.token())?;
         tracing::info!(volume_id = %id, target = %target.display(), "volume unpublished");
         Ok(())
     }
 
     /// NodeGetVolumeStats: the volume's own usage, or an abnormal condition
     /// when its directory has gone missing.
-    pub fn stats(&self, volume_id: &str, volume_path: &Path) -> Result<Stats> {
-        let (id, pool) = self.locate(volume_id)?;
-        let path = target::resolve(volume_path, &self.pools)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "volume_path {} does not exist",
-                volume_path.display()
-            ))
+    pub fn stats(&self, req: &VolumeAtPath) -> Result<Stats> {
+        let id = &req.id;
+        let pool = self.pool_of(id)?;
+        let path = target::resolve(&req.path, &self.pools)?.ok_or_else(|| {
+            Error::NotFound(format!("volume_path {} does not exist", req.path.display()))
         })?;
         let path_ident = sys::fs::identity(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -144,8 +115,8 @@ impl Volumes {
             }
             _ => Error::io(format!("inspecting {}", path.display()), e),
         })?;
-        let record = pool.record(&id.token)?;
-        let data = pool.volume_path(&id.token);
+        let record = pool.record(id.token())?;
+        let data = pool.volume_path(id.token());
         let data_ident = match sys::fs::identity(&data) {
             Ok(i) => i,
             Err(_) if record.is_some() => {
@@ -168,7 +139,7 @@ impl Volumes {
         }
         let capacity = record.map(|r| r.capacity_bytes).unwrap_or(0);
         Ok(Stats {
-            usage: pool.usage(&id.token, capacity)?,
+            usage: pool.usage(id.token(), capacity)?,
             abnormal: None,
         })
     }
@@ -176,12 +147,11 @@ impl Volumes {
     /// NodeExpandVolume: makes the space the controller added usable in
     /// the mounted volume (grows an image's filesystem). Idempotent.
     /// Returns the volume's capacity.
-    pub fn node_expand(&self, raw_id: &str, volume_path: &Path) -> Result<u64> {
-        let (id, pool) = self.locate(raw_id)?;
-        let _guard = self.inflight.claim(&id.token)?;
-        let rec = pool
-            .record(&id.token)?
-            .ok_or_else(|| Error::NotFound(format!("volume {raw_id:?} does not exist")))?;
+    pub fn node_expand(&self, req: &VolumeAtPath) -> Result<u64> {
+        let (id, volume_path) = (&req.id, &req.path);
+        let pool = self.pool_of(id)?;
+        let _guard = self.inflight.claim(id.token())?;
+        let rec = pool.record(id.token())?.ok_or_else(|| not_found(id))?;
         // Only where the volume is published (CSI spec: NOT_FOUND when the
         // volume is not at volume_path), as for NodeGetVolumeStats.
         let not_here = || {
@@ -194,18 +164,18 @@ impl Volumes {
             .ok()
             .flatten()
             .ok_or_else(not_here)?;
-        let source = pool.make_available(&id.token)?;
+        let source = pool.make_available(id.token())?;
         let here = sys::fs::identity(&path).map_err(|_| not_here())?;
         if here != target::identity(&source)? || path == source {
             return Err(not_here());
         }
-        pool.node_expand(&id.token)?;
+        pool.node_expand(id.token())?;
         tracing::info!(volume_id = %id, capacity = rec.capacity_bytes, "volume expanded on the node");
         Ok(rec.capacity_bytes)
     }
 
     /// The publish target, resolved (its parent must exist).
-    fn resolve_target(&self, target: &Path) -> Result<PathBuf> {
+    fn resolve_target(&self, target: &NodePath) -> Result<PathBuf> {
         target::resolve(target, &self.pools)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "the parent directory of target_path {} does not exist",
@@ -219,10 +189,10 @@ impl Volumes {
 /// volume's filesystem mounted): NOT_FOUND for no such volume,
 /// FAILED_PRECONDITION for a volume whose directory went missing.
 fn available_source(id: &VolumeId, pool: &Pool) -> Result<PathBuf> {
-    let has_record = pool.record(&id.token)?.is_some();
-    let data = pool.volume_path(&id.token);
+    let has_record = pool.record(id.token())?.is_some();
+    let data = pool.volume_path(id.token());
     match std::fs::symlink_metadata(&data) {
-        Ok(m) if m.is_dir() => pool.make_available(&id.token),
+        Ok(m) if m.is_dir() => pool.make_available(id.token()),
         Ok(_) => Err(Error::NotFound(format!(
             "volume {id}: {} is not a directory",
             data.display()

@@ -15,17 +15,13 @@ use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::mount::MountFlags;
 use crate::sys::mountinfo::MountEntry;
+use crate::validate::NodePath;
 
 /// Resolves symlinks in the path's parent (kubelet's own directory may be
 /// a symlink) and keeps the last component as given; `None` when the
 /// parent does not exist. Refuses paths inside or above a pool.
-pub(super) fn resolve(path: &Path, pools: &[Pool]) -> Result<Option<PathBuf>> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a usable path",
-            path.display()
-        )));
-    };
+pub(super) fn resolve(path: &NodePath, pools: &[Pool]) -> Result<Option<PathBuf>> {
+    let (parent, name) = (path.parent(), path.file_name());
     let parent = match std::fs::canonicalize(parent) {
         Ok(p) => p,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -1,0 +1,309 @@
+//! Requests parsed once, at the edge, into typed values.
+//!
+//! Each CSI call that carries arguments has a function here that turns its
+//! message into a request type of the volume layer: the volume id parsed
+//! into a [`VolumeId`], paths into [`NodePath`]s, capabilities checked and
+//! reduced to what the call needs, every field the spec requires present.
+//! The volume logic then works with values that cannot be wrong and does
+//! not check them again; what it still checks depends on this node's
+//! state (which pools exist, what is on disk).
+//!
+//! The checks run in the order the CO gets to hear about them: missing or
+//! malformed fields (INVALID_ARGUMENT) first, then ids that cannot name a
+//! volume of this driver (NOT_FOUND), except where the spec asks
+//! otherwise (DeleteVolume succeeds, a foreign paging token is ABORTED).
+
+mod fields;
+
+use std::collections::BTreeMap;
+
+use csi_proto as csi;
+
+use crate::error::{Error, Result};
+use crate::sys::mount::MountFlags;
+use crate::volume::id::VolumeId;
+pub use fields::{
+    AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, MAX_PATH_LEN, NodePath,
+    capability, capacity_range, mount_flags, node_path, volume_name,
+};
+use fields::{capabilities, parameters, parse_volume_id, required, volume_id};
+
+/// Topology segments: key to value.
+pub type Segments = BTreeMap<String, String>;
+
+/// A checked CreateVolume.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    /// The CO-chosen name, the key for idempotency: non-empty, at most
+    /// [`MAX_NAME_LEN`] bytes, no NUL.
+    pub(crate) name: String,
+    /// The size range.
+    pub(crate) capacity: CapacityRange,
+    /// StorageClass parameters plus what the provisioner adds.
+    pub(crate) parameters: BTreeMap<String, String>,
+    /// Topology segments of which the volume must be in one (empty: any).
+    pub(crate) requisite: Vec<Segments>,
+}
+
+/// CreateVolume: a name, capabilities this driver can serve, a sane size
+/// range; no content source or mutable parameters (not offered).
+pub fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume> {
+    let name = volume_name(&r.name)?.to_string();
+    let caps = capabilities(&r.volume_capabilities)?;
+    let capacity = capacity_range(r.capacity_range.as_ref())?;
+    if r.volume_content_source.is_some() {
+        return Err(Error::InvalidArgument(
+            "volume_content_source: creating volumes from snapshots or other volumes is not supported"
+                .into(),
+        ));
+    }
+    if !r.mutable_parameters.is_empty() {
+        return Err(Error::InvalidArgument(
+            "mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME".into(),
+        ));
+    }
+    if let Some(why) = caps.iter().find_map(Capability::unsupported_reason) {
+        return Err(Error::InvalidArgument(why));
+    }
+    let requisite = r
+        .accessibility_requirements
+        .as_ref()
+        .map(|a| a.requisite.iter().map(segments).collect())
+        .unwrap_or_default();
+    Ok(CreateVolume {
+        name,
+        capacity,
+        parameters: parameters(&r.parameters),
+        requisite,
+    })
+}
+
+/// DeleteVolume: the volume to delete, or `None` when the id cannot name a
+/// volume of this driver, which the spec answers with success.
+pub fn delete_volume(r: &csi::DeleteVolumeRequest) -> Result<Option<VolumeId>> {
+    Ok(VolumeId::parse(volume_id(&r.volume_id)?))
+}
+
+/// A checked ValidateVolumeCapabilities.
+#[derive(Debug, Clone)]
+pub struct ValidateVolume {
+    /// The volume asked about.
+    pub id: VolumeId,
+    /// Why the capabilities are declined, if they are (the answer carries
+    /// it; it is not an error).
+    pub declined: Option<String>,
+}
+
+/// ValidateVolumeCapabilities: the volume and the verdict on the
+/// capabilities, which must be well-formed.
+pub fn validate_volume_capabilities(
+    r: &csi::ValidateVolumeCapabilitiesRequest,
+) -> Result<ValidateVolume> {
+    let raw = volume_id(&r.volume_id)?;
+    let caps = capabilities(&r.volume_capabilities)?;
+    Ok(ValidateVolume {
+        id: parse_volume_id(raw)?,
+        declined: caps.iter().find_map(Capability::unsupported_reason),
+    })
+}
+
+/// A checked ListVolumes.
+#[derive(Debug, Clone)]
+pub struct ListVolumes {
+    /// The first volume of the page (`None`: from the start).
+    pub(crate) start: Option<VolumeId>,
+    /// The most entries to return (`max_entries` 0: all).
+    pub(crate) max_entries: usize,
+}
+
+/// ListVolumes: a paging token this driver issued (a volume id; anything
+/// else is ABORTED, as the spec asks) and a non-negative page size.
+pub fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
+    if r.max_entries < 0 {
+        return Err(Error::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
+    }
+    let start = match r.starting_token.as_str() {
+        "" => None,
+        token => Some(VolumeId::parse(token).ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {token:?} was not issued by this driver; list again from the start"
+            ))
+        })?),
+    };
+    Ok(ListVolumes {
+        start,
+        max_entries: match r.max_entries {
+            0 => usize::MAX,
+            n => n as usize,
+        },
+    })
+}
+
+/// A checked GetCapacity.
+#[derive(Debug, Clone)]
+pub struct GetCapacity {
+    /// The parameters, which select the pool.
+    pub(crate) parameters: BTreeMap<String, String>,
+    /// Whether the driver can serve every capability asked about.
+    pub(crate) servable: bool,
+    /// The topology asked about, if any.
+    pub(crate) topology: Option<Segments>,
+}
+
+/// GetCapacity: well-formed capabilities (ones the driver cannot serve
+/// make the answer 0, not an error), the parameters and the topology.
+pub fn get_capacity(r: &csi::GetCapacityRequest) -> Result<GetCapacity> {
+    let caps = r
+        .volume_capabilities
+        .iter()
+        .map(capability)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GetCapacity {
+        parameters: parameters(&r.parameters),
+        servable: caps.iter().all(|c| c.unsupported_reason().is_none()),
+        topology: r.accessible_topology.as_ref().map(segments),
+    })
+}
+
+/// A checked ControllerExpandVolume.
+#[derive(Debug, Clone)]
+pub struct ExpandVolume {
+    /// The volume to grow.
+    pub(crate) id: VolumeId,
+    /// The size range; at least one bound is set.
+    pub(crate) capacity: CapacityRange,
+}
+
+/// ControllerExpandVolume: the volume, and a capacity range with at least
+/// one bound (the spec requires the field).
+pub fn controller_expand_volume(r: &csi::ControllerExpandVolumeRequest) -> Result<ExpandVolume> {
+    let raw = volume_id(&r.volume_id)?;
+    let capacity = capacity_range(r.capacity_range.as_ref())?;
+    if let Some(c) = r.volume_capability.as_ref() {
+        capability(c)?;
+    }
+    let id = parse_volume_id(raw)?;
+    if capacity.required == 0 && capacity.limit == 0 {
+        return Err(Error::InvalidArgument(
+            "capacity_range with required_bytes or limit_bytes is required".into(),
+        ));
+    }
+    Ok(ExpandVolume { id, capacity })
+}
+
+/// A checked NodePublishVolume.
+#[derive(Debug, Clone)]
+pub struct PublishVolume {
+    /// The volume to publish.
+    pub(crate) id: VolumeId,
+    /// Where to mount it.
+    pub(crate) target: NodePath,
+    /// The mount's flags, read-only folded in (asked for with `readonly`,
+    /// the `ro` flag, or the SINGLE_NODE_READER_ONLY mode).
+    pub(crate) flags: MountFlags,
+    /// SINGLE_NODE_SINGLE_WRITER: one publication at a time.
+    pub(crate) single_writer: bool,
+}
+
+/// NodePublishVolume: the volume, a target path, and a capability this
+/// driver can serve (a mount with flags a bind mount can apply).
+pub fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishVolume> {
+    let raw = volume_id(&r.volume_id)?;
+    let target = node_path(&r.target_path, "target_path")?;
+    let capability = capability(
+        r.volume_capability
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
+    )?;
+    let id = parse_volume_id(raw)?;
+    if let Some(why) = capability.unsupported_reason() {
+        return Err(Error::InvalidArgument(why));
+    }
+    let AccessType::Mount { flags, .. } = capability.access else {
+        return Err(Error::InvalidArgument(
+            "only mount access is supported".into(),
+        ));
+    };
+    Ok(PublishVolume {
+        id,
+        target,
+        flags: MountFlags {
+            read_only: r.readonly
+                || flags.read_only
+                || capability.mode == AccessMode::SingleNodeReaderOnly,
+            ..flags
+        },
+        single_writer: capability.mode == AccessMode::SingleNodeSingleWriter,
+    })
+}
+
+/// A checked NodeUnpublishVolume.
+#[derive(Debug, Clone)]
+pub struct UnpublishVolume {
+    /// The volume to unpublish.
+    pub(crate) id: VolumeId,
+    /// Where it is mounted.
+    pub(crate) target: NodePath,
+}
+
+/// NodeUnpublishVolume: the volume and its target path.
+pub fn node_unpublish_volume(r: &csi::NodeUnpublishVolumeRequest) -> Result<UnpublishVolume> {
+    let raw = volume_id(&r.volume_id)?;
+    let target = node_path(&r.target_path, "target_path")?;
+    Ok(UnpublishVolume {
+        id: parse_volume_id(raw)?,
+        target,
+    })
+}
+
+/// A checked NodeGetVolumeStats or NodeExpandVolume: a volume and a path
+/// where it is published.
+#[derive(Debug, Clone)]
+pub struct VolumeAtPath {
+    /// The volume.
+    pub(crate) id: VolumeId,
+    /// Where the CO says it is published.
+    pub(crate) path: NodePath,
+}
+
+/// NodeGetVolumeStats: the volume and the path it is published at.
+pub fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Result<VolumeAtPath> {
+    volume_at_path(&r.volume_id, &r.volume_path)
+}
+
+/// NodeExpandVolume: the volume, the path it is published at, and a sane
+/// capacity range (which the node half of an expansion does not need).
+pub fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<VolumeAtPath> {
+    let raw = volume_id(&r.volume_id)?;
+    let path = published_path(&r.volume_path)?;
+    capacity_range(r.capacity_range.as_ref())?;
+    Ok(VolumeAtPath {
+        id: parse_volume_id(raw)?,
+        path,
+    })
+}
+
+fn volume_at_path(volume_id_field: &str, volume_path: &str) -> Result<VolumeAtPath> {
+    let raw = volume_id(volume_id_field)?;
+    let path = published_path(volume_path)?;
+    Ok(VolumeAtPath {
+        id: parse_volume_id(raw)?,
+        path,
+    })
+}
+
+/// A `volume_path`: required (INVALID_ARGUMENT), and a path that cannot be
+/// valid cannot hold the volume either, which the spec answers NOT_FOUND.
+fn published_path(volume_path: &str) -> Result<NodePath> {
+    required(volume_path, "volume_path")?;
+    node_path(volume_path, "volume_path").map_err(|e| Error::NotFound(e.to_string()))
+}
+
+fn segments(t: &csi::Topology) -> Segments {
+    t.segments
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
