@@ -10,15 +10,18 @@
 //!   create/delete/list, sizes and promises, expansion,
 //!   publish/unpublish/stats, per-volume locks.
 //! - `backend`: per pool kind, how storage is made, sized and removed.
-//! - `sys`: the only place with mount syscalls, mountinfo and durable writes.
-//! - `error`: the error type and its one mapping onto gRPC codes.
+//! - `sys`: the kernel boundary: the only place with mount syscalls and
+//!   mountinfo parsing; durable record writes; running storage tools.
+//!
+//! Each module names its errors by cause (`VolumeError`, `PoolError`,
+//! `RequestError`, ...); `grpc::status` is the one place they become gRPC
+//! status codes.
 //!
 //! The CSI messages and services come from the `csi-proto` crate of this
 //! workspace; `csi-bench`, a load generator for any CSI driver, is another.
 
 pub mod backend;
 pub mod config;
-pub mod error;
 pub mod grpc;
 pub mod server;
 pub mod sys;

@@ -97,11 +97,11 @@ async fn open_pools(shared: Arc<Shared>) {
     }
     tracing::info!("pools open; ready");
     let s = Arc::clone(&shared);
-    let swept = tokio::task::spawn_blocking(move || s.volumes().and_then(|v| v.sweep())).await;
+    let swept = tokio::task::spawn_blocking(move || s.volumes.get().map(Volumes::sweep)).await;
     match swept {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::info!(count = n, "removed leftovers of interrupted calls"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping leftovers failed"),
+        Ok(None | Some(Ok(0))) => {}
+        Ok(Some(Ok(n))) => tracing::info!(count = n, "removed leftovers of interrupted calls"),
+        Ok(Some(Err(e))) => tracing::warn!(error = %e, "sweeping leftovers failed"),
         Err(e) => tracing::warn!(error = %e, "sweeping leftovers panicked"),
     }
 }

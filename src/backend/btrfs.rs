@@ -18,11 +18,10 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{Backend, VolumeUsage};
+use super::{Backend, BackendError, Result, VolumeUsage};
 use crate::config::PoolKind;
-use crate::error::{Error, Result};
 use crate::sys;
-use crate::sys::cmd;
+use crate::sys::cmd::{self, CmdError};
 
 /// Inode number of every subvolume's root directory on btrfs.
 const SUBVOLUME_ROOT_INO: u64 = 256;
@@ -82,16 +81,20 @@ fn is_subvolume(meta: &std::fs::Metadata) -> bool {
 /// what was just written (they are updated at commit time).
 fn sync_fs(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    nix::unistd::syncfs(&f).map_err(|e| Error::io(format!("syncfs {}", path.display()), e.into()))
+        .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?;
+    nix::unistd::syncfs(&f)
+        .map_err(|e| BackendError::io(format!("syncfs {}", path.display()), e.into()))
 }
 
 /// Where `dir` is inside its btrfs filesystem, relative to the top level,
 /// as `btrfs qgroup show` prints paths (no leading slash).
 fn path_in_fs(dir: &Path) -> Result<PathBuf> {
-    let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
-    let holder = sys::mountinfo::containing(&table, dir)
-        .ok_or_else(|| Error::Internal(format!("no mount holds {}", dir.display())))?;
+    let table =
+        sys::mountinfo::read().map_err(|e| BackendError::io("reading the mount table", e))?;
+    let holder =
+        sys::mountinfo::containing(&table, dir).ok_or_else(|| BackendError::NotMounted {
+            dir: dir.to_path_buf(),
+        })?;
     let rel = dir
         .strip_prefix(&holder.mount_point)
         .unwrap_or(Path::new(""));
@@ -119,25 +122,23 @@ impl Backend for BtrfsBackend {
 
     fn prepare(&self, pool_dir: &Path) -> Result<()> {
         let fs = nix::sys::statfs::statfs(pool_dir)
-            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e.into()))?;
+            .map_err(|e| BackendError::io(format!("statfs {}", pool_dir.display()), e.into()))?;
         if fs.filesystem_type() != nix::sys::statfs::BTRFS_SUPER_MAGIC {
-            return Err(Error::FailedPrecondition(format!(
-                "pool directory {} is not on btrfs; a pool of kind btrfs needs a btrfs filesystem",
-                pool_dir.display()
-            )));
+            return Err(BackendError::NotBtrfs {
+                dir: pool_dir.to_path_buf(),
+            });
         }
         if let Err(f) = cmd::run_raw("btrfs", ["qgroup".as_ref(), "show".as_ref(), pool_dir])? {
             if !f.stderr.contains("not enabled") {
                 return Err(f.into());
             }
             tracing::info!(pool_dir = %pool_dir.display(), "enabling btrfs quotas for the pool's filesystem");
-            cmd::run("btrfs", ["quota".as_ref(), "enable".as_ref(), pool_dir]).map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "quotas are off on the btrfs filesystem of {} and enabling them failed \
-                     (run `btrfs quota enable` on it by hand): {e}",
-                    pool_dir.display()
-                ))
-            })?;
+            cmd::run("btrfs", ["quota".as_ref(), "enable".as_ref(), pool_dir]).map_err(
+                |source| BackendError::QuotasOff {
+                    dir: pool_dir.to_path_buf(),
+                    source,
+                },
+            )?;
         }
         // Qgroups of subvolumes deleted before a crash, on kernels that do
         // not remove them by themselves. Harmless when there are none.
@@ -160,19 +161,23 @@ impl Backend for BtrfsBackend {
                 )?;
                 true
             }
-            Err(e) => return Err(Error::io(format!("inspecting {}", path.display()), e)),
+            Err(e) => {
+                return Err(BackendError::io(
+                    format!("inspecting {}", path.display()),
+                    e,
+                ));
+            }
             Ok(meta) => {
                 // A subvolume left by an attempt killed before its limit was
                 // set is empty: finish it. Anything else is not ours.
                 let empty = is_subvolume(&meta)
                     && sys::fs::is_empty_dir(&path)
-                        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
                 if !empty {
-                    return Err(Error::AlreadyExists(format!(
-                        "{} already exists, is not an empty subvolume and was not created by \
-                         this driver; use another volume name or move it away",
-                        path.display()
-                    )));
+                    return Err(BackendError::Occupied {
+                        path,
+                        what: "is not an empty subvolume",
+                    });
                 }
                 false
             }
@@ -180,7 +185,7 @@ impl Backend for BtrfsBackend {
         let finish = || -> Result<()> {
             limit(&path, capacity)?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+                .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
         };
         if let Err(e) = finish() {
             if made {
@@ -196,7 +201,12 @@ impl Backend for BtrfsBackend {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(format!("inspecting {}", path.display()), e)),
+            Err(e) => {
+                return Err(BackendError::io(
+                    format!("inspecting {}", path.display()),
+                    e,
+                ));
+            }
         };
         if !is_subvolume(&meta) {
             // A plain directory: a volume made while the pool was of kind
@@ -214,10 +224,10 @@ impl Backend for BtrfsBackend {
             ],
         )
         .map_err(|e| match e {
-            Error::Internal(m) if m.contains("not empty") => Error::FailedPrecondition(format!(
-                "{m}; the volume holds nested subvolumes, which must be deleted first"
-            )),
-            e => e,
+            CmdError::Failed(f) if f.to_string().contains("not empty") => {
+                BackendError::NestedSubvolumes(f)
+            }
+            e => e.into(),
         })?;
         Ok(())
     }
@@ -228,17 +238,12 @@ impl Backend for BtrfsBackend {
         let row = qgroup_show(&path, true)?
             .into_iter()
             .next()
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "`btrfs qgroup show` printed no qgroup for {}",
-                    path.display()
-                ))
-            })?;
+            .ok_or_else(|| BackendError::NoQgroup { path: path.clone() })?;
         let total = row.max_referenced.unwrap_or(capacity);
         let used = row.referenced;
         let available = total.saturating_sub(used);
         let inodes = sys::fs::usage(&path)
-            .map_err(|e| Error::io(format!("measuring {}", path.display()), e))?;
+            .map_err(|e| BackendError::io(format!("measuring {}", path.display()), e))?;
         // btrfs makes inodes on demand and statfs reports none; estimate
         // what is left as one inode per 4 KiB of space left.
         let available_inodes = available / 4096;
@@ -256,11 +261,11 @@ impl Backend for BtrfsBackend {
         let path = pool_dir.join(token);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if is_subvolume(&m) => limit(&path, capacity),
-            Ok(_) => Err(Error::FailedPrecondition(format!(
-                "{} is not a subvolume, so its size cannot be changed",
-                path.display()
-            ))),
-            Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
+            Ok(_) => Err(BackendError::NotSubvolume { path }),
+            Err(e) => Err(BackendError::io(
+                format!("inspecting {}", path.display()),
+                e,
+            )),
         }
     }
 

@@ -10,9 +10,8 @@ use std::path::Path;
 
 use nix::errno::Errno;
 
-use super::{Backend, VolumeUsage};
+use super::{Backend, BackendError, Result, VolumeUsage};
 use crate::config::PoolKind;
-use crate::error::{Error, Result};
 use crate::sys;
 
 /// Suffix of a volume parked for removal (`.<token>.deleting`): renamed
@@ -37,20 +36,19 @@ impl Backend for DirBackend {
                 // being killed (it is then empty), or somebody else's
                 // directory carries the name: never take over data.
                 let meta = std::fs::symlink_metadata(&path)
-                    .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
+                    .map_err(|e| BackendError::io(format!("inspecting {}", path.display()), e))?;
                 let empty = meta.is_dir()
                     && sys::fs::is_empty_dir(&path)
-                        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
                 if !empty {
-                    return Err(Error::AlreadyExists(format!(
-                        "{} already exists, holds data and was not created by this driver; \
-                         use another volume name or move it away",
-                        path.display()
-                    )));
+                    return Err(BackendError::Occupied {
+                        path,
+                        what: "holds data",
+                    });
                 }
             }
             Err(e) => {
-                return Err(Error::io(
+                return Err(BackendError::io(
                     format!("creating {}", path.display()),
                     io::Error::from(e),
                 ));
@@ -59,7 +57,7 @@ impl Backend for DirBackend {
         // mkdir applies the umask; volumes must be writable by the pod's user,
         // which kubelet then narrows with fsGroup.
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+            .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
     }
 
     fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
@@ -71,10 +69,10 @@ impl Backend for DirBackend {
         match std::fs::rename(&path, &parked) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("parking {}", path.display()), e)),
+            Err(e) => return Err(BackendError::io(format!("parking {}", path.display()), e)),
         }
         sys::fs::remove_tree(&parked)
-            .map_err(|e| Error::io(format!("removing {}", parked.display()), e))
+            .map_err(|e| BackendError::io(format!("removing {}", parked.display()), e))
     }
 
     fn scratch_suffixes(&self) -> &'static [&'static str] {
@@ -84,9 +82,9 @@ impl Backend for DirBackend {
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
         let path = pool_dir.join(token);
         let used = sys::fs::usage(&path)
-            .map_err(|e| Error::io(format!("measuring {}", path.display()), e))?;
+            .map_err(|e| BackendError::io(format!("measuring {}", path.display()), e))?;
         let fs = sys::fs::space(&path)
-            .map_err(|e| Error::io(format!("statfs {}", path.display()), e))?;
+            .map_err(|e| BackendError::io(format!("statfs {}", path.display()), e))?;
         // Nothing caps a dir volume but the disk: what is left is the disk's
         // free space, and the size is what it uses plus that.
         let _ = capacity;

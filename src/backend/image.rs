@@ -36,9 +36,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Backend, VolumeUsage};
+use super::{Backend, BackendError, Result, VolumeUsage};
 use crate::config::{Filesystem, PoolKind};
-use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::cmd;
 
@@ -83,9 +82,9 @@ impl ImageBackend {
                 .create_new(true)
                 .mode(0o600)
                 .open(&scratch)
-                .map_err(|e| Error::io(format!("creating {}", scratch.display()), e))?;
+                .map_err(|e| BackendError::io(format!("creating {}", scratch.display()), e))?;
             f.set_len(capacity)
-                .map_err(|e| Error::io(format!("sizing {}", scratch.display()), e))?;
+                .map_err(|e| BackendError::io(format!("sizing {}", scratch.display()), e))?;
             drop(f);
             match self.fs {
                 Filesystem::Ext4 => cmd::run(
@@ -119,11 +118,11 @@ impl ImageBackend {
             };
             std::fs::File::open(&scratch)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(format!("flushing {}", scratch.display()), e))?;
+                .map_err(|e| BackendError::io(format!("flushing {}", scratch.display()), e))?;
             std::fs::rename(&scratch, Self::image(pool_dir, token))
-                .map_err(|e| Error::io(format!("renaming {}", scratch.display()), e))?;
+                .map_err(|e| BackendError::io(format!("renaming {}", scratch.display()), e))?;
             sys::fs::sync_dir(pool_dir)
-                .map_err(|e| Error::io(format!("flushing {}", pool_dir.display()), e))
+                .map_err(|e| BackendError::io(format!("flushing {}", pool_dir.display()), e))
         };
         build().inspect_err(|_| {
             let _ = std::fs::remove_file(&scratch);
@@ -145,10 +144,7 @@ impl ImageBackend {
         }
         let img = Self::image(pool_dir, token);
         if !img.exists() {
-            return Err(Error::FailedPrecondition(format!(
-                "the image {} of this volume is missing",
-                img.display()
-            )));
+            return Err(BackendError::ImageMissing { path: img });
         }
         let out = cmd::run(
             "losetup",
@@ -162,7 +158,7 @@ impl ImageBackend {
         let dev = PathBuf::from(out.stdout.trim());
         if let Err(e) = sys::mount::mount_device(&dev, &mnt, self.fs.as_str(), "") {
             detach(&dev);
-            return Err(Error::io(
+            return Err(BackendError::io(
                 format!(
                     "mounting {} ({}) at {}",
                     img.display(),
@@ -194,10 +190,10 @@ impl ImageBackend {
                 // CAP_SYS_RESOURCE. NodeExpandVolume always finds the volume
                 // published, so there is no offline way out: say what to fix.
                 Err(f) if f.stderr.contains("Permission denied") => {
-                    Err(Error::FailedPrecondition(format!(
-                        "cannot grow the ext4 filesystem of volume {token} while it is mounted: that needs \
-                     CAP_SYS_RESOURCE, which the driver lacks; run the node plugin privileged ({f})"
-                    )))
+                    Err(BackendError::NeedsCapSysResource {
+                        token: token.to_string(),
+                        failure: f,
+                    })
                 }
                 Err(f) => Err(f.into()),
             },
@@ -221,19 +217,20 @@ fn wait_detached(img: &Path) -> Result<()> {
     if devs.is_empty() {
         return Ok(());
     }
-    Err(Error::FailedPrecondition(format!(
-        "the image {} is still in use through {}; unpublish it everywhere first",
-        img.display(),
-        devs.iter()
+    Err(BackendError::ImageInUse {
+        image: img.to_path_buf(),
+        devices: devs
+            .iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
-            .join(", ")
-    )))
+            .join(", "),
+    })
 }
 
 /// The loop device mounted at exactly `mnt`, if something is.
 fn mounted_device(mnt: &Path) -> Result<Option<PathBuf>> {
-    let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
+    let table =
+        sys::mountinfo::read().map_err(|e| BackendError::io("reading the mount table", e))?;
     Ok(sys::mountinfo::mounted_at(&table, mnt).map(|e| PathBuf::from(&e.source)))
 }
 
@@ -283,7 +280,7 @@ fn detach(dev: &Path) {
 fn remove_file(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(Error::io(format!("removing {}", path.display()), e))
+            Err(BackendError::io(format!("removing {}", path.display()), e))
         }
         _ => Ok(()),
     }
@@ -301,17 +298,17 @@ impl Backend for ImageBackend {
         if !mounted {
             match std::fs::symlink_metadata(&mnt) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("inspecting {}", mnt.display()), e)),
+                Err(e) => return Err(BackendError::io(format!("inspecting {}", mnt.display()), e)),
                 Ok(m) => {
                     let empty = m.is_dir()
-                        && sys::fs::is_empty_dir(&mnt)
-                            .map_err(|e| Error::io(format!("reading {}", mnt.display()), e))?;
+                        && sys::fs::is_empty_dir(&mnt).map_err(|e| {
+                            BackendError::io(format!("reading {}", mnt.display()), e)
+                        })?;
                     if !empty {
-                        return Err(Error::AlreadyExists(format!(
-                            "{} already exists, holds data and was not created by this \
-                             driver; use another volume name or move it away",
-                            mnt.display()
-                        )));
+                        return Err(BackendError::Occupied {
+                            path: mnt,
+                            what: "holds data",
+                        });
                     }
                 }
             }
@@ -330,12 +327,12 @@ impl Backend for ImageBackend {
                 self.make_image(pool_dir, token, capacity)?;
                 true
             }
-            Err(e) => return Err(Error::io(format!("inspecting {}", img.display()), e)),
+            Err(e) => return Err(BackendError::io(format!("inspecting {}", img.display()), e)),
         };
         let finish = || -> Result<()> {
             match std::fs::create_dir(&mnt) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                    return Err(Error::io(format!("creating {}", mnt.display()), e));
+                    return Err(BackendError::io(format!("creating {}", mnt.display()), e));
                 }
                 _ => {}
             }
@@ -347,10 +344,12 @@ impl Backend for ImageBackend {
             // by the pod's user, which kubelet then narrows with fsGroup.
             if made_image {
                 std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                    .map_err(|e| Error::io(format!("setting the mode of {}", mnt.display()), e))?;
+                    .map_err(|e| {
+                        BackendError::io(format!("setting the mode of {}", mnt.display()), e)
+                    })?;
             }
             sys::fs::sync_dir(pool_dir)
-                .map_err(|e| Error::io(format!("flushing {}", pool_dir.display()), e))
+                .map_err(|e| BackendError::io(format!("flushing {}", pool_dir.display()), e))
         };
         finish().inspect_err(|_| {
             if made_image {
@@ -369,10 +368,10 @@ impl Backend for ImageBackend {
                 break;
             }
             sys::mount::unmount(&mnt).map_err(|e| match e.raw_os_error() {
-                Some(c) if c == nix::errno::Errno::EBUSY as i32 => Error::FailedPrecondition(
-                    format!("the filesystem of this volume at {} is busy", mnt.display()),
-                ),
-                _ => Error::io(format!("unmounting {}", mnt.display()), e),
+                Some(c) if c == nix::errno::Errno::EBUSY as i32 => {
+                    BackendError::Busy { path: mnt.clone() }
+                }
+                _ => BackendError::io(format!("unmounting {}", mnt.display()), e),
             })?;
         }
         if has_image {
@@ -388,7 +387,7 @@ impl Backend for ImageBackend {
         remove_file(&Self::scratch(pool_dir, token))?;
         match std::fs::remove_dir(&mnt) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(format!("removing {}", mnt.display()), e))
+                Err(BackendError::io(format!("removing {}", mnt.display()), e))
             }
             _ => Ok(()),
         }
@@ -421,15 +420,15 @@ impl Backend for ImageBackend {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&img)
-            .map_err(|e| Error::io(format!("opening {}", img.display()), e))?;
+            .map_err(|e| BackendError::io(format!("opening {}", img.display()), e))?;
         let len = f
             .metadata()
-            .map_err(|e| Error::io(format!("inspecting {}", img.display()), e))?
+            .map_err(|e| BackendError::io(format!("inspecting {}", img.display()), e))?
             .len();
         if len < capacity {
             f.set_len(capacity)
                 .and_then(|()| f.sync_all())
-                .map_err(|e| Error::io(format!("growing {}", img.display()), e))?;
+                .map_err(|e| BackendError::io(format!("growing {}", img.display()), e))?;
         }
         Ok(())
     }
@@ -460,7 +459,7 @@ impl Backend for ImageBackend {
             match std::fs::metadata(Self::image(pool_dir, t)) {
                 Ok(m) => sum += m.blocks() * 512,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("inspecting the image of {t}"), e)),
+                Err(e) => return Err(BackendError::io(format!("inspecting the image of {t}"), e)),
             }
         }
         Ok(sum)

@@ -11,10 +11,147 @@ pub mod dir;
 pub mod image;
 
 use std::fmt::Debug;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::config::{PoolConfig, PoolKind};
-use crate::error::{Error, Result};
+use crate::sys::cmd::{CmdError, Failure};
+
+/// Why storage could not be made, measured, grown or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A file operation or syscall failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the backend was doing.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A storage tool (`btrfs`, `mkfs.*`, `losetup`, ...) is missing or
+    /// failed.
+    #[error(transparent)]
+    Tool(#[from] CmdError),
+    /// Something that is not a leftover of this driver sits where the
+    /// volume belongs (someone else's data is never taken over).
+    #[error(
+        "{} already exists, {what} and was not created by this driver; \
+         use another volume name or move it away",
+        path.display()
+    )]
+    Occupied {
+        /// The volume's path.
+        path: PathBuf,
+        /// What is wrong with it ("holds data", "is not an empty
+        /// subvolume").
+        what: &'static str,
+    },
+    /// A btrfs pool's directory is on another filesystem.
+    #[error(
+        "pool directory {} is not on btrfs; a pool of kind btrfs needs a btrfs filesystem",
+        dir.display()
+    )]
+    NotBtrfs {
+        /// The pool directory.
+        dir: PathBuf,
+    },
+    /// Quotas are off on a btrfs pool's filesystem and could not be
+    /// switched on.
+    #[error(
+        "quotas are off on the btrfs filesystem of {} and enabling them failed \
+         (run `btrfs quota enable` on it by hand): {source}",
+        dir.display()
+    )]
+    QuotasOff {
+        /// The pool directory.
+        dir: PathBuf,
+        /// Why `btrfs quota enable` failed.
+        source: CmdError,
+    },
+    /// `btrfs qgroup show` printed nothing for the volume.
+    #[error("`btrfs qgroup show` printed no qgroup for {}", path.display())]
+    NoQgroup {
+        /// The volume's subvolume.
+        path: PathBuf,
+    },
+    /// No mount holds the pool directory (the mount table is inconsistent).
+    #[error("no mount holds {}", dir.display())]
+    NotMounted {
+        /// The pool directory.
+        dir: PathBuf,
+    },
+    /// A btrfs volume holds nested subvolumes, which `btrfs subvolume
+    /// delete` refuses to remove with it.
+    #[error("{0}; the volume holds nested subvolumes, which must be deleted first")]
+    NestedSubvolumes(Failure),
+    /// A btrfs volume that is a plain directory cannot be resized.
+    #[error("{} is not a subvolume, so its size cannot be changed", path.display())]
+    NotSubvolume {
+        /// The volume's path.
+        path: PathBuf,
+    },
+    /// An image volume's image file is gone.
+    #[error("the image {} of this volume is missing", path.display())]
+    ImageMissing {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// An image is still attached to loop devices that do not go away (it
+    /// is mounted somewhere).
+    #[error(
+        "the image {} is still in use through {devices}; unpublish it everywhere first",
+        image.display()
+    )]
+    ImageInUse {
+        /// The image file.
+        image: PathBuf,
+        /// The loop devices, comma-separated.
+        devices: String,
+    },
+    /// An image volume's filesystem cannot be unmounted: something uses it.
+    #[error("the filesystem of this volume at {} is busy", path.display())]
+    Busy {
+        /// The mount point.
+        path: PathBuf,
+    },
+    /// The kernel grows a mounted ext4 only for a caller with
+    /// CAP_SYS_RESOURCE, which the driver lacks.
+    #[error(
+        "cannot grow the ext4 filesystem of volume {token} while it is mounted: that needs \
+         CAP_SYS_RESOURCE, which the driver lacks; run the node plugin privileged ({failure})"
+    )]
+    NeedsCapSysResource {
+        /// The volume's token.
+        token: String,
+        /// What `resize2fs` said.
+        failure: Failure,
+    },
+    /// The pool's kind has no way to grow a volume.
+    #[error("pools of kind {} cannot expand volumes", kind.as_str())]
+    CannotExpand {
+        /// The kind.
+        kind: PoolKind,
+    },
+}
+
+impl BackendError {
+    /// Wraps an I/O error with what the backend was doing at the time.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<Failure> for BackendError {
+    fn from(f: Failure) -> Self {
+        BackendError::Tool(f.into())
+    }
+}
+
+/// Results of backend operations.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// What a volume uses and has left, as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -61,7 +198,7 @@ pub trait Backend: Send + Sync + Debug {
     /// Size and free bytes of the pool's filesystem, in one `statfs`.
     fn space(&self, pool_dir: &Path) -> Result<crate::sys::fs::FsSpace> {
         crate::sys::fs::space(pool_dir)
-            .map_err(|e| Error::io(format!("statfs {}", pool_dir.display()), e))
+            .map_err(|e| BackendError::io(format!("statfs {}", pool_dir.display()), e))
     }
 
     /// Makes the volume's data reachable at `pool_dir/token` and returns
@@ -85,10 +222,7 @@ pub trait Backend: Send + Sync + Debug {
     /// controller half of an expansion: raise the limit, grow the image).
     /// Must be idempotent: a retry after a crash calls it again.
     fn expand(&self, _pool_dir: &Path, _token: &str, _capacity: u64) -> Result<()> {
-        Err(Error::Unimplemented(format!(
-            "pools of kind {} cannot expand volumes",
-            self.kind().as_str()
-        )))
+        Err(BackendError::CannotExpand { kind: self.kind() })
     }
 
     /// Whether the node must do its half of an expansion (grow a
@@ -141,7 +275,7 @@ pub fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
 /// still use.
 fn usage_of_fs(path: &Path) -> Result<VolumeUsage> {
     let s = crate::sys::fs::space(path)
-        .map_err(|e| Error::io(format!("statfs {}", path.display()), e))?;
+        .map_err(|e| BackendError::io(format!("statfs {}", path.display()), e))?;
     Ok(VolumeUsage {
         used_bytes: s.total_bytes.saturating_sub(s.free_bytes),
         available_bytes: s.available_bytes,

@@ -85,7 +85,7 @@ impl csi::controller_server::Controller for Controller {
             },
             Some(why) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
-                message: why,
+                message: why.to_string(),
             },
         }))
     }

@@ -1,20 +1,35 @@
 //! The gRPC layer: thin adapters from CSI messages to the volume logic.
 //!
-//! Each handler checks and converts its request (`validate`), runs the
-//! volume logic on the blocking pool, and converts the answer back. No
-//! handler logs a whole request: CSI requests can carry secrets.
+//! Each handler parses its request into a typed one (`validate`), runs the
+//! volume logic on the blocking pool, and converts the answer back; errors
+//! become status codes in one place (`status`). No handler logs a whole
+//! request: CSI requests can carry secrets.
 
 pub mod controller;
 pub mod identity;
 pub mod node;
+mod status;
 
 use std::sync::{Arc, OnceLock};
 
 use tonic::Status;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::volume::Volumes;
+use crate::volume::{VolumeError, Volumes};
+
+/// Why a call got no answer from the volume logic.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The pools are not open yet.
+    #[error("the driver is still opening its pools; retry shortly")]
+    NotReady,
+    /// The blocking task running the call panicked.
+    #[error("worker task failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+    /// The volume logic failed.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
 
 /// State shared by the three services.
 #[derive(Debug)]
@@ -35,11 +50,9 @@ impl Shared {
         })
     }
 
-    /// The opened volumes, or UNAVAILABLE.
-    pub fn volumes(&self) -> Result<&Volumes> {
-        self.volumes.get().ok_or_else(|| {
-            Error::Unavailable("the driver is still opening its pools; retry shortly".into())
-        })
+    /// The opened volumes, or [`CallError::NotReady`].
+    pub fn volumes(&self) -> Result<&Volumes, CallError> {
+        self.volumes.get().ok_or(CallError::NotReady)
     }
 }
 
@@ -47,11 +60,12 @@ impl Shared {
 pub async fn blocking<T, F>(shared: &Arc<Shared>, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
-    F: FnOnce(&Volumes) -> Result<T> + Send + 'static,
+    F: FnOnce(&Volumes) -> Result<T, VolumeError> + Send + 'static,
 {
     let shared = Arc::clone(shared);
-    let res = tokio::task::spawn_blocking(move || f(shared.volumes()?))
-        .await
-        .map_err(Error::from)?;
-    res.map_err(Status::from)
+    let res =
+        tokio::task::spawn_blocking(move || -> Result<T, CallError> { Ok(f(shared.volumes()?)?) })
+            .await
+            .map_err(CallError::from)?;
+    Ok(res?)
 }

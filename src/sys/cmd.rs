@@ -11,7 +11,27 @@ use std::ffi::OsStr;
 use std::io;
 use std::process::{Command, Stdio};
 
-use crate::error::{Error, Result};
+/// A tool that could not be run, or that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// The program is not on this node's `PATH`.
+    #[error("`{program}` is not installed on this node{}", package_hint(program))]
+    NotInstalled {
+        /// The program's name.
+        program: String,
+    },
+    /// The program exists but could not be started.
+    #[error("starting `{command}`: {source}")]
+    Start {
+        /// The command line.
+        command: String,
+        /// Why not.
+        source: io::Error,
+    },
+    /// It ran and exited unsuccessfully.
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
 
 /// What a finished command printed.
 #[derive(Debug, Clone, Default)]
@@ -22,7 +42,7 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// A command that exited unsuccessfully.
+/// A command that exited unsuccessfully: what was run and what it said.
 #[derive(Debug, Clone)]
 pub struct Failure {
     /// The command line, for messages.
@@ -54,16 +74,13 @@ impl std::fmt::Display for Failure {
     }
 }
 
-impl From<Failure> for Error {
-    fn from(f: Failure) -> Self {
-        Error::Internal(f.to_string())
-    }
-}
+impl std::error::Error for Failure {}
 
 /// Runs `program args...` and returns what it printed, or a [`Failure`]
-/// (wrapped in `Err(Ok(..))`) when it exits non-zero, or an error when it
-/// cannot be started at all (missing program: the message names the package).
-pub fn run_raw<I, S>(program: &str, args: I) -> Result<std::result::Result<Output, Failure>>
+/// (as `Ok(Err(..))`) when it exits non-zero, for callers that look at
+/// what it said; `Err` when it cannot be started at all (a missing program:
+/// the message names the package).
+pub fn run_raw<I, S>(program: &str, args: I) -> Result<Result<Output, Failure>, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -85,11 +102,8 @@ where
     } else {
         Command::new(program)
     };
-    let not_installed = || {
-        Error::FailedPrecondition(format!(
-            "`{program}` is not installed on this node{}",
-            package_hint(program)
-        ))
+    let not_installed = || CmdError::NotInstalled {
+        program: program.to_string(),
     };
     let out = cmd
         .args(&args)
@@ -98,7 +112,10 @@ where
         .output()
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => not_installed(),
-            _ => Error::io(format!("starting `{command}`"), e),
+            _ => CmdError::Start {
+                command: command.clone(),
+                source: e,
+            },
         })?;
     // setpriv's "cannot execute" exit status.
     if out.status.code() == Some(127) && has_setpriv() {
@@ -118,9 +135,9 @@ where
     }
 }
 
-/// Runs a command that must succeed; a non-zero exit becomes INTERNAL with
-/// the command line and its stderr.
-pub fn run<I, S>(program: &str, args: I) -> Result<Output>
+/// Runs a command that must succeed; a non-zero exit is a
+/// [`CmdError::Failed`] carrying the command line and its stderr.
+pub fn run<I, S>(program: &str, args: I) -> Result<Output, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -163,6 +180,13 @@ mod tests {
         assert!(msg.contains("oops"), "{msg}");
         assert_eq!(run("echo", ["hi"]).unwrap().stdout, "hi\n");
         let missing = run("hostpath-csi-no-such-tool", ["x"]).unwrap_err();
-        assert!(matches!(missing, Error::FailedPrecondition(_)), "{missing}");
+        assert!(
+            matches!(missing, CmdError::NotInstalled { .. }),
+            "{missing}"
+        );
+        assert!(
+            missing.to_string().contains("is not installed"),
+            "{missing}"
+        );
     }
 }

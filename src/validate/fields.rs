@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, Result};
+use super::{RequestError, Result};
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
 use csi_proto as csi;
@@ -56,20 +56,34 @@ pub struct Capability {
     pub access: AccessType,
 }
 
+/// A well-formed capability this driver cannot serve, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    /// A MULTI_NODE_* access mode: a node-local disk cannot offer it.
+    #[error(
+        "MULTI_NODE_* access modes are not supported: volumes live on one node's disk; \
+         use a SINGLE_NODE_* mode (ReadWriteOnce, ReadOnlyMany on one node, ReadWriteOncePod)"
+    )]
+    MultiNode,
+    /// Block access (a raw device), not offered yet.
+    #[error("block access is not supported yet: request a filesystem (mount) volume")]
+    Block,
+}
+
 impl Capability {
-    /// Why this driver cannot serve the capability, if it cannot.
-    pub fn unsupported_reason(&self) -> Option<String> {
+    /// The mount flags of a capability this driver can serve, or why it
+    /// cannot serve it.
+    pub fn servable_mount(&self) -> Result<MountFlags, Unsupported> {
         match (&self.mode, &self.access) {
-            (AccessMode::MultiNode, _) => Some(
-                "MULTI_NODE_* access modes are not supported: volumes live on one node's disk; \
-                 use a SINGLE_NODE_* mode (ReadWriteOnce, ReadOnlyMany on one node, ReadWriteOncePod)"
-                    .into(),
-            ),
-            (_, AccessType::Block) => {
-                Some("block access is not supported yet: request a filesystem (mount) volume".into())
-            }
-            _ => None,
+            (AccessMode::MultiNode, _) => Err(Unsupported::MultiNode),
+            (_, AccessType::Block) => Err(Unsupported::Block),
+            (_, AccessType::Mount { flags, .. }) => Ok(*flags),
         }
+    }
+
+    /// Why this driver cannot serve the capability, if it cannot.
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        self.servable_mount().err()
     }
 }
 
@@ -90,9 +104,9 @@ impl CapacityRange {
 }
 
 /// Requires a non-empty field.
-pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str> {
+pub fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str> {
     if value.is_empty() {
-        return Err(Error::InvalidArgument(format!("{field} is required")));
+        return Err(RequestError::Missing(field));
     }
     Ok(value)
 }
@@ -101,15 +115,10 @@ pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str> {
 pub fn volume_name(name: &str) -> Result<&str> {
     required(name, "name")?;
     if name.len() > MAX_NAME_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "name is {} bytes long; at most {MAX_NAME_LEN} are accepted",
-            name.len()
-        )));
+        return Err(RequestError::NameTooLong(name.len()));
     }
     if name.contains('\0') {
-        return Err(Error::InvalidArgument(
-            "name must not contain NUL bytes".into(),
-        ));
+        return Err(RequestError::NameHasNul);
     }
     Ok(name)
 }
@@ -120,10 +129,7 @@ pub fn volume_name(name: &str) -> Result<&str> {
 pub fn volume_id(id: &str) -> Result<&str> {
     required(id, "volume_id")?;
     if id.len() > MAX_NAME_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "volume_id is {} bytes long; no volume of this driver has an id that long",
-            id.len()
-        )));
+        return Err(RequestError::IdTooLong(id.len()));
     }
     Ok(id)
 }
@@ -131,7 +137,7 @@ pub fn volume_id(id: &str) -> Result<&str> {
 /// Parses a volume id; an id that cannot name a volume of this driver is
 /// NOT_FOUND, as the spec asks for unknown ids.
 pub fn parse_volume_id(id: &str) -> Result<VolumeId> {
-    VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
+    VolumeId::parse(id).ok_or_else(|| RequestError::UnknownVolume(id.to_string()))
 }
 
 /// Checks a capacity range.
@@ -140,19 +146,17 @@ pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<CapacityRange> {
         return Ok(CapacityRange::default());
     };
     if r.required_bytes < 0 || r.limit_bytes < 0 {
-        return Err(Error::InvalidArgument(
-            "capacity_range: required_bytes and limit_bytes must not be negative".into(),
-        ));
+        return Err(RequestError::NegativeCapacity);
     }
     let range = CapacityRange {
         required: r.required_bytes as u64,
         limit: r.limit_bytes as u64,
     };
     if range.limit != 0 && range.required > range.limit {
-        return Err(Error::InvalidArgument(format!(
-            "capacity_range: required_bytes {} exceeds limit_bytes {}",
-            range.required, range.limit
-        )));
+        return Err(RequestError::RequiredAboveLimit {
+            required: range.required,
+            limit: range.limit,
+        });
     }
     Ok(range)
 }
@@ -160,9 +164,7 @@ pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<CapacityRange> {
 /// Checks one capability.
 pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     use csi::volume_capability::AccessType as Pa;
-    let mode = c.access_mode.as_ref().ok_or_else(|| {
-        Error::InvalidArgument("volume_capability: access_mode is required".into())
-    })?;
+    let mode = c.access_mode.as_ref().ok_or(RequestError::NoAccessMode)?;
     let mode = match Mode::try_from(mode.mode) {
         Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
         Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
@@ -171,12 +173,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
         Ok(
             Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter,
         ) => AccessMode::MultiNode,
-        Ok(Mode::Unknown) | Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "volume_capability: access mode {} is unknown",
-                mode.mode
-            )));
-        }
+        Ok(Mode::Unknown) | Err(_) => return Err(RequestError::UnknownAccessMode(mode.mode)),
     };
     let access = match &c.access_type {
         Some(Pa::Mount(m)) => AccessType::Mount {
@@ -184,11 +181,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
             flags: mount_flags(&m.mount_flags)?,
         },
         Some(Pa::Block(_)) => AccessType::Block,
-        None => {
-            return Err(Error::InvalidArgument(
-                "volume_capability: access_type (mount or block) is required".into(),
-            ));
-        }
+        None => return Err(RequestError::NoAccessType),
     };
     Ok(Capability { mode, access })
 }
@@ -196,9 +189,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
 /// Checks a non-empty list of capabilities.
 pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     if cs.is_empty() {
-        return Err(Error::InvalidArgument(
-            "volume_capabilities are required".into(),
-        ));
+        return Err(RequestError::NoCapabilities);
     }
     cs.iter().map(capability).collect()
 }
@@ -216,11 +207,7 @@ pub fn mount_flags(flags: &[String]) -> Result<MountFlags> {
                 "nodev" => f.nodev = true,
                 "noexec" => f.noexec = true,
                 "noatime" => f.noatime = true,
-                other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "mount flag {other:?} is not supported; supported: ro, rw, nosuid, nodev, noexec, noatime"
-                    )));
-                }
+                other => return Err(RequestError::MountFlag(other.to_string())),
             }
         }
     }
@@ -261,9 +248,15 @@ impl std::ops::Deref for NodePath {
 
 /// Checks a target or volume path (see [`NodePath`]); a trailing slash is
 /// dropped.
-pub fn node_path(path: &str, field: &str) -> Result<NodePath> {
+pub fn node_path(path: &str, field: &'static str) -> Result<NodePath> {
     required(path, field)?;
-    let bad = |why: &str| Err(Error::InvalidArgument(format!("{field} {path:?} {why}")));
+    let bad = |why: &'static str| {
+        Err(RequestError::BadPath {
+            field,
+            path: path.to_string(),
+            why,
+        })
+    };
     if path.len() > MAX_PATH_LEN {
         return bad("is too long");
     }

@@ -19,14 +19,99 @@ use std::collections::BTreeMap;
 
 use csi_proto as csi;
 
-use crate::error::{Error, Result};
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, MAX_PATH_LEN, NodePath,
-    capability, capacity_range, mount_flags, node_path, volume_name,
+    Unsupported, capability, capacity_range, mount_flags, node_path, volume_name,
 };
 use fields::{capabilities, parameters, parse_volume_id, required, volume_id};
+
+/// What is wrong with a request, found before the volume logic sees it.
+/// All of it is INVALID_ARGUMENT but where a variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A field the spec requires is empty or absent.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A CreateVolume name longer than [`MAX_NAME_LEN`] bytes.
+    #[error("name is {0} bytes long; at most {MAX_NAME_LEN} are accepted")]
+    NameTooLong(usize),
+    /// A CreateVolume name with a NUL byte.
+    #[error("name must not contain NUL bytes")]
+    NameHasNul,
+    /// A volume id longer than any this driver hands out.
+    #[error("volume_id is {0} bytes long; no volume of this driver has an id that long")]
+    IdTooLong(usize),
+    /// A volume id that cannot name a volume of this driver (NOT_FOUND, as
+    /// the spec asks for unknown ids).
+    #[error("volume {0:?} does not exist")]
+    UnknownVolume(String),
+    /// A negative `required_bytes` or `limit_bytes`.
+    #[error("capacity_range: required_bytes and limit_bytes must not be negative")]
+    NegativeCapacity,
+    /// `required_bytes` above `limit_bytes`.
+    #[error("capacity_range: required_bytes {required} exceeds limit_bytes {limit}")]
+    RequiredAboveLimit {
+        /// `required_bytes`.
+        required: u64,
+        /// `limit_bytes`.
+        limit: u64,
+    },
+    /// An expansion without a size to grow to.
+    #[error("capacity_range with required_bytes or limit_bytes is required")]
+    NoCapacityRange,
+    /// A capability without an access mode.
+    #[error("volume_capability: access_mode is required")]
+    NoAccessMode,
+    /// An access mode the spec does not define (or UNKNOWN).
+    #[error("volume_capability: access mode {0} is unknown")]
+    UnknownAccessMode(i32),
+    /// A capability without an access type.
+    #[error("volume_capability: access_type (mount or block) is required")]
+    NoAccessType,
+    /// An empty list of capabilities.
+    #[error("volume_capabilities are required")]
+    NoCapabilities,
+    /// A mount flag a bind mount cannot apply (none is silently ignored).
+    #[error("mount flag {0:?} is not supported; supported: ro, rw, nosuid, nodev, noexec, noatime")]
+    MountFlag(String),
+    /// A well-formed capability this driver cannot serve.
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
+    /// A path that is not a clean absolute path.
+    #[error("{field} {path:?} {why}")]
+    BadPath {
+        /// The field.
+        field: &'static str,
+        /// The path as sent.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A `volume_path` that cannot be a path: the volume cannot be there
+    /// (NOT_FOUND, as the spec asks when the volume is not at the path).
+    #[error("{0}")]
+    NotAPath(Box<RequestError>),
+    /// A content source (snapshots and clones are not offered yet).
+    #[error(
+        "volume_content_source: creating volumes from snapshots or other volumes is not supported"
+    )]
+    ContentSource,
+    /// Mutable parameters (MODIFY_VOLUME is not offered).
+    #[error("mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME")]
+    MutableParameters,
+    /// A negative `max_entries`.
+    #[error("max_entries must not be negative")]
+    NegativeMaxEntries,
+    /// A paging token this driver did not issue (ABORTED, as the spec
+    /// asks: the CO lists again from the start).
+    #[error("starting_token {0:?} was not issued by this driver; list again from the start")]
+    ForeignToken(String),
+}
+
+/// Results of request checks.
+pub type Result<T, E = RequestError> = std::result::Result<T, E>;
 
 /// Topology segments: key to value.
 pub type Segments = BTreeMap<String, String>;
@@ -52,18 +137,13 @@ pub fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume> {
     let caps = capabilities(&r.volume_capabilities)?;
     let capacity = capacity_range(r.capacity_range.as_ref())?;
     if r.volume_content_source.is_some() {
-        return Err(Error::InvalidArgument(
-            "volume_content_source: creating volumes from snapshots or other volumes is not supported"
-                .into(),
-        ));
+        return Err(RequestError::ContentSource);
     }
     if !r.mutable_parameters.is_empty() {
-        return Err(Error::InvalidArgument(
-            "mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME".into(),
-        ));
+        return Err(RequestError::MutableParameters);
     }
-    if let Some(why) = caps.iter().find_map(Capability::unsupported_reason) {
-        return Err(Error::InvalidArgument(why));
+    if let Some(why) = caps.iter().find_map(Capability::unsupported) {
+        return Err(why.into());
     }
     let requisite = r
         .accessibility_requirements
@@ -91,7 +171,7 @@ pub struct ValidateVolume {
     pub id: VolumeId,
     /// Why the capabilities are declined, if they are (the answer carries
     /// it; it is not an error).
-    pub declined: Option<String>,
+    pub declined: Option<Unsupported>,
 }
 
 /// ValidateVolumeCapabilities: the volume and the verdict on the
@@ -103,7 +183,7 @@ pub fn validate_volume_capabilities(
     let caps = capabilities(&r.volume_capabilities)?;
     Ok(ValidateVolume {
         id: parse_volume_id(raw)?,
-        declined: caps.iter().find_map(Capability::unsupported_reason),
+        declined: caps.iter().find_map(Capability::unsupported),
     })
 }
 
@@ -120,17 +200,13 @@ pub struct ListVolumes {
 /// else is ABORTED, as the spec asks) and a non-negative page size.
 pub fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
     if r.max_entries < 0 {
-        return Err(Error::InvalidArgument(
-            "max_entries must not be negative".into(),
-        ));
+        return Err(RequestError::NegativeMaxEntries);
     }
     let start = match r.starting_token.as_str() {
         "" => None,
-        token => Some(VolumeId::parse(token).ok_or_else(|| {
-            Error::Aborted(format!(
-                "starting_token {token:?} was not issued by this driver; list again from the start"
-            ))
-        })?),
+        token => Some(
+            VolumeId::parse(token).ok_or_else(|| RequestError::ForeignToken(token.to_string()))?,
+        ),
     };
     Ok(ListVolumes {
         start,
@@ -162,7 +238,7 @@ pub fn get_capacity(r: &csi::GetCapacityRequest) -> Result<GetCapacity> {
         .collect::<Result<Vec<_>>>()?;
     Ok(GetCapacity {
         parameters: parameters(&r.parameters),
-        servable: caps.iter().all(|c| c.unsupported_reason().is_none()),
+        servable: caps.iter().all(|c| c.unsupported().is_none()),
         topology: r.accessible_topology.as_ref().map(segments),
     })
 }
@@ -186,9 +262,7 @@ pub fn controller_expand_volume(r: &csi::ControllerExpandVolumeRequest) -> Resul
     }
     let id = parse_volume_id(raw)?;
     if capacity.required == 0 && capacity.limit == 0 {
-        return Err(Error::InvalidArgument(
-            "capacity_range with required_bytes or limit_bytes is required".into(),
-        ));
+        return Err(RequestError::NoCapacityRange);
     }
     Ok(ExpandVolume { id, capacity })
 }
@@ -215,17 +289,10 @@ pub fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishV
     let capability = capability(
         r.volume_capability
             .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
+            .ok_or(RequestError::Missing("volume_capability"))?,
     )?;
     let id = parse_volume_id(raw)?;
-    if let Some(why) = capability.unsupported_reason() {
-        return Err(Error::InvalidArgument(why));
-    }
-    let AccessType::Mount { flags, .. } = capability.access else {
-        return Err(Error::InvalidArgument(
-            "only mount access is supported".into(),
-        ));
-    };
+    let flags = capability.servable_mount()?;
     Ok(PublishVolume {
         id,
         target,
@@ -298,7 +365,7 @@ fn volume_at_path(volume_id_field: &str, volume_path: &str) -> Result<VolumeAtPa
 /// valid cannot hold the volume either, which the spec answers NOT_FOUND.
 fn published_path(volume_path: &str) -> Result<NodePath> {
     required(volume_path, "volume_path")?;
-    node_path(volume_path, "volume_path").map_err(|e| Error::NotFound(e.to_string()))
+    node_path(volume_path, "volume_path").map_err(|e| RequestError::NotAPath(Box::new(e)))
 }
 
 fn segments(t: &csi::Topology) -> Segments {

@@ -27,10 +27,104 @@
 
 use std::fmt::Display;
 
-use super::pool::{Pool, Reservation, Room};
+use super::pool::{Pool, PoolError, Reservation, Room};
 use crate::config::Overcommit;
-use crate::error::{Error, Result};
 use crate::validate::CapacityRange;
+
+/// Why a size cannot be given or promised.
+#[derive(Debug, thiserror::Error)]
+pub enum CapacityError {
+    /// The smallest volume the pool makes is above the request's
+    /// `limit_bytes`.
+    #[error(
+        "limit_bytes {limit} is below {capacity} bytes, the smallest volume pool {pool} makes \
+         (minimum size {floor} bytes, sizes rounded to {granularity} bytes)"
+    )]
+    BelowSmallest {
+        /// The request's limit.
+        limit: u64,
+        /// The smallest size the pool would make.
+        capacity: u64,
+        /// The pool.
+        pool: String,
+        /// The pool's minimum before rounding.
+        floor: u64,
+        /// The size granularity.
+        granularity: u64,
+    },
+    /// An expansion whose `limit_bytes` is below what the volume has:
+    /// volumes never shrink.
+    #[error(
+        "volume {id} already has {current} bytes, more than limit_bytes {limit}; \
+         volumes cannot shrink"
+    )]
+    WouldShrink {
+        /// The volume.
+        id: String,
+        /// Its size now.
+        current: u64,
+        /// The request's limit.
+        limit: u64,
+    },
+    /// An expansion's size, rounded to the granularity, exceeds its
+    /// `limit_bytes`.
+    #[error("{capacity} bytes (rounded to {granularity} bytes) exceed limit_bytes {limit}")]
+    RoundedAboveLimit {
+        /// The rounded size.
+        capacity: u64,
+        /// The size granularity.
+        granularity: u64,
+        /// The request's limit.
+        limit: u64,
+    },
+    /// Above the pool's `max_volume_size`.
+    #[error("{capacity} bytes requested, but volumes of pool {pool} are at most {max} bytes")]
+    AboveMaximum {
+        /// The size asked for.
+        capacity: u64,
+        /// The pool.
+        pool: String,
+        /// Its maximum volume size.
+        max: u64,
+    },
+    /// Larger than the pool's whole filesystem.
+    #[error("{capacity} bytes requested, but pool {pool} is on a filesystem of {total} bytes")]
+    AboveFilesystem {
+        /// The size asked for.
+        capacity: u64,
+        /// The pool.
+        pool: String,
+        /// The size of its filesystem.
+        total: u64,
+    },
+    /// More than the pool can promise now.
+    #[error(
+        "pool {pool} cannot promise {capacity} bytes{}: {promisable} bytes can still be promised \
+         ({free} free of {total} on its filesystem, overcommit {overcommit})",
+        if *.expansion { " to this volume" } else { "" }
+    )]
+    CannotPromise {
+        /// The pool.
+        pool: String,
+        /// The size asked for.
+        capacity: u64,
+        /// Whether an existing volume asked to grow.
+        expansion: bool,
+        /// What can still be promised.
+        promisable: u64,
+        /// Free bytes on the pool's filesystem.
+        free: u64,
+        /// Size of the pool's filesystem.
+        total: u64,
+        /// The pool's overcommit setting (`none` or the ratio).
+        overcommit: String,
+    },
+    /// Measuring the pool failed.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+type Result<T, E = CapacityError> = std::result::Result<T, E>;
 
 /// What GetCapacity answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,13 +149,13 @@ pub fn decide(pool: &Pool, range: CapacityRange) -> Result<u64> {
     let floor = smallest_allowed(pool);
     let capacity = round_up(requested.max(floor), pool.granularity());
     if range.limit != 0 && capacity > range.limit {
-        return Err(Error::OutOfRange(format!(
-            "limit_bytes {} is below {capacity} bytes, the smallest volume pool {} makes \
-             (minimum size {floor} bytes, sizes rounded to {} bytes)",
-            range.limit,
-            pool.name(),
-            pool.granularity()
-        )));
+        return Err(CapacityError::BelowSmallest {
+            limit: range.limit,
+            capacity,
+            pool: pool.name().to_string(),
+            floor,
+            granularity: pool.granularity(),
+        });
     }
     check_ceiling(pool, capacity)?;
     Ok(capacity)
@@ -80,21 +174,21 @@ pub fn decide_growth(
     let wanted = range.required.max(1);
     if current >= wanted {
         if range.limit != 0 && current > range.limit {
-            return Err(Error::OutOfRange(format!(
-                "volume {id} already has {current} bytes, more than limit_bytes {}; \
-                 volumes cannot shrink",
-                range.limit
-            )));
+            return Err(CapacityError::WouldShrink {
+                id: id.to_string(),
+                current,
+                limit: range.limit,
+            });
         }
         return Ok(None);
     }
     let capacity = round_up(wanted, pool.granularity());
     if range.limit != 0 && capacity > range.limit {
-        return Err(Error::OutOfRange(format!(
-            "{capacity} bytes (rounded to {} bytes) exceed limit_bytes {}",
-            pool.granularity(),
-            range.limit
-        )));
+        return Err(CapacityError::RoundedAboveLimit {
+            capacity,
+            granularity: pool.granularity(),
+            limit: range.limit,
+        });
     }
     check_ceiling(pool, capacity)?;
     Ok(Some(capacity))
@@ -112,11 +206,11 @@ pub fn reserve<'p>(
     let overcommit = pool.limits().overcommit;
     pool.reserve(token, capacity, previous, |room: &Room| {
         if capacity > room.total {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes requested, but pool {} is on a filesystem of {} bytes",
-                pool.name(),
-                room.total
-            )));
+            return Err(CapacityError::AboveFilesystem {
+                capacity,
+                pool: pool.name().to_string(),
+                total: room.total,
+            });
         }
         let fits = match overcommit {
             // Nothing is reserved: only the growth must fit on the disk now.
@@ -126,23 +220,18 @@ pub fn reserve<'p>(
         if fits {
             return Ok(());
         }
-        Err(Error::ResourceExhausted(format!(
-            "pool {} cannot promise {capacity} bytes{}: {} bytes can still be promised \
-             ({} free of {} on its filesystem, overcommit {})",
-            pool.name(),
-            if previous.is_some() {
-                " to this volume"
-            } else {
-                ""
-            },
-            room.promisable,
-            room.free,
-            room.total,
-            match overcommit {
+        Err(CapacityError::CannotPromise {
+            pool: pool.name().to_string(),
+            capacity,
+            expansion: previous.is_some(),
+            promisable: room.promisable,
+            free: room.free,
+            total: room.total,
+            overcommit: match overcommit {
                 Overcommit::None => "none".to_string(),
                 Overcommit::Ratio(r) => r.to_string(),
-            }
-        )))
+            },
+        })
     })
 }
 
@@ -180,10 +269,11 @@ fn check_ceiling(pool: &Pool, capacity: u64) -> Result<()> {
     if let Some(max) = pool.limits().max
         && capacity > max
     {
-        return Err(Error::OutOfRange(format!(
-            "{capacity} bytes requested, but volumes of pool {} are at most {max} bytes",
-            pool.name()
-        )));
+        return Err(CapacityError::AboveMaximum {
+            capacity,
+            pool: pool.name().to_string(),
+            max,
+        });
     }
     Ok(())
 }

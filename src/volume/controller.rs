@@ -9,8 +9,7 @@ use super::capacity::{self, Capacity};
 use super::id::VolumeId;
 use super::pool::Pool;
 use super::record::Record;
-use super::{Volume, Volumes, not_found};
-use crate::error::{Error, Result};
+use super::{Result, Volume, VolumeError, Volumes};
 use crate::sys;
 use crate::validate::{CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
 
@@ -28,10 +27,9 @@ impl Volumes {
     pub fn create(&self, req: &CreateVolume) -> Result<Volume> {
         let pool = self.select_pool(&req.parameters)?;
         if !req.requisite.is_empty() && !req.requisite.iter().any(|s| self.on_this_node(s)) {
-            return Err(Error::ResourceExhausted(format!(
-                "volumes of this driver live on node {}, which none of the required topology segments allows",
-                self.node_id
-            )));
+            return Err(VolumeError::OtherNode {
+                node: self.node_id.clone(),
+            });
         }
         let id = VolumeId::for_name(pool.name(), &req.name);
         let _guard = self.inflight.claim(id.token())?;
@@ -59,11 +57,11 @@ impl Volumes {
             if let Some(rec) = other.record(id.token())?
                 && rec.name == name
             {
-                return Err(Error::AlreadyExists(format!(
-                    "a volume named {name:?} already exists in pool {}, not in the requested pool {}",
-                    other.name(),
-                    pool.name()
-                )));
+                return Err(VolumeError::NameInOtherPool {
+                    name: name.to_string(),
+                    pool: other.name().to_string(),
+                    requested: pool.name().to_string(),
+                });
             }
         }
         Ok(())
@@ -79,13 +77,14 @@ impl Volumes {
         if pool.record(id.token())?.is_none() {
             return Ok(());
         }
-        let table = sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
+        let table =
+            sys::mountinfo::read().map_err(|e| VolumeError::io("reading the mount table", e))?;
         let binds = sys::mountinfo::binds_of(&table, &pool.volume_path(id.token()));
         if let Some(at) = binds.first() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still mounted at {}; unpublish it first",
-                at.display()
-            )));
+            return Err(VolumeError::StillMounted {
+                id: id.clone(),
+                at: at.clone(),
+            });
         }
         pool.remove(id.token())?;
         tracing::info!(volume_id = %id, "volume deleted");
@@ -102,7 +101,7 @@ impl Volumes {
         }
         match std::fs::symlink_metadata(pool.volume_path(id.token())) {
             Ok(m) if m.is_dir() => Ok(()),
-            _ => Err(not_found(id)),
+            _ => Err(VolumeError::NotFound(id.clone())),
         }
     }
 
@@ -156,7 +155,7 @@ impl Volumes {
         if !req.servable || req.topology.as_ref().is_some_and(|t| !self.on_this_node(t)) {
             return Ok(Capacity::default());
         }
-        capacity::report(pool)
+        Ok(capacity::report(pool)?)
     }
 
     /// ControllerExpandVolume: raises the volume's size to at least the
@@ -167,12 +166,14 @@ impl Volumes {
         let id = &req.id;
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;
-        let mut rec = pool.record(id.token())?.ok_or_else(|| not_found(id))?;
+        let mut rec = pool
+            .record(id.token())?
+            .ok_or_else(|| VolumeError::NotFound(id.clone()))?;
         if rec.kind != pool.kind() || !pool.kind().can_expand() {
-            return Err(Error::Unimplemented(format!(
-                "volume {id} is of kind {}, which cannot be expanded",
-                rec.kind.as_str()
-            )));
+            return Err(VolumeError::NotExpandable {
+                id: id.clone(),
+                kind: rec.kind,
+            });
         }
         let from = rec.capacity_bytes;
         if let Some(to) = capacity::decide_growth(pool, id, from, req.capacity)? {
@@ -192,16 +193,16 @@ impl Volumes {
 /// volume if the request is compatible, ALREADY_EXISTS if not.
 fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Result<Record> {
     if rec.name != req.name {
-        return Err(Error::AlreadyExists(format!(
-            "volume {id} belongs to another name ({:?})",
-            rec.name
-        )));
+        return Err(VolumeError::OtherName {
+            id: id.clone(),
+            other: rec.name,
+        });
     }
     if !req.capacity.contains(rec.capacity_bytes) {
-        return Err(Error::AlreadyExists(format!(
-            "volume {:?} already exists with {} bytes, outside the requested range",
-            req.name, rec.capacity_bytes
-        )));
+        return Err(VolumeError::OtherSize {
+            name: req.name.clone(),
+            capacity: rec.capacity_bytes,
+        });
     }
     pool.ensure_storage(id.token(), rec.capacity_bytes)?;
     Ok(rec)

@@ -9,7 +9,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result};
+/// Why a volume cannot be worked on now.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another call on the same volume is in flight; the CO retries.
+    #[error("another operation on volume {0} is in progress; retry later")]
+    Busy(String),
+}
 
 /// The set of volume keys with a call in flight.
 #[derive(Debug, Default, Clone)]
@@ -27,13 +33,11 @@ pub struct Guard {
 }
 
 impl InFlight {
-    /// Claims `key`, or answers ABORTED if another call holds it.
-    pub fn claim(&self, key: &str) -> Result<Guard> {
+    /// Claims `key`, or [`LockError::Busy`] if another call holds it.
+    pub fn claim(&self, key: &str) -> Result<Guard, LockError> {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if !keys.insert(key.to_string()) {
-            return Err(Error::Aborted(format!(
-                "another operation on volume {key} is in progress; retry later"
-            )));
+            return Err(LockError::Busy(key.to_string()));
         }
         Ok(Guard {
             keys: Arc::clone(&self.keys),
@@ -57,7 +61,7 @@ mod tests {
     fn second_claim_aborts_until_first_is_dropped() {
         let f = InFlight::default();
         let g = f.claim("a").unwrap();
-        assert!(matches!(f.claim("a"), Err(Error::Aborted(_))));
+        assert!(matches!(f.claim("a"), Err(LockError::Busy(_))));
         let _other = f.claim("b").unwrap();
         drop(g);
         f.claim("a").unwrap();

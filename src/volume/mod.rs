@@ -26,22 +26,224 @@ pub mod record;
 mod target;
 
 use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
 
 use crate::config::PoolConfig;
-use crate::error::{Error, Result};
+use capacity::CapacityError;
 use id::VolumeId;
-use inflight::InFlight;
-use pool::Pool;
+use inflight::{InFlight, LockError};
+use pool::{Pool, PoolError};
 use record::Record;
 
 pub use capacity::Capacity;
 pub use controller::Expanded;
 pub use node::Stats;
+pub use target::TargetError;
 
-/// NOT_FOUND for a volume id that names no volume (the spec's answer).
-fn not_found(id: &VolumeId) -> Error {
-    Error::NotFound(format!("volume {:?} does not exist", id.to_string()))
+/// Why a call on the volumes failed, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The `pool` parameter names a pool this node does not have.
+    #[error("unknown pool {name:?} in parameter \"pool\"; this node has: {known}")]
+    UnknownPool {
+        /// The name asked for.
+        name: String,
+        /// This node's pools, comma-separated.
+        known: String,
+    },
+    /// No `pool` parameter, and no single or `default` pool to fall back on.
+    #[error("parameter \"pool\" is required on this node; it has: {known}")]
+    PoolRequired {
+        /// This node's pools, comma-separated.
+        known: String,
+    },
+    /// Two configured pools resolve to nested directories.
+    #[error(
+        "pools {a} and {b} resolve to overlapping directories {} and {}",
+        a_dir.display(),
+        b_dir.display()
+    )]
+    OverlappingPools {
+        /// One pool.
+        a: String,
+        /// Its directory.
+        a_dir: PathBuf,
+        /// The other.
+        b: String,
+        /// Its directory.
+        b_dir: PathBuf,
+    },
+    /// The request's topology does not include this node.
+    #[error(
+        "volumes of this driver live on node {node}, which none of the required topology segments allows"
+    )]
+    OtherNode {
+        /// This node.
+        node: String,
+    },
+    /// The volume id names a pool this node does not have.
+    #[error("volume {:?} does not exist: no pool {:?} on this node", .0.to_string(), .0.pool())]
+    NoSuchPool(VolumeId),
+    /// No volume (with a record) by that id.
+    #[error("volume {:?} does not exist", .0.to_string())]
+    NotFound(VolumeId),
+    /// Neither a record nor a directory by that id (the node calls, which
+    /// also serve static volumes).
+    #[error("volume {0} does not exist")]
+    Missing(VolumeId),
+    /// A volume of that name already lives in another pool.
+    #[error(
+        "a volume named {name:?} already exists in pool {pool}, not in the requested pool {requested}"
+    )]
+    NameInOtherPool {
+        /// The CreateVolume name.
+        name: String,
+        /// Where it lives.
+        pool: String,
+        /// The pool asked for.
+        requested: String,
+    },
+    /// The volume's token belongs to a record of another name.
+    #[error("volume {id} belongs to another name ({other:?})")]
+    OtherName {
+        /// The volume.
+        id: VolumeId,
+        /// The name its record holds.
+        other: String,
+    },
+    /// The volume exists with a size outside the requested range.
+    #[error("volume {name:?} already exists with {capacity} bytes, outside the requested range")]
+    OtherSize {
+        /// The CreateVolume name.
+        name: String,
+        /// Its size.
+        capacity: u64,
+    },
+    /// DeleteVolume of a volume that is still bind-mounted.
+    #[error("volume {id} is still mounted at {}; unpublish it first", at.display())]
+    StillMounted {
+        /// The volume.
+        id: VolumeId,
+        /// One of its mounts.
+        at: PathBuf,
+    },
+    /// The volume's kind cannot grow.
+    #[error("volume {id} is of kind {}, which cannot be expanded", kind.as_str())]
+    NotExpandable {
+        /// The volume.
+        id: VolumeId,
+        /// Its kind.
+        kind: crate::config::PoolKind,
+    },
+    /// The volume's path is not a directory.
+    #[error("volume {id}: {} is not a directory", path.display())]
+    NotADirectory {
+        /// The volume.
+        id: VolumeId,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// A volume with a record whose directory is gone.
+    #[error("volume {id}: its directory {} is missing", path.display())]
+    DirectoryMissing {
+        /// The volume.
+        id: VolumeId,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The publish target's parent directory does not exist.
+    #[error("the parent directory of target_path {} does not exist", .0.display())]
+    NoTargetParent(PathBuf),
+    /// The same volume is published there already, with the other
+    /// read-only setting.
+    #[error(
+        "volume {id} is already published at {} {}",
+        target.display(),
+        if *.read_only { "read-only" } else { "read-write" }
+    )]
+    PublishedOtherwise {
+        /// The volume.
+        id: VolumeId,
+        /// The target.
+        target: PathBuf,
+        /// Whether the existing mount is read-only.
+        read_only: bool,
+    },
+    /// A SINGLE_NODE_SINGLE_WRITER volume is published elsewhere already.
+    #[error(
+        "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+        at.display()
+    )]
+    SingleWriter {
+        /// The volume.
+        id: VolumeId,
+        /// Where it is published.
+        at: PathBuf,
+    },
+    /// The target holds a mount that is not one of this driver's volumes.
+    #[error(
+        "{} is mounted from {from}, which is not a volume of this driver; refusing to unmount it",
+        target.display()
+    )]
+    ForeignMount {
+        /// The target.
+        target: PathBuf,
+        /// The mount's source.
+        from: String,
+    },
+    /// The `volume_path` does not exist.
+    #[error("volume_path {} does not exist", .0.display())]
+    NoVolumePath(PathBuf),
+    /// The volume is not what `volume_path` shows (NodeGetVolumeStats).
+    #[error("volume {id} is not published at {}", path.display())]
+    NotPublishedAt {
+        /// The volume.
+        id: VolumeId,
+        /// The path asked about.
+        path: PathBuf,
+    },
+    /// The volume is not what `volume_path` shows (NodeExpandVolume).
+    #[error("volume {id} is not published at volume_path {}", path.display())]
+    NotAtVolumePath {
+        /// The volume.
+        id: VolumeId,
+        /// The path asked about.
+        path: PathBuf,
+    },
+    /// A file operation or syscall failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the call was doing.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Another call on the volume is in flight.
+    #[error(transparent)]
+    Busy(#[from] LockError),
+    /// The pool's records or storage failed.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The size cannot be given or promised.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    /// The path from the CO cannot be used.
+    #[error(transparent)]
+    Target(#[from] TargetError),
 }
+
+impl VolumeError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        VolumeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Results of the volume logic.
+pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
 
 /// Topology key that pins a volume to the node holding it.
 pub const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
@@ -70,17 +272,19 @@ impl Volumes {
     /// Cleaning up leftovers of interrupted calls is left to
     /// [`Volumes::sweep`], which can run once the driver serves.
     pub fn open(configs: &[PoolConfig], node_id: &str) -> Result<Self> {
-        let pools = configs.iter().map(Pool::open).collect::<Result<Vec<_>>>()?;
+        let pools = configs
+            .iter()
+            .map(Pool::open)
+            .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in pools.iter().enumerate() {
             for b in &pools[i + 1..] {
                 if a.overlaps(b.dir()) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "pools {} and {} resolve to overlapping directories {} and {}",
-                        a.name(),
-                        b.name(),
-                        a.dir().display(),
-                        b.dir().display()
-                    )));
+                    return Err(VolumeError::OverlappingPools {
+                        a: a.name().to_string(),
+                        a_dir: a.dir().to_path_buf(),
+                        b: b.name().to_string(),
+                        b_dir: b.dir().to_path_buf(),
+                    });
                 }
             }
         }
@@ -147,31 +351,21 @@ impl Volumes {
                 .join(", ")
         };
         match parameters.get("pool") {
-            Some(name) => self.pool(name).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "unknown pool {name:?} in parameter \"pool\"; this node has: {}",
-                    known()
-                ))
+            Some(name) => self.pool(name).ok_or_else(|| VolumeError::UnknownPool {
+                name: name.clone(),
+                known: known(),
             }),
             None if self.pools.len() == 1 => Ok(&self.pools[0]),
-            None => self.pool("default").ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "parameter \"pool\" is required on this node; it has: {}",
-                    known()
-                ))
-            }),
+            None => self
+                .pool("default")
+                .ok_or_else(|| VolumeError::PoolRequired { known: known() }),
         }
     }
 
     /// The pool a volume id names, or NOT_FOUND.
     fn pool_of(&self, id: &VolumeId) -> Result<&Pool> {
-        self.pool(id.pool()).ok_or_else(|| {
-            Error::NotFound(format!(
-                "volume {:?} does not exist: no pool {:?} on this node",
-                id.to_string(),
-                id.pool()
-            ))
-        })
+        self.pool(id.pool())
+            .ok_or_else(|| VolumeError::NoSuchPool(id.clone()))
     }
 
     /// A volume as the CO sees it: its id, capacity and volume context.

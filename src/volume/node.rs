@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use super::id::VolumeId;
 use super::pool::Pool;
 use super::target::{self, Inspection, MountTable, TargetDir};
-use super::{Volumes, not_found};
+use super::{Result, VolumeError, Volumes};
 use crate::backend::VolumeUsage;
-use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::mountinfo::MountEntry;
 use crate::validate::{NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
@@ -37,11 +36,11 @@ impl Volumes {
         let dir = match target::inspect(&target, &source, &mut mounts)? {
             Inspection::Shows { read_only } if read_only == flags.read_only => return Ok(()),
             Inspection::Shows { read_only } => {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {id} is already published at {} {}",
-                    target.display(),
-                    if read_only { "read-only" } else { "read-write" }
-                )));
+                return Err(VolumeError::PublishedOtherwise {
+                    id: id.clone(),
+                    target,
+                    read_only,
+                });
             }
             Inspection::Missing => TargetDir::create(&target)?,
             Inspection::Empty => TargetDir::existing(&target),
@@ -53,10 +52,7 @@ impl Volumes {
                 .into_iter()
                 .find(|m| *m != target)
         {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
-                at.display()
-            )));
+            return Err(VolumeError::SingleWriter { id: id.clone(), at });
         }
         dir.bind(&source, flags)?;
         tracing::info!(volume_id = %id, target = %target.display(), read_only = flags.read_only, "volume published");
@@ -85,15 +81,14 @@ impl Volumes {
             .iter()
             .find(|e| !target::is_ours(&self.pools, &table, e))
         {
-            return Err(Error::FailedPrecondition(format!(
-                "{} is mounted from {}, which is not a volume of this driver; refusing to unmount it",
-                target.display(),
-                foreign.source
-            )));
+            return Err(VolumeError::ForeignMount {
+                target,
+                from: foreign.source.clone(),
+            });
         }
         for _ in &stacked {
             sys::mount::unmount(&target)
-                .map_err(|e| Error::io(format!("unmounting {}", target.display()), e))?;
+                .map_err(|e| VolumeError::io(format!("unmounting {}", target.display()), e))?;
         }
         target::remove_if_empty(&target)?;
         pool.unpublished(id.token())?;
@@ -106,14 +101,11 @@ impl Volumes {
     pub fn stats(&self, req: &VolumeAtPath) -> Result<Stats> {
         let id = &req.id;
         let pool = self.pool_of(id)?;
-        let path = target::resolve(&req.path, &self.pools)?.ok_or_else(|| {
-            Error::NotFound(format!("volume_path {} does not exist", req.path.display()))
-        })?;
+        let path = target::resolve(&req.path, &self.pools)?
+            .ok_or_else(|| VolumeError::NoVolumePath(req.path.to_path_buf()))?;
         let path_ident = sys::fs::identity(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::NotFound(format!("volume_path {} does not exist", path.display()))
-            }
-            _ => Error::io(format!("inspecting {}", path.display()), e),
+            std::io::ErrorKind::NotFound => VolumeError::NoVolumePath(path.clone()),
+            _ => VolumeError::io(format!("inspecting {}", path.display()), e),
         })?;
         let record = pool.record(id.token())?;
         let data = pool.volume_path(id.token());
@@ -129,13 +121,13 @@ impl Volumes {
                     )),
                 });
             }
-            Err(_) => return Err(Error::NotFound(format!("volume {id} does not exist"))),
+            Err(_) => return Err(VolumeError::Missing(id.clone())),
         };
         if path_ident != data_ident {
-            return Err(Error::NotFound(format!(
-                "volume {id} is not published at {}",
-                path.display()
-            )));
+            return Err(VolumeError::NotPublishedAt {
+                id: id.clone(),
+                path,
+            });
         }
         let capacity = record.map(|r| r.capacity_bytes).unwrap_or(0);
         Ok(Stats {
@@ -151,14 +143,14 @@ impl Volumes {
         let (id, volume_path) = (&req.id, &req.path);
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;
-        let rec = pool.record(id.token())?.ok_or_else(|| not_found(id))?;
+        let rec = pool
+            .record(id.token())?
+            .ok_or_else(|| VolumeError::NotFound(id.clone()))?;
         // Only where the volume is published (CSI spec: NOT_FOUND when the
         // volume is not at volume_path), as for NodeGetVolumeStats.
-        let not_here = || {
-            Error::NotFound(format!(
-                "volume {id} is not published at volume_path {}",
-                volume_path.display()
-            ))
+        let not_here = || VolumeError::NotAtVolumePath {
+            id: id.clone(),
+            path: volume_path.to_path_buf(),
         };
         let path = target::resolve(volume_path, &self.pools)
             .ok()
@@ -176,12 +168,8 @@ impl Volumes {
 
     /// The publish target, resolved (its parent must exist).
     fn resolve_target(&self, target: &NodePath) -> Result<PathBuf> {
-        target::resolve(target, &self.pools)?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "the parent directory of target_path {} does not exist",
-                target.display()
-            ))
-        })
+        target::resolve(target, &self.pools)?
+            .ok_or_else(|| VolumeError::NoTargetParent(target.to_path_buf()))
     }
 }
 
@@ -192,15 +180,15 @@ fn available_source(id: &VolumeId, pool: &Pool) -> Result<PathBuf> {
     let has_record = pool.record(id.token())?.is_some();
     let data = pool.volume_path(id.token());
     match std::fs::symlink_metadata(&data) {
-        Ok(m) if m.is_dir() => pool.make_available(id.token()),
-        Ok(_) => Err(Error::NotFound(format!(
-            "volume {id}: {} is not a directory",
-            data.display()
-        ))),
-        Err(_) if has_record => Err(Error::FailedPrecondition(format!(
-            "volume {id}: its directory {} is missing",
-            data.display()
-        ))),
-        Err(_) => Err(Error::NotFound(format!("volume {id} does not exist"))),
+        Ok(m) if m.is_dir() => Ok(pool.make_available(id.token())?),
+        Ok(_) => Err(VolumeError::NotADirectory {
+            id: id.clone(),
+            path: data,
+        }),
+        Err(_) if has_record => Err(VolumeError::DirectoryMissing {
+            id: id.clone(),
+            path: data,
+        }),
+        Err(_) => Err(VolumeError::Missing(id.clone())),
     }
 }

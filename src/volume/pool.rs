@@ -33,12 +33,50 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::backend::{self, Backend, VolumeUsage};
+use crate::backend::{self, Backend, BackendError, VolumeUsage};
 use crate::config::{Overcommit, PoolConfig, PoolKind};
-use crate::error::{Error, Result};
 use crate::sys;
 use crate::volume::id::valid_token;
 use crate::volume::record::{self, Record};
+
+/// What can go wrong with a pool's directory and records.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A file operation on the pool directory or a record failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the pool was doing.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A record cannot be read as one (edited by hand, or a bug).
+    #[error("record {} is corrupt: {source}", path.display())]
+    CorruptRecord {
+        /// The record's file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        source: serde_json::Error,
+    },
+    /// A record could not be encoded (a bug).
+    #[error("encoding record: {0}")]
+    EncodeRecord(serde_json::Error),
+    /// The pool's backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl PoolError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        PoolError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Results of pool operations.
+pub type Result<T, E = PoolError> = std::result::Result<T, E>;
 
 /// Size given to a volume whose request names none, unless the pool's
 /// `default_volume_size` says otherwise.
@@ -158,13 +196,13 @@ impl Pool {
         let name = &config.name;
         let ctx = |what: &str, dir: &Path| format!("pool {name}: {what} {}", dir.display());
         std::fs::create_dir_all(&config.path)
-            .map_err(|e| Error::io(ctx("creating", &config.path), e))?;
+            .map_err(|e| PoolError::io(ctx("creating", &config.path), e))?;
         let dir = std::fs::canonicalize(&config.path)
-            .map_err(|e| Error::io(ctx("resolving", &config.path), e))?;
+            .map_err(|e| PoolError::io(ctx("resolving", &config.path), e))?;
         sys::fs::write_atomic(&dir, ".probe", b"ok")
             .and_then(|()| std::fs::remove_file(dir.join(".probe")))
             .and_then(|()| sys::fs::sync_dir(&dir))
-            .map_err(|e| Error::io(ctx("is not writable:", &dir), e))?;
+            .map_err(|e| PoolError::io(ctx("is not writable:", &dir), e))?;
         let backend = backend::for_pool(config);
         backend.prepare(&dir)?;
         Ok(Pool {
@@ -236,9 +274,9 @@ impl Pool {
         match std::fs::read(&path) {
             Ok(bytes) => Record::decode(&bytes)
                 .map(Some)
-                .map_err(|e| Error::Internal(format!("record {} is corrupt: {e}", path.display()))),
+                .map_err(|source| PoolError::CorruptRecord { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+            Err(e) => Err(PoolError::io(format!("reading {}", path.display()), e)),
         }
     }
 
@@ -314,8 +352,12 @@ impl Pool {
     pub fn expand(&self, token: &str, record: &mut Record, capacity: u64) -> Result<()> {
         self.backend.expand(&self.dir, token, capacity)?;
         record.capacity_bytes = capacity;
-        sys::fs::write_atomic(&self.dir, &record::file_name(token), &record.encode()?)
-            .map_err(|e| self.write_error(token, e))?;
+        sys::fs::write_atomic(
+            &self.dir,
+            &record::file_name(token),
+            &record.encode().map_err(PoolError::EncodeRecord)?,
+        )
+        .map_err(|e| self.write_error(token, e))?;
         self.sync()
     }
 
@@ -323,22 +365,22 @@ impl Pool {
     /// path, the directory to bind-mount (an image volume's filesystem is
     /// mounted there first, after a reboot say).
     pub fn make_available(&self, token: &str) -> Result<PathBuf> {
-        self.backend.make_available(&self.dir, token)
+        Ok(self.backend.make_available(&self.dir, token)?)
     }
 
     /// Tidies up after an unpublish of the volume.
     pub fn unpublished(&self, token: &str) -> Result<()> {
-        self.backend.unpublished(&self.dir, token)
+        Ok(self.backend.unpublished(&self.dir, token)?)
     }
 
     /// What the volume uses; `capacity` is the size promised to the CO.
     pub fn usage(&self, token: &str, capacity: u64) -> Result<VolumeUsage> {
-        self.backend.usage(&self.dir, token, capacity)
+        Ok(self.backend.usage(&self.dir, token, capacity)?)
     }
 
     /// The node half of an expansion: grows the mounted filesystem.
     pub fn node_expand(&self, token: &str) -> Result<()> {
-        self.backend.node_expand(&self.dir, token)
+        Ok(self.backend.node_expand(&self.dir, token)?)
     }
 
     // --- Promises ----------------------------------------------------------
@@ -354,14 +396,14 @@ impl Pool {
     /// room, measured with the promises locked (and `token`'s own left
     /// out), so two concurrent reservations cannot both take the last
     /// free bytes.
-    pub fn reserve(
+    pub fn reserve<E: From<PoolError>>(
         &self,
         token: &str,
         bytes: u64,
         previous: Option<u64>,
-        fits: impl FnOnce(&Room) -> Result<()>,
-    ) -> Result<Reservation<'_>> {
-        self.with_promises(|promises| {
+        fits: impl FnOnce(&Room) -> Result<(), E>,
+    ) -> Result<Reservation<'_>, E> {
+        self.with_promises(|promises| -> Result<(), E> {
             fits(&self.measure(promises, Some(token))?)?;
             promises.insert(token.to_string(), bytes);
             Ok(())
@@ -376,10 +418,10 @@ impl Pool {
 
     /// Runs `f` with the promises locked, building them from the records
     /// on first use.
-    fn with_promises<T>(
+    fn with_promises<T, E: From<PoolError>>(
         &self,
-        f: impl FnOnce(&mut HashMap<String, u64>) -> Result<T>,
-    ) -> Result<T> {
+        f: impl FnOnce(&mut HashMap<String, u64>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut guard = lock(&self.promises);
         if guard.is_none() {
             let mut map = HashMap::new();
@@ -432,7 +474,7 @@ impl Pool {
     pub fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| Error::io(format!("listing pool {}", self.name), e))?;
+            .map_err(|e| PoolError::io(format!("listing pool {}", self.name), e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -462,7 +504,7 @@ impl Pool {
             return Ok(false);
         }
         sys::fs::remove_tree(path)
-            .map_err(|e| Error::io(format!("removing leftover {}", path.display()), e))?;
+            .map_err(|e| PoolError::io(format!("removing leftover {}", path.display()), e))?;
         Ok(true)
     }
 
@@ -472,12 +514,16 @@ impl Pool {
     /// all (the caller flushes the pool).
     fn create_record(&self, token: &str, record: &Record) -> Result<()> {
         let name = record::file_name(token);
-        sys::fs::create_durably(&self.dir, &name, &record.encode()?)
-            .map_err(|e| self.write_error(token, e))?;
+        sys::fs::create_durably(
+            &self.dir,
+            &name,
+            &record.encode().map_err(PoolError::EncodeRecord)?,
+        )
+        .map_err(|e| self.write_error(token, e))?;
         // A temp record left by an interrupted earlier attempt (or an
         // older driver) is ours to remove: the caller holds the token.
         match std::fs::remove_file(self.dir.join(format!("{name}.tmp"))) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PoolError::io(
                 format!("removing the old temp record of {token}"),
                 e,
             )),
@@ -485,8 +531,8 @@ impl Pool {
         }
     }
 
-    fn write_error(&self, token: &str, e: io::Error) -> Error {
-        Error::io(
+    fn write_error(&self, token: &str, e: io::Error) -> PoolError {
+        PoolError::io(
             format!("writing the record of {token} in pool {}", self.name),
             e,
         )
@@ -496,7 +542,7 @@ impl Pool {
     fn remove_record(&self, token: &str) -> Result<()> {
         match std::fs::remove_file(self.dir.join(record::file_name(token))) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(format!("removing the record of {token}"), e))
+                Err(PoolError::io(format!("removing the record of {token}"), e))
             }
             _ => Ok(()),
         }
@@ -507,13 +553,13 @@ impl Pool {
     fn sync(&self) -> Result<()> {
         self.flusher
             .flush(&self.dir)
-            .map_err(|e| Error::io(format!("flushing pool {}", self.name), e))
+            .map_err(|e| PoolError::io(format!("flushing pool {}", self.name), e))
     }
 
     /// Tokens of all volumes with a record, unsorted.
     fn tokens(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let listing = |e| Error::io(format!("listing pool {}", self.name), e);
+        let listing = |e| PoolError::io(format!("listing pool {}", self.name), e);
         for entry in std::fs::read_dir(&self.dir).map_err(listing)? {
             let name = entry.map_err(listing)?.file_name();
             let Some(name) = name.to_str() else { continue };

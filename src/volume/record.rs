@@ -10,7 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PoolKind;
-use crate::error::{Error, Result};
 
 /// Suffix of a record's file name (`.<token>.meta`).
 const SUFFIX: &str = ".meta";
@@ -56,9 +55,8 @@ impl Record {
     }
 
     /// The bytes of the record's file.
-    pub fn encode(&self) -> Result<Vec<u8>> {
+    pub fn encode(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::Internal(format!("encoding record: {e}")))
     }
 
     /// Reads a record's file.

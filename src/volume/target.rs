@@ -11,11 +11,64 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::pool::Pool;
-use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::mount::MountFlags;
 use crate::sys::mountinfo::MountEntry;
 use crate::validate::NodePath;
+
+/// Why a path from the CO cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// Looking at the path failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The path lies inside a pool, or a pool inside it: using it could
+    /// expose or hide volumes.
+    #[error(
+        "path {} lies inside or above pool {pool} ({}); refusing to use it",
+        path.display(),
+        dir.display()
+    )]
+    InsidePool {
+        /// The path as given.
+        path: PathBuf,
+        /// The pool.
+        pool: String,
+        /// The pool's directory.
+        dir: PathBuf,
+    },
+    /// The target is a symlink, which is never followed.
+    #[error("target_path {} is a symlink; refusing to follow it", .0.display())]
+    Symlink(PathBuf),
+    /// The target is a file or other non-directory.
+    #[error("target_path {} exists and is not a directory", .0.display())]
+    NotDirectory(PathBuf),
+    /// Something else is mounted at the target.
+    #[error("target_path {} already has another mount; unpublish it first", .0.display())]
+    OtherMount(PathBuf),
+    /// The target directory holds files, which a mount would hide.
+    #[error(
+        "target_path {} is not empty; refusing to mount over its contents",
+        .0.display()
+    )]
+    NotEmpty(PathBuf),
+}
+
+impl TargetError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        TargetError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+type Result<T, E = TargetError> = std::result::Result<T, E>;
 
 /// Resolves symlinks in the path's parent (kubelet's own directory may be
 /// a symlink) and keeps the last component as given; `None` when the
@@ -25,16 +78,20 @@ pub(super) fn resolve(path: &NodePath, pools: &[Pool]) -> Result<Option<PathBuf>
     let parent = match std::fs::canonicalize(parent) {
         Ok(p) => p,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("resolving {}", parent.display()), e)),
+        Err(e) => {
+            return Err(TargetError::io(
+                format!("resolving {}", parent.display()),
+                e,
+            ));
+        }
     };
     let resolved = parent.join(name);
     if let Some(pool) = pools.iter().find(|p| p.overlaps(&resolved)) {
-        return Err(Error::InvalidArgument(format!(
-            "path {} lies inside or above pool {} ({}); refusing to use it",
-            path.display(),
-            pool.name(),
-            pool.dir().display()
-        )));
+        return Err(TargetError::InsidePool {
+            path: path.to_path_buf(),
+            pool: pool.name().to_string(),
+            dir: pool.dir().to_path_buf(),
+        });
     }
     Ok(Some(resolved))
 }
@@ -56,7 +113,7 @@ impl MountTable {
 
 /// Reads the mount table.
 pub(super) fn read_mounts() -> Result<Vec<MountEntry>> {
-    sys::mountinfo::read().map_err(|e| Error::io("reading the mount table", e))
+    sys::mountinfo::read().map_err(|e| TargetError::io("reading the mount table", e))
 }
 
 /// What a publish target holds now.
@@ -80,47 +137,41 @@ pub(super) enum Inspection {
 pub(super) fn inspect(target: &Path, source: &Path, mounts: &mut MountTable) -> Result<Inspection> {
     let meta = match std::fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Inspection::Missing),
-        Err(e) => return Err(Error::io(format!("inspecting {}", target.display()), e)),
+        Err(e) => {
+            return Err(TargetError::io(
+                format!("inspecting {}", target.display()),
+                e,
+            ));
+        }
         Ok(m) => m,
     };
     if meta.file_type().is_symlink() {
-        return Err(Error::InvalidArgument(format!(
-            "target_path {} is a symlink; refusing to follow it",
-            target.display()
-        )));
+        return Err(TargetError::Symlink(target.to_path_buf()));
     }
     if !meta.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "target_path {} exists and is not a directory",
-            target.display()
-        )));
+        return Err(TargetError::NotDirectory(target.to_path_buf()));
     }
     if identity(target)? == identity(source)? {
         let read_only = sys::fs::space(target)
-            .map_err(|e| Error::io(format!("statfs {}", target.display()), e))?
+            .map_err(|e| TargetError::io(format!("statfs {}", target.display()), e))?
             .read_only;
         return Ok(Inspection::Shows { read_only });
     }
     if sys::mountinfo::mounted_at(mounts.get()?, target).is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "target_path {} already has another mount; unpublish it first",
-            target.display()
-        )));
+        return Err(TargetError::OtherMount(target.to_path_buf()));
     }
     if !sys::fs::is_empty_dir(target)
-        .map_err(|e| Error::io(format!("reading {}", target.display()), e))?
+        .map_err(|e| TargetError::io(format!("reading {}", target.display()), e))?
     {
-        return Err(Error::FailedPrecondition(format!(
-            "target_path {} is not empty; refusing to mount over its contents",
-            target.display()
-        )));
+        return Err(TargetError::NotEmpty(target.to_path_buf()));
     }
     Ok(Inspection::Empty)
 }
 
 /// Device and inode of a directory, not following a symlink.
 pub(super) fn identity(path: &Path) -> Result<(u64, u64)> {
-    sys::fs::identity(path).map_err(|e| Error::io(format!("inspecting {}", path.display()), e))
+    sys::fs::identity(path)
+        .map_err(|e| TargetError::io(format!("inspecting {}", path.display()), e))
 }
 
 /// A publish target directory, owning the undo of the call: one it created
@@ -136,7 +187,7 @@ impl<'a> TargetDir<'a> {
     /// Makes the target directory (its parent exists).
     pub(super) fn create(path: &'a Path) -> Result<Self> {
         std::fs::create_dir(path)
-            .map_err(|e| Error::io(format!("creating target {}", path.display()), e))?;
+            .map_err(|e| TargetError::io(format!("creating target {}", path.display()), e))?;
         Ok(TargetDir {
             path,
             created: true,
@@ -155,7 +206,7 @@ impl<'a> TargetDir<'a> {
     /// then on.
     pub(super) fn bind(mut self, source: &Path, flags: MountFlags) -> Result<()> {
         sys::mount::bind(source, self.path, flags).map_err(|e| {
-            Error::io(
+            TargetError::io(
                 format!(
                     "bind-mounting {} at {}",
                     source.display(),
@@ -182,11 +233,11 @@ impl Drop for TargetDir<'_> {
 pub(super) fn exists_unfollowed(target: &Path) -> Result<bool> {
     match std::fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io(format!("inspecting {}", target.display()), e)),
-        Ok(m) if m.file_type().is_symlink() => Err(Error::InvalidArgument(format!(
-            "target_path {} is a symlink; refusing to follow it",
-            target.display()
-        ))),
+        Err(e) => Err(TargetError::io(
+            format!("inspecting {}", target.display()),
+            e,
+        )),
+        Ok(m) if m.file_type().is_symlink() => Err(TargetError::Symlink(target.to_path_buf())),
         Ok(_) => Ok(true),
     }
 }
@@ -201,7 +252,7 @@ pub(super) fn remove_if_empty(target: &Path) -> Result<()> {
             tracing::warn!(target = %target.display(), "target is not a mount and not empty; left in place");
             Ok(())
         }
-        Err(e) => Err(Error::io(format!("removing {}", target.display()), e)),
+        Err(e) => Err(TargetError::io(format!("removing {}", target.display()), e)),
     }
 }
 

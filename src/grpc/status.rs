@@ -1,0 +1,176 @@
+//! The one place errors become gRPC status codes.
+//!
+//! Every module names its errors by cause; here each cause gets the code
+//! the CSI spec asks for, so a code is chosen once, with the spec at hand,
+//! and the message the CO sees is the error's own text. The spec's rules
+//! this follows (CSI v1.12.0, "Error Scheme" and each RPC's error table):
+//! a malformed or missing field is INVALID_ARGUMENT; an id that names no
+//! volume is NOT_FOUND; a volume (or target) in a state that forbids the
+//! call is FAILED_PRECONDITION; a name or target already used otherwise is
+//! ALREADY_EXISTS; an operation pending on the volume is ABORTED (the CO
+//! retries); an unsupported capacity is OUT_OF_RANGE; not enough space, or
+//! topology this node cannot satisfy, is RESOURCE_EXHAUSTED; a capability
+//! not offered is UNIMPLEMENTED; everything else is INTERNAL, except a full
+//! disk, which the CO must hear as RESOURCE_EXHAUSTED.
+
+use std::io;
+
+use tonic::{Code, Status};
+
+use super::CallError;
+use crate::backend::BackendError;
+use crate::sys::cmd::CmdError;
+use crate::validate::RequestError;
+use crate::volume::capacity::CapacityError;
+use crate::volume::inflight::LockError;
+use crate::volume::pool::PoolError;
+use crate::volume::{TargetError, VolumeError};
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Self {
+        Status::new(request_code(&e), e.to_string())
+    }
+}
+
+impl From<CallError> for Status {
+    fn from(e: CallError) -> Self {
+        let code = match &e {
+            // Probe says not ready meanwhile; the CO retries.
+            CallError::NotReady => Code::Unavailable,
+            CallError::Worker(_) => Code::Internal,
+            CallError::Volume(v) => volume_code(v),
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+fn request_code(e: &RequestError) -> Code {
+    match e {
+        RequestError::UnknownVolume(_) => Code::NotFound,
+        // NodeGetVolumeStats, NodeExpandVolume: "volume not found at path".
+        RequestError::NotAPath(_) => Code::NotFound,
+        // ListVolumes: "invalid starting_token".
+        RequestError::ForeignToken(_) => Code::Aborted,
+        RequestError::Missing(_)
+        | RequestError::NameTooLong(_)
+        | RequestError::NameHasNul
+        | RequestError::IdTooLong(_)
+        | RequestError::NegativeCapacity
+        | RequestError::RequiredAboveLimit { .. }
+        | RequestError::NoCapacityRange
+        | RequestError::NoAccessMode
+        | RequestError::UnknownAccessMode(_)
+        | RequestError::NoAccessType
+        | RequestError::NoCapabilities
+        | RequestError::MountFlag(_)
+        | RequestError::Unsupported(_)
+        | RequestError::BadPath { .. }
+        | RequestError::ContentSource
+        | RequestError::MutableParameters
+        | RequestError::NegativeMaxEntries => Code::InvalidArgument,
+    }
+}
+
+fn volume_code(e: &VolumeError) -> Code {
+    match e {
+        VolumeError::UnknownPool { .. } | VolumeError::PoolRequired { .. } => Code::InvalidArgument,
+        VolumeError::NoSuchPool(_)
+        | VolumeError::NotFound(_)
+        | VolumeError::Missing(_)
+        | VolumeError::NotADirectory { .. }
+        | VolumeError::NoTargetParent(_)
+        | VolumeError::NoVolumePath(_)
+        | VolumeError::NotPublishedAt { .. }
+        | VolumeError::NotAtVolumePath { .. } => Code::NotFound,
+        // CreateVolume: "volume already exists but is incompatible";
+        // NodePublishVolume: "published with incompatible capability".
+        VolumeError::NameInOtherPool { .. }
+        | VolumeError::OtherName { .. }
+        | VolumeError::OtherSize { .. }
+        | VolumeError::PublishedOtherwise { .. } => Code::AlreadyExists,
+        VolumeError::OverlappingPools { .. }
+        | VolumeError::StillMounted { .. }
+        | VolumeError::DirectoryMissing { .. }
+        | VolumeError::SingleWriter { .. }
+        | VolumeError::ForeignMount { .. } => Code::FailedPrecondition,
+        // CreateVolume: "unsupported accessible_topology".
+        VolumeError::OtherNode { .. } => Code::ResourceExhausted,
+        VolumeError::NotExpandable { .. } => Code::Unimplemented,
+        VolumeError::Io { source, .. } => io_code(source),
+        VolumeError::Busy(LockError::Busy(_)) => Code::Aborted,
+        VolumeError::Pool(e) => pool_code(e),
+        VolumeError::Capacity(e) => capacity_code(e),
+        VolumeError::Target(e) => target_code(e),
+    }
+}
+
+fn pool_code(e: &PoolError) -> Code {
+    match e {
+        PoolError::Io { source, .. } => io_code(source),
+        PoolError::CorruptRecord { .. } | PoolError::EncodeRecord(_) => Code::Internal,
+        PoolError::Backend(e) => backend_code(e),
+    }
+}
+
+fn capacity_code(e: &CapacityError) -> Code {
+    match e {
+        // CreateVolume, ControllerExpandVolume: "unsupported capacity_range".
+        CapacityError::BelowSmallest { .. }
+        | CapacityError::WouldShrink { .. }
+        | CapacityError::RoundedAboveLimit { .. }
+        | CapacityError::AboveMaximum { .. }
+        | CapacityError::AboveFilesystem { .. } => Code::OutOfRange,
+        CapacityError::CannotPromise { .. } => Code::ResourceExhausted,
+        CapacityError::Pool(e) => pool_code(e),
+    }
+}
+
+fn target_code(e: &TargetError) -> Code {
+    match e {
+        TargetError::Io { source, .. } => io_code(source),
+        TargetError::InsidePool { .. } | TargetError::Symlink(_) | TargetError::NotDirectory(_) => {
+            Code::InvalidArgument
+        }
+        TargetError::OtherMount(_) | TargetError::NotEmpty(_) => Code::FailedPrecondition,
+    }
+}
+
+fn backend_code(e: &BackendError) -> Code {
+    match e {
+        BackendError::Io { source, .. } => io_code(source),
+        BackendError::Tool(e) => tool_code(e),
+        BackendError::Occupied { .. } => Code::AlreadyExists,
+        BackendError::NotBtrfs { .. }
+        | BackendError::QuotasOff { .. }
+        | BackendError::NestedSubvolumes(_)
+        | BackendError::NotSubvolume { .. }
+        | BackendError::ImageMissing { .. }
+        | BackendError::ImageInUse { .. }
+        | BackendError::Busy { .. }
+        | BackendError::NeedsCapSysResource { .. } => Code::FailedPrecondition,
+        BackendError::NoQgroup { .. } | BackendError::NotMounted { .. } => Code::Internal,
+        BackendError::CannotExpand { .. } => Code::Unimplemented,
+    }
+}
+
+fn tool_code(e: &CmdError) -> Code {
+    match e {
+        // The node lacks a package: fixable, and the message names it.
+        CmdError::NotInstalled { .. } => Code::FailedPrecondition,
+        CmdError::Start { source, .. } => io_code(source),
+        CmdError::Failed(_) => Code::Internal,
+    }
+}
+
+/// ENOSPC and EDQUOT mean "the disk is full", which the CO should hear as
+/// RESOURCE_EXHAUSTED rather than an internal failure.
+fn io_code(e: &io::Error) -> Code {
+    match e.raw_os_error() {
+        Some(c)
+            if c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32 =>
+        {
+            Code::ResourceExhausted
+        }
+        _ => Code::Internal,
+    }
+}
