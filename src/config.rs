@@ -44,7 +44,7 @@ impl PoolKind {
     }
 
     /// Parses a kind name as used in `--pool NAME=DIR:KIND`.
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "dir" => Some(PoolKind::Dir),
             "btrfs" => Some(PoolKind::Btrfs),
@@ -54,7 +54,7 @@ impl PoolKind {
     }
 
     /// Whether the kind enforces volume sizes (writes beyond fail).
-    pub fn enforces_size(self) -> bool {
+    pub(crate) fn enforces_size(self) -> bool {
         !matches!(self, PoolKind::Dir)
     }
 }
@@ -73,7 +73,7 @@ pub enum Filesystem {
 
 impl Filesystem {
     /// The filesystem type name, as `mount` knows it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Filesystem::Ext4 => "ext4",
             Filesystem::Xfs => "xfs",
@@ -89,7 +89,7 @@ pub struct ByteSize(pub u64);
 impl ByteSize {
     /// Parses `1234`, `"64Ki"`, `"512Mi"`, `"10Gi"`, `"2Ti"`, `"1k"`,
     /// `"5M"`, `"1G"`, `"1T"`.
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
@@ -406,7 +406,7 @@ impl Config {
 
 impl PoolKind {
     /// Whether volumes of this kind can be expanded.
-    pub fn can_expand(self) -> bool {
+    pub(crate) fn can_expand(self) -> bool {
         match self {
             PoolKind::Dir => false,
             PoolKind::Btrfs | PoolKind::Image => true,

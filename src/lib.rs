@@ -22,7 +22,7 @@
 
 pub mod backend;
 pub mod config;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod server;
 pub mod sys;
 pub mod validate;

@@ -30,7 +30,7 @@ const MIN_VOLUME: u64 = 1 << 20;
 
 /// The `btrfs` backend.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct BtrfsBackend;
+pub(crate) struct BtrfsBackend;
 
 /// One row of `btrfs qgroup show --raw -r`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ const PARKED: &str = ".deleting";
 
 /// The `dir` backend.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DirBackend;
+pub(crate) struct DirBackend;
 
 impl Backend for DirBackend {
     fn kind(&self) -> PoolKind {

@@ -52,13 +52,13 @@ const BLOCK: u64 = 4096;
 
 /// The `image` backend.
 #[derive(Debug, Clone, Copy)]
-pub struct ImageBackend {
+pub(crate) struct ImageBackend {
     fs: Filesystem,
 }
 
 impl ImageBackend {
     /// A backend making images with filesystem `fs`.
-    pub fn new(fs: Filesystem) -> Self {
+    pub(crate) fn new(fs: Filesystem) -> Self {
         ImageBackend { fs }
     }
 

@@ -6,9 +6,9 @@
 //! cope with the leftovers of an earlier attempt that was killed half-way,
 //! because that is exactly what a retried call after a crash looks like.
 
-pub mod btrfs;
-pub mod dir;
-pub mod image;
+mod btrfs;
+mod dir;
+mod image;
 
 use std::fmt::Debug;
 use std::io;
@@ -136,7 +136,7 @@ pub enum BackendError {
 
 impl BackendError {
     /// Wraps an I/O error with what the backend was doing at the time.
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         BackendError::Io {
             context: context.into(),
             source,
@@ -151,27 +151,27 @@ impl From<Failure> for BackendError {
 }
 
 /// Results of backend operations.
-pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// What a volume uses and has left, as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VolumeUsage {
+pub(crate) struct VolumeUsage {
     /// Bytes used by this volume alone.
-    pub used_bytes: u64,
+    pub(crate) used_bytes: u64,
     /// Bytes it may still write.
-    pub available_bytes: u64,
+    pub(crate) available_bytes: u64,
     /// Its size: used plus available.
-    pub total_bytes: u64,
+    pub(crate) total_bytes: u64,
     /// Inodes used by this volume alone.
-    pub used_inodes: u64,
+    pub(crate) used_inodes: u64,
     /// Inodes it may still create.
-    pub available_inodes: u64,
+    pub(crate) available_inodes: u64,
     /// Used plus available inodes.
-    pub total_inodes: u64,
+    pub(crate) total_inodes: u64,
 }
 
 /// A pool kind's storage operations.
-pub trait Backend: Send + Sync + Debug {
+pub(crate) trait Backend: Send + Sync + Debug {
     /// The kind this backend implements.
     fn kind(&self) -> PoolKind;
 
@@ -262,7 +262,7 @@ pub trait Backend: Send + Sync + Debug {
 }
 
 /// Builds the backend for a configured pool.
-pub fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
+pub(crate) fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
     match pool.kind {
         PoolKind::Dir => Box::new(dir::DirBackend),
         PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend),

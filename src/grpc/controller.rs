@@ -14,13 +14,13 @@ use csi_proto::controller_service_capability::{self, rpc};
 
 /// Controller service.
 #[derive(Debug, Clone)]
-pub struct Controller {
+pub(crate) struct Controller {
     shared: Arc<Shared>,
 }
 
 impl Controller {
     /// New service over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Controller { shared }
     }
 }

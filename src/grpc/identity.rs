@@ -10,13 +10,13 @@ use csi_proto::plugin_capability::{self, service, volume_expansion};
 
 /// Identity service.
 #[derive(Debug, Clone)]
-pub struct Identity {
+pub(crate) struct Identity {
     shared: Arc<Shared>,
 }
 
 impl Identity {
     /// New service over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Identity { shared }
     }
 }

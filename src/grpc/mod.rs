@@ -5,9 +5,9 @@
 //! become status codes in one place (`status`). No handler logs a whole
 //! request: CSI requests can carry secrets.
 
-pub mod controller;
-pub mod identity;
-pub mod node;
+pub(crate) mod controller;
+pub(crate) mod identity;
+pub(crate) mod node;
 mod status;
 
 use std::sync::{Arc, OnceLock};
@@ -19,7 +19,7 @@ use crate::volume::{VolumeError, Volumes};
 
 /// Why a call got no answer from the volume logic.
 #[derive(Debug, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// The pools are not open yet.
     #[error("the driver is still opening its pools; retry shortly")]
     NotReady,
@@ -33,17 +33,17 @@ pub enum CallError {
 
 /// State shared by the three services.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Resolved configuration.
-    pub config: Config,
+    pub(crate) config: Config,
     /// The volumes, once the pools are open. Until then Probe reports not
     /// ready and other calls answer UNAVAILABLE.
-    pub volumes: OnceLock<Volumes>,
+    pub(crate) volumes: OnceLock<Volumes>,
 }
 
 impl Shared {
     /// New state with pools not yet opened.
-    pub fn new(config: Config) -> Arc<Self> {
+    pub(crate) fn new(config: Config) -> Arc<Self> {
         Arc::new(Shared {
             config,
             volumes: OnceLock::new(),
@@ -51,13 +51,13 @@ impl Shared {
     }
 
     /// The opened volumes, or [`CallError::NotReady`].
-    pub fn volumes(&self) -> Result<&Volumes, CallError> {
+    pub(crate) fn volumes(&self) -> Result<&Volumes, CallError> {
         self.volumes.get().ok_or(CallError::NotReady)
     }
 }
 
 /// Runs volume logic on the blocking pool and maps its error to a status.
-pub async fn blocking<T, F>(shared: &Arc<Shared>, f: F) -> Result<T, Status>
+pub(crate) async fn blocking<T, F>(shared: &Arc<Shared>, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: FnOnce(&Volumes) -> Result<T, VolumeError> + Send + 'static,

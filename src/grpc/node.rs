@@ -12,13 +12,13 @@ use csi_proto::volume_usage::Unit;
 
 /// Node service.
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     shared: Arc<Shared>,
 }
 
 impl Node {
     /// New service over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Node { shared }
     }
 }

@@ -21,10 +21,7 @@ use super::CallError;
 use crate::backend::BackendError;
 use crate::sys::cmd::CmdError;
 use crate::validate::RequestError;
-use crate::volume::capacity::CapacityError;
-use crate::volume::inflight::LockError;
-use crate::volume::pool::PoolError;
-use crate::volume::{TargetError, VolumeError};
+use crate::volume::{CapacityError, LockError, PoolError, TargetError, VolumeError};
 
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Self {

@@ -33,26 +33,25 @@ pub enum CmdError {
     Failed(#[from] Failure),
 }
 
-/// What a finished command printed.
+/// What a finished command printed on its standard output, lossily
+/// decoded (what it printed on stderr matters only when it fails).
 #[derive(Debug, Clone, Default)]
-pub struct Output {
-    /// Standard output, lossily decoded.
-    pub stdout: String,
-    /// Standard error, lossily decoded.
-    pub stderr: String,
+pub(crate) struct Output {
+    /// Standard output.
+    pub(crate) stdout: String,
 }
 
 /// A command that exited unsuccessfully: what was run and what it said.
 #[derive(Debug, Clone)]
 pub struct Failure {
     /// The command line, for messages.
-    pub command: String,
+    pub(crate) command: String,
     /// Exit code, if it exited (rather than being killed by a signal).
-    pub code: Option<i32>,
+    pub(crate) code: Option<i32>,
     /// What it printed on stderr (trimmed).
-    pub stderr: String,
+    pub(crate) stderr: String,
     /// What it printed on stdout (trimmed).
-    pub stdout: String,
+    pub(crate) stdout: String,
 }
 
 impl std::fmt::Display for Failure {
@@ -80,7 +79,7 @@ impl std::error::Error for Failure {}
 /// (as `Ok(Err(..))`) when it exits non-zero, for callers that look at
 /// what it said; `Err` when it cannot be started at all (a missing program:
 /// the message names the package).
-pub fn run_raw<I, S>(program: &str, args: I) -> Result<Result<Output, Failure>, CmdError>
+pub(crate) fn run_raw<I, S>(program: &str, args: I) -> Result<Result<Output, Failure>, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -124,7 +123,7 @@ where
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
-        Ok(Ok(Output { stdout, stderr }))
+        Ok(Ok(Output { stdout }))
     } else {
         Ok(Err(Failure {
             command,
@@ -137,7 +136,7 @@ where
 
 /// Runs a command that must succeed; a non-zero exit is a
 /// [`CmdError::Failed`] carrying the command line and its stderr.
-pub fn run<I, S>(program: &str, args: I) -> Result<Output, CmdError>
+pub(crate) fn run<I, S>(program: &str, args: I) -> Result<Output, CmdError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,

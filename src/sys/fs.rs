@@ -19,7 +19,7 @@ use nix::sys::stat::Mode;
 /// rename. The caller flushes `dir` (see [`sync_dir`]) once all of the
 /// renames and `mkdir`s that belong together are done, so one flush covers
 /// them all.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     write_via_temp(dir, name, bytes, RenameFlags::empty())
 }
 
@@ -61,7 +61,7 @@ fn write_via_temp(dir: &Path, name: &str, bytes: &[u8], flags: RenameFlags) -> i
 /// btrfs, tmpfs do) and, before Linux 6.10, CAP_DAC_READ_SEARCH; without
 /// either this writes a temp file and renames it without replacing.
 /// Fails with `AlreadyExists` if `name` exists. The caller flushes `dir`.
-pub fn create_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn create_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     use nix::errno::Errno;
     let fd = match nix::fcntl::open(
         dir,
@@ -96,7 +96,7 @@ pub fn create_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Flushes a directory's entries (creations, renames, removals) to disk.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -104,7 +104,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// the last component. Mounting through `/proc/self/fd/N` of such a handle
 /// guarantees the kernel acts on exactly the directory that was checked,
 /// even if someone swaps in a symlink in between.
-pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     nix::fcntl::open(
         path,
         OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -114,7 +114,7 @@ pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// The magic-link path of an open handle, valid while the handle lives.
-pub fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
+pub(crate) fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
     use std::os::fd::AsRawFd;
     std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
@@ -122,32 +122,32 @@ pub fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
 /// Identity of a directory: device and inode. A bind mount of a volume shows
 /// the same identity at its target, which is how an existing publication is
 /// recognised without a table of our own.
-pub fn identity(path: &Path) -> io::Result<(u64, u64)> {
+pub(crate) fn identity(path: &Path) -> io::Result<(u64, u64)> {
     let m = fs::symlink_metadata(path)?;
     Ok((m.dev(), m.ino()))
 }
 
 /// Space figures of the filesystem holding `path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FsSpace {
+pub(crate) struct FsSpace {
     /// Bytes an unprivileged writer may still use.
-    pub available_bytes: u64,
+    pub(crate) available_bytes: u64,
     /// Size of the filesystem in bytes.
-    pub total_bytes: u64,
+    pub(crate) total_bytes: u64,
     /// Inodes still free for unprivileged writers.
-    pub available_inodes: u64,
+    pub(crate) available_inodes: u64,
     /// Inodes in total.
-    pub total_inodes: u64,
+    pub(crate) total_inodes: u64,
     /// Bytes not in use at all (including the part reserved for root).
-    pub free_bytes: u64,
+    pub(crate) free_bytes: u64,
     /// Inodes not in use at all.
-    pub free_inodes: u64,
+    pub(crate) free_inodes: u64,
     /// Whether the filesystem (or this mount of it) is read-only.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
 }
 
 /// `statvfs(2)` of the filesystem holding `path`.
-pub fn space(path: &Path) -> io::Result<FsSpace> {
+pub(crate) fn space(path: &Path) -> io::Result<FsSpace> {
     let s = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
     let frag = s.fragment_size();
     Ok(FsSpace {
@@ -163,17 +163,17 @@ pub fn space(path: &Path) -> io::Result<FsSpace> {
 
 /// Bytes and inodes used by one directory tree.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Allocated bytes (`st_blocks * 512`), so sparse files count what they
     /// really take.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Number of inodes (files, directories, links), the root included.
-    pub inodes: u64,
+    pub(crate) inodes: u64,
 }
 
 /// Walks `root` without following symlinks or crossing into other
 /// filesystems and adds up what it uses. Hard links are counted once.
-pub fn usage(root: &Path) -> io::Result<Usage> {
+pub(crate) fn usage(root: &Path) -> io::Result<Usage> {
     let meta = fs::symlink_metadata(root)?;
     let dev = meta.dev();
     let mut total = Usage {
@@ -207,14 +207,14 @@ pub fn usage(root: &Path) -> io::Result<Usage> {
 }
 
 /// Whether `dir` has no entries.
-pub fn is_empty_dir(dir: &Path) -> io::Result<bool> {
+pub(crate) fn is_empty_dir(dir: &Path) -> io::Result<bool> {
     Ok(fs::read_dir(dir)?.next().is_none())
 }
 
 /// Removes a whole tree that the driver owns, without following symlinks
 /// and without descending into anything mounted inside it (so a forgotten
 /// mount can never take another filesystem's data with it).
-pub fn remove_tree(root: &Path) -> io::Result<()> {
+pub(crate) fn remove_tree(root: &Path) -> io::Result<()> {
     let meta = match fs::symlink_metadata(root) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -254,7 +254,7 @@ fn remove_dir_on(dir: &Path, dev: u64) -> io::Result<()> {
 /// it, so a caller waits for the next flush to start and finish instead
 /// of issuing its own. Under no load it costs one flush, as before.
 #[derive(Debug, Default)]
-pub struct DirFlush {
+pub(crate) struct DirFlush {
     state: std::sync::Mutex<FlushState>,
     done: std::sync::Condvar,
 }
@@ -272,7 +272,7 @@ struct FlushState {
 impl DirFlush {
     /// Returns once a flush of `dir` that started after this call began has
     /// completed, issuing it if nobody else is.
-    pub fn flush(&self, dir: &Path) -> io::Result<()> {
+    pub(crate) fn flush(&self, dir: &Path) -> io::Result<()> {
         self.flush_with(|| sync_dir(dir))
     }
 

@@ -3,6 +3,6 @@
 //! `tokio::task::spawn_blocking`.
 
 pub mod cmd;
-pub mod fs;
+pub(crate) mod fs;
 pub mod mount;
 pub mod mountinfo;

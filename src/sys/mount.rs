@@ -44,7 +44,7 @@ impl MountFlags {
 /// redirect the mount. Per-mount flags such as read-only need a second
 /// call: the kernel ignores them on the first `MS_BIND` (verified on this
 /// kernel: a single `MS_BIND|MS_RDONLY` stays writable).
-pub fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result<()> {
+pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result<()> {
     let src = open_dir_path(source)?;
     let dst = open_dir_path(target)?;
     nix::mount::mount(
@@ -78,12 +78,17 @@ pub fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result<()> {
 
 /// Unmounts whatever is mounted at `target`, never following a symlink
 /// there.
-pub fn unmount(target: &Path) -> io::Result<()> {
+pub(crate) fn unmount(target: &Path) -> io::Result<()> {
     nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(io::Error::from)
 }
 
 /// Mounts a block device (a loop device for image volumes) at `target`.
-pub fn mount_device(device: &Path, target: &Path, fs_type: &str, data: &str) -> io::Result<()> {
+pub(crate) fn mount_device(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    data: &str,
+) -> io::Result<()> {
     let dst = open_dir_path(target)?;
     nix::mount::mount(
         Some(device),

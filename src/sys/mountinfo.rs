@@ -44,7 +44,7 @@ pub fn read() -> io::Result<Vec<MountEntry>> {
 
 /// Parses mountinfo text; lines that do not have the documented shape are
 /// skipped rather than failing the whole table.
-pub fn parse(text: &str) -> Vec<MountEntry> {
+pub(crate) fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
@@ -105,7 +105,7 @@ pub fn mounted_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountE
 
 /// The entry whose mount point is the longest prefix of `path`: the
 /// filesystem that holds `path`.
-pub fn containing<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+pub(crate) fn containing<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     table
         .iter()
         .rev()
@@ -116,7 +116,7 @@ pub fn containing<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountE
 /// Mount points whose source is `dir` (or something below it): where a
 /// volume directory is bind-mounted, found by device and filesystem-relative
 /// path so that it works whatever the mount points are called.
-pub fn binds_of(table: &[MountEntry], dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn binds_of(table: &[MountEntry], dir: &Path) -> Vec<PathBuf> {
     let Some(holder) = containing(table, dir) else {
         return Vec::new();
     };

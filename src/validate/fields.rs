@@ -16,7 +16,7 @@ use csi_proto::volume_capability::access_mode::Mode;
 /// spec, but nothing legitimate sends kilobytes of name.
 pub const MAX_NAME_LEN: usize = 1024;
 /// Longest path accepted (PATH_MAX).
-pub const MAX_PATH_LEN: usize = 4096;
+pub(crate) const MAX_PATH_LEN: usize = 4096;
 
 /// Access modes as the driver reasons about them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ impl CapacityRange {
 }
 
 /// Requires a non-empty field.
-pub fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str> {
+pub(crate) fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str> {
     if value.is_empty() {
         return Err(RequestError::Missing(field));
     }
@@ -126,7 +126,7 @@ pub fn volume_name(name: &str) -> Result<&str> {
 /// Checks a volume id field for presence and plausible size
 /// (INVALID_ARGUMENT); whether it can name a volume is [`parse_volume_id`]'s
 /// question (NOT_FOUND).
-pub fn volume_id(id: &str) -> Result<&str> {
+pub(crate) fn volume_id(id: &str) -> Result<&str> {
     required(id, "volume_id")?;
     if id.len() > MAX_NAME_LEN {
         return Err(RequestError::IdTooLong(id.len()));
@@ -136,7 +136,7 @@ pub fn volume_id(id: &str) -> Result<&str> {
 
 /// Parses a volume id; an id that cannot name a volume of this driver is
 /// NOT_FOUND, as the spec asks for unknown ids.
-pub fn parse_volume_id(id: &str) -> Result<VolumeId> {
+pub(crate) fn parse_volume_id(id: &str) -> Result<VolumeId> {
     VolumeId::parse(id).ok_or_else(|| RequestError::UnknownVolume(id.to_string()))
 }
 
@@ -187,7 +187,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
 }
 
 /// Checks a non-empty list of capabilities.
-pub fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+pub(crate) fn capabilities(cs: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     if cs.is_empty() {
         return Err(RequestError::NoCapabilities);
     }
@@ -279,7 +279,9 @@ pub fn node_path(path: &str, field: &'static str) -> Result<NodePath> {
 /// Parameters worth keeping with a volume: everything the CO sent. They
 /// never hold secrets (the spec carries those in separate fields), and the
 /// external-provisioner adds the claim's name and namespace here.
-pub fn parameters(p: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn parameters(
+    p: &std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
     p.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 

@@ -22,8 +22,8 @@ use csi_proto as csi;
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
 pub use fields::{
-    AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, MAX_PATH_LEN, NodePath,
-    Unsupported, capability, capacity_range, mount_flags, node_path, volume_name,
+    AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
+    capability, capacity_range, mount_flags, node_path, volume_name,
 };
 use fields::{capabilities, parameters, parse_volume_id, required, volume_id};
 
@@ -111,14 +111,14 @@ pub enum RequestError {
 }
 
 /// Results of request checks.
-pub type Result<T, E = RequestError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = RequestError> = std::result::Result<T, E>;
 
 /// Topology segments: key to value.
-pub type Segments = BTreeMap<String, String>;
+pub(crate) type Segments = BTreeMap<String, String>;
 
 /// A checked CreateVolume.
 #[derive(Debug, Clone)]
-pub struct CreateVolume {
+pub(crate) struct CreateVolume {
     /// The CO-chosen name, the key for idempotency: non-empty, at most
     /// [`MAX_NAME_LEN`] bytes, no NUL.
     pub(crate) name: String,
@@ -132,7 +132,7 @@ pub struct CreateVolume {
 
 /// CreateVolume: a name, capabilities this driver can serve, a sane size
 /// range; no content source or mutable parameters (not offered).
-pub fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume> {
+pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume> {
     let name = volume_name(&r.name)?.to_string();
     let caps = capabilities(&r.volume_capabilities)?;
     let capacity = capacity_range(r.capacity_range.as_ref())?;
@@ -160,23 +160,23 @@ pub fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume> {
 
 /// DeleteVolume: the volume to delete, or `None` when the id cannot name a
 /// volume of this driver, which the spec answers with success.
-pub fn delete_volume(r: &csi::DeleteVolumeRequest) -> Result<Option<VolumeId>> {
+pub(crate) fn delete_volume(r: &csi::DeleteVolumeRequest) -> Result<Option<VolumeId>> {
     Ok(VolumeId::parse(volume_id(&r.volume_id)?))
 }
 
 /// A checked ValidateVolumeCapabilities.
 #[derive(Debug, Clone)]
-pub struct ValidateVolume {
+pub(crate) struct ValidateVolume {
     /// The volume asked about.
-    pub id: VolumeId,
+    pub(crate) id: VolumeId,
     /// Why the capabilities are declined, if they are (the answer carries
     /// it; it is not an error).
-    pub declined: Option<Unsupported>,
+    pub(crate) declined: Option<Unsupported>,
 }
 
 /// ValidateVolumeCapabilities: the volume and the verdict on the
 /// capabilities, which must be well-formed.
-pub fn validate_volume_capabilities(
+pub(crate) fn validate_volume_capabilities(
     r: &csi::ValidateVolumeCapabilitiesRequest,
 ) -> Result<ValidateVolume> {
     let raw = volume_id(&r.volume_id)?;
@@ -189,7 +189,7 @@ pub fn validate_volume_capabilities(
 
 /// A checked ListVolumes.
 #[derive(Debug, Clone)]
-pub struct ListVolumes {
+pub(crate) struct ListVolumes {
     /// The first volume of the page (`None`: from the start).
     pub(crate) start: Option<VolumeId>,
     /// The most entries to return (`max_entries` 0: all).
@@ -198,7 +198,7 @@ pub struct ListVolumes {
 
 /// ListVolumes: a paging token this driver issued (a volume id; anything
 /// else is ABORTED, as the spec asks) and a non-negative page size.
-pub fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
+pub(crate) fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
     if r.max_entries < 0 {
         return Err(RequestError::NegativeMaxEntries);
     }
@@ -219,7 +219,7 @@ pub fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
 
 /// A checked GetCapacity.
 #[derive(Debug, Clone)]
-pub struct GetCapacity {
+pub(crate) struct GetCapacity {
     /// The parameters, which select the pool.
     pub(crate) parameters: BTreeMap<String, String>,
     /// Whether the driver can serve every capability asked about.
@@ -230,7 +230,7 @@ pub struct GetCapacity {
 
 /// GetCapacity: well-formed capabilities (ones the driver cannot serve
 /// make the answer 0, not an error), the parameters and the topology.
-pub fn get_capacity(r: &csi::GetCapacityRequest) -> Result<GetCapacity> {
+pub(crate) fn get_capacity(r: &csi::GetCapacityRequest) -> Result<GetCapacity> {
     let caps = r
         .volume_capabilities
         .iter()
@@ -245,7 +245,7 @@ pub fn get_capacity(r: &csi::GetCapacityRequest) -> Result<GetCapacity> {
 
 /// A checked ControllerExpandVolume.
 #[derive(Debug, Clone)]
-pub struct ExpandVolume {
+pub(crate) struct ExpandVolume {
     /// The volume to grow.
     pub(crate) id: VolumeId,
     /// The size range; at least one bound is set.
@@ -254,7 +254,9 @@ pub struct ExpandVolume {
 
 /// ControllerExpandVolume: the volume, and a capacity range with at least
 /// one bound (the spec requires the field).
-pub fn controller_expand_volume(r: &csi::ControllerExpandVolumeRequest) -> Result<ExpandVolume> {
+pub(crate) fn controller_expand_volume(
+    r: &csi::ControllerExpandVolumeRequest,
+) -> Result<ExpandVolume> {
     let raw = volume_id(&r.volume_id)?;
     let capacity = capacity_range(r.capacity_range.as_ref())?;
     if let Some(c) = r.volume_capability.as_ref() {
@@ -269,7 +271,7 @@ pub fn controller_expand_volume(r: &csi::ControllerExpandVolumeRequest) -> Resul
 
 /// A checked NodePublishVolume.
 #[derive(Debug, Clone)]
-pub struct PublishVolume {
+pub(crate) struct PublishVolume {
     /// The volume to publish.
     pub(crate) id: VolumeId,
     /// Where to mount it.
@@ -283,7 +285,7 @@ pub struct PublishVolume {
 
 /// NodePublishVolume: the volume, a target path, and a capability this
 /// driver can serve (a mount with flags a bind mount can apply).
-pub fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishVolume> {
+pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishVolume> {
     let raw = volume_id(&r.volume_id)?;
     let target = node_path(&r.target_path, "target_path")?;
     let capability = capability(
@@ -308,7 +310,7 @@ pub fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishV
 
 /// A checked NodeUnpublishVolume.
 #[derive(Debug, Clone)]
-pub struct UnpublishVolume {
+pub(crate) struct UnpublishVolume {
     /// The volume to unpublish.
     pub(crate) id: VolumeId,
     /// Where it is mounted.
@@ -316,7 +318,9 @@ pub struct UnpublishVolume {
 }
 
 /// NodeUnpublishVolume: the volume and its target path.
-pub fn node_unpublish_volume(r: &csi::NodeUnpublishVolumeRequest) -> Result<UnpublishVolume> {
+pub(crate) fn node_unpublish_volume(
+    r: &csi::NodeUnpublishVolumeRequest,
+) -> Result<UnpublishVolume> {
     let raw = volume_id(&r.volume_id)?;
     let target = node_path(&r.target_path, "target_path")?;
     Ok(UnpublishVolume {
@@ -328,7 +332,7 @@ pub fn node_unpublish_volume(r: &csi::NodeUnpublishVolumeRequest) -> Result<Unpu
 /// A checked NodeGetVolumeStats or NodeExpandVolume: a volume and a path
 /// where it is published.
 #[derive(Debug, Clone)]
-pub struct VolumeAtPath {
+pub(crate) struct VolumeAtPath {
     /// The volume.
     pub(crate) id: VolumeId,
     /// Where the CO says it is published.
@@ -336,13 +340,13 @@ pub struct VolumeAtPath {
 }
 
 /// NodeGetVolumeStats: the volume and the path it is published at.
-pub fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Result<VolumeAtPath> {
+pub(crate) fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Result<VolumeAtPath> {
     volume_at_path(&r.volume_id, &r.volume_path)
 }
 
 /// NodeExpandVolume: the volume, the path it is published at, and a sane
 /// capacity range (which the node half of an expansion does not need).
-pub fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<VolumeAtPath> {
+pub(crate) fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<VolumeAtPath> {
     let raw = volume_id(&r.volume_id)?;
     let path = published_path(&r.volume_path)?;
     capacity_range(r.capacity_range.as_ref())?;

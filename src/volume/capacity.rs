@@ -128,18 +128,18 @@ type Result<T, E = CapacityError> = std::result::Result<T, E>;
 
 /// What GetCapacity answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Capacity {
+pub(crate) struct Capacity {
     /// Bytes that can still be promised to new volumes.
-    pub available: u64,
+    pub(crate) available: u64,
     /// Largest single volume that can be created now.
-    pub maximum_volume_size: u64,
+    pub(crate) maximum_volume_size: u64,
     /// Smallest volume the pool makes (0: no minimum).
-    pub minimum_volume_size: u64,
+    pub(crate) minimum_volume_size: u64,
 }
 
 /// The size of a new volume: the request within the pool's limits
 /// (OUT_OF_RANGE when they cannot be met).
-pub fn decide(pool: &Pool, range: CapacityRange) -> Result<u64> {
+pub(crate) fn decide(pool: &Pool, range: CapacityRange) -> Result<u64> {
     let limits = pool.limits();
     let requested = match (range.required, range.limit) {
         (0, 0) => limits.default,
@@ -165,7 +165,7 @@ pub fn decide(pool: &Pool, range: CapacityRange) -> Result<u64> {
 /// or `None` when it is already that large (CSI spec: success with the
 /// current capacity; volumes never shrink). OUT_OF_RANGE when the range or
 /// the pool's maximum forbid it.
-pub fn decide_growth(
+pub(crate) fn decide_growth(
     pool: &Pool,
     id: impl Display,
     current: u64,
@@ -197,7 +197,7 @@ pub fn decide_growth(
 /// Reserves `capacity` bytes for volume `token` (replacing its promise of
 /// `previous` bytes, for an expansion): OUT_OF_RANGE if it exceeds the
 /// pool's filesystem, RESOURCE_EXHAUSTED if it cannot be promised.
-pub fn reserve<'p>(
+pub(crate) fn reserve<'p>(
     pool: &'p Pool,
     token: &str,
     capacity: u64,
@@ -237,7 +237,7 @@ pub fn reserve<'p>(
 
 /// GetCapacity for a pool: what can still be promised under its policy,
 /// and the largest and smallest volume it would make now.
-pub fn report(pool: &Pool) -> Result<Capacity> {
+pub(crate) fn report(pool: &Pool) -> Result<Capacity> {
     let room = pool.room()?;
     let mut largest = room.promisable.min(room.total);
     if let Some(max) = pool.limits().max {

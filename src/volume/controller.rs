@@ -15,16 +15,16 @@ use crate::validate::{CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
 
 /// The result of ControllerExpandVolume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expanded {
+pub(crate) struct Expanded {
     /// The volume's capacity now.
-    pub capacity_bytes: u64,
+    pub(crate) capacity_bytes: u64,
     /// Whether NodeExpandVolume must follow.
-    pub node_expansion_required: bool,
+    pub(crate) node_expansion_required: bool,
 }
 
 impl Volumes {
     /// CreateVolume: idempotent by name.
-    pub fn create(&self, req: &CreateVolume) -> Result<Volume> {
+    pub(crate) fn create(&self, req: &CreateVolume) -> Result<Volume> {
         let pool = self.select_pool(&req.parameters)?;
         if !req.requisite.is_empty() && !req.requisite.iter().any(|s| self.on_this_node(s)) {
             return Err(VolumeError::OtherNode {
@@ -69,7 +69,7 @@ impl Volumes {
 
     /// DeleteVolume: succeeds for volumes that do not exist; never removes a
     /// directory the driver has no record of.
-    pub fn delete(&self, id: &VolumeId) -> Result<()> {
+    pub(crate) fn delete(&self, id: &VolumeId) -> Result<()> {
         let Some(pool) = self.pool(id.pool()) else {
             return Ok(());
         };
@@ -94,7 +94,7 @@ impl Volumes {
     /// ValidateVolumeCapabilities' question to the volume layer: does the
     /// volume exist? Volumes with a record do, and so do static
     /// directories an administrator made in a pool; NOT_FOUND otherwise.
-    pub fn check_exists(&self, id: &VolumeId) -> Result<()> {
+    pub(crate) fn check_exists(&self, id: &VolumeId) -> Result<()> {
         let pool = self.pool_of(id)?;
         if pool.record(id.token())?.is_some() {
             return Ok(());
@@ -108,7 +108,7 @@ impl Volumes {
     /// ListVolumes: volumes with records, ordered by id. The paging token
     /// is the id of the first volume of the next page, so it stays valid
     /// when volumes come and go between pages.
-    pub fn list(&self, req: &ListVolumes) -> Result<(Vec<Volume>, String)> {
+    pub(crate) fn list(&self, req: &ListVolumes) -> Result<(Vec<Volume>, String)> {
         let take = req.max_entries;
         // Ids sort as "<pool>:<token>": pools in the order of that prefix,
         // tokens in order within each pool.
@@ -150,7 +150,7 @@ impl Volumes {
     /// promised under the pool's policy, and the largest and smallest
     /// volume it would make now; nothing for topology that is not this
     /// node or capabilities the driver cannot serve.
-    pub fn capacity(&self, req: &GetCapacity) -> Result<Capacity> {
+    pub(crate) fn capacity(&self, req: &GetCapacity) -> Result<Capacity> {
         let pool = self.select_pool(&req.parameters)?;
         if !req.servable || req.topology.as_ref().is_some_and(|t| !self.on_this_node(t)) {
             return Ok(Capacity::default());
@@ -162,7 +162,7 @@ impl Volumes {
     /// range's `required_bytes`. A volume already that large is left as it
     /// is (CSI spec: success with the current capacity); shrinking is never
     /// done.
-    pub fn expand(&self, req: &ExpandVolume) -> Result<Expanded> {
+    pub(crate) fn expand(&self, req: &ExpandVolume) -> Result<Expanded> {
         let id = &req.id;
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;

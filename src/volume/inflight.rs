@@ -19,7 +19,7 @@ pub enum LockError {
 
 /// The set of volume keys with a call in flight.
 #[derive(Debug, Default, Clone)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     // A std mutex is right here: it is held only to insert or remove a key,
     // never across an await or a syscall.
     keys: Arc<Mutex<HashSet<String>>>,
@@ -27,14 +27,14 @@ pub struct InFlight {
 
 /// Held while a call works on a volume; releases the volume when dropped.
 #[derive(Debug)]
-pub struct Guard {
+pub(crate) struct Guard {
     keys: Arc<Mutex<HashSet<String>>>,
     key: String,
 }
 
 impl InFlight {
     /// Claims `key`, or [`LockError::Busy`] if another call holds it.
-    pub fn claim(&self, key: &str) -> Result<Guard, LockError> {
+    pub(crate) fn claim(&self, key: &str) -> Result<Guard, LockError> {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if !keys.insert(key.to_string()) {
             return Err(LockError::Busy(key.to_string()));

@@ -16,12 +16,12 @@
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
-pub mod capacity;
+mod capacity;
 mod controller;
 pub mod id;
-pub mod inflight;
+mod inflight;
 mod node;
-pub mod pool;
+mod pool;
 pub mod record;
 mod target;
 
@@ -30,15 +30,14 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::config::PoolConfig;
-use capacity::CapacityError;
 use id::VolumeId;
-use inflight::{InFlight, LockError};
-use pool::{Pool, PoolError};
+use inflight::InFlight;
+use pool::Pool;
 use record::Record;
 
-pub use capacity::Capacity;
-pub use controller::Expanded;
-pub use node::Stats;
+pub use capacity::CapacityError;
+pub use inflight::LockError;
+pub use pool::PoolError;
 pub use target::TargetError;
 
 /// Why a call on the volumes failed, by cause.
@@ -243,20 +242,20 @@ impl VolumeError {
 }
 
 /// Results of the volume logic.
-pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = VolumeError> = std::result::Result<T, E>;
 
 /// Topology key that pins a volume to the node holding it.
-pub const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
+pub(crate) const TOPOLOGY_KEY: &str = "topology.hostpath-csi.dev/node";
 
 /// A volume as reported to the CO.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Volume {
+pub(crate) struct Volume {
     /// Volume id.
-    pub id: String,
+    pub(crate) id: String,
     /// Capacity in bytes.
-    pub capacity_bytes: u64,
+    pub(crate) capacity_bytes: u64,
     /// Volume context handed back at publish time.
-    pub context: BTreeMap<String, String>,
+    pub(crate) context: BTreeMap<String, String>,
 }
 
 /// The driver's volumes across all pools.
@@ -308,7 +307,7 @@ impl Volumes {
     /// Removes leftovers of interrupted calls that no record refers to,
     /// skipping any volume a call is working on right now (that call owns
     /// its leftovers). Returns how many were removed.
-    pub fn sweep(&self) -> Result<usize> {
+    pub(crate) fn sweep(&self) -> Result<usize> {
         let mut n = 0;
         for pool in &self.pools {
             for (token, path) in pool.leftovers()? {
@@ -326,7 +325,7 @@ impl Volumes {
     }
 
     /// The topology segment of this node.
-    pub fn topology(&self) -> BTreeMap<String, String> {
+    pub(crate) fn topology(&self) -> BTreeMap<String, String> {
         BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
     }
 

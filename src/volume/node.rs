@@ -15,17 +15,17 @@ use crate::validate::{NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
 
 /// What NodeGetVolumeStats answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Usage figures (zero when abnormal).
-    pub usage: VolumeUsage,
+    pub(crate) usage: VolumeUsage,
     /// Why the volume is abnormal, if it is.
-    pub abnormal: Option<String>,
+    pub(crate) abnormal: Option<String>,
 }
 
 impl Volumes {
     /// NodePublishVolume: bind-mounts the volume at the target; idempotent
     /// for the same volume and target.
-    pub fn publish(&self, req: &PublishVolume) -> Result<()> {
+    pub(crate) fn publish(&self, req: &PublishVolume) -> Result<()> {
         let (id, flags) = (&req.id, req.flags);
         let pool = self.pool_of(id)?;
         let target = self.resolve_target(&req.target)?;
@@ -62,7 +62,7 @@ impl Volumes {
     /// NodeUnpublishVolume: unmounts the volume from the target and removes
     /// the target directory if it is empty. A target that is already gone
     /// or not mounted is success.
-    pub fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
+    pub(crate) fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
         let id = &req.id;
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;
@@ -98,7 +98,7 @@ impl Volumes {
 
     /// NodeGetVolumeStats: the volume's own usage, or an abnormal condition
     /// when its directory has gone missing.
-    pub fn stats(&self, req: &VolumeAtPath) -> Result<Stats> {
+    pub(crate) fn stats(&self, req: &VolumeAtPath) -> Result<Stats> {
         let id = &req.id;
         let pool = self.pool_of(id)?;
         let path = target::resolve(&req.path, &self.pools)?
@@ -139,7 +139,7 @@ impl Volumes {
     /// NodeExpandVolume: makes the space the controller added usable in
     /// the mounted volume (grows an image's filesystem). Idempotent.
     /// Returns the volume's capacity.
-    pub fn node_expand(&self, req: &VolumeAtPath) -> Result<u64> {
+    pub(crate) fn node_expand(&self, req: &VolumeAtPath) -> Result<u64> {
         let (id, volume_path) = (&req.id, &req.path);
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;

@@ -76,24 +76,24 @@ impl PoolError {
 }
 
 /// Results of pool operations.
-pub type Result<T, E = PoolError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = PoolError> = std::result::Result<T, E>;
 
 /// Size given to a volume whose request names none, unless the pool's
 /// `default_volume_size` says otherwise.
-pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+pub(crate) const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 
 /// A pool's size settings, from its configuration (the capacity policy in
 /// `volume::capacity` applies them).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SizeLimits {
+pub(crate) struct SizeLimits {
     /// Smallest volume (0: none beyond the backend's own minimum).
-    pub min: u64,
+    pub(crate) min: u64,
     /// Largest volume, if limited.
-    pub max: Option<u64>,
+    pub(crate) max: Option<u64>,
     /// Size of a volume whose request names none.
-    pub default: u64,
+    pub(crate) default: u64,
     /// How much may be promised.
-    pub overcommit: Overcommit,
+    pub(crate) overcommit: Overcommit,
 }
 
 impl SizeLimits {
@@ -109,7 +109,7 @@ impl SizeLimits {
 
 /// A configured, opened pool.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     /// Name StorageClasses use.
     name: String,
     /// Canonical directory.
@@ -138,22 +138,22 @@ pub struct Pool {
 /// Space figures of a pool, and what it can still promise under its
 /// overcommit setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Room {
+pub(crate) struct Room {
     /// Size of the pool's filesystem.
-    pub total: u64,
+    pub(crate) total: u64,
     /// Bytes free on it.
-    pub free: u64,
+    pub(crate) free: u64,
     /// What can still be promised: with `none`, what is free; with a
     /// ratio `r`, `r` times (free + what the volumes hold) minus the
     /// promises.
-    pub promisable: u64,
+    pub(crate) promisable: u64,
 }
 
 /// Bytes reserved for a create or expand in progress; given back when
 /// dropped unless [`Reservation::commit`] was called.
 #[must_use]
 #[derive(Debug)]
-pub struct Reservation<'a> {
+pub(crate) struct Reservation<'a> {
     pool: &'a Pool,
     token: String,
     previous: Option<u64>,
@@ -162,7 +162,7 @@ pub struct Reservation<'a> {
 
 impl Reservation<'_> {
     /// Keeps the reserved bytes as the volume's promise.
-    pub fn commit(mut self) {
+    pub(crate) fn commit(mut self) {
         self.committed = true;
     }
 }
@@ -192,7 +192,7 @@ impl Pool {
     /// Opens a configured pool: creates its directory if needed, checks
     /// that it takes a durable write, resolves its canonical path and lets
     /// the backend check the directory suits its kind.
-    pub fn open(config: &PoolConfig) -> Result<Pool> {
+    pub(crate) fn open(config: &PoolConfig) -> Result<Pool> {
         let name = &config.name;
         let ctx = |what: &str, dir: &Path| format!("pool {name}: {what} {}", dir.display());
         std::fs::create_dir_all(&config.path)
@@ -217,59 +217,59 @@ impl Pool {
     }
 
     /// Name StorageClasses use.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Canonical directory.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The pool's kind.
-    pub fn kind(&self) -> PoolKind {
+    pub(crate) fn kind(&self) -> PoolKind {
         self.backend.kind()
     }
 
     /// Whether volumes of this pool are held to their size.
-    pub fn enforces_size(&self) -> bool {
+    pub(crate) fn enforces_size(&self) -> bool {
         self.backend.enforces_size()
     }
 
     /// The pool's size settings.
-    pub fn limits(&self) -> &SizeLimits {
+    pub(crate) fn limits(&self) -> &SizeLimits {
         &self.limits
     }
 
     /// Smallest volume the pool's kind can make.
-    pub fn kind_min_volume_size(&self) -> u64 {
+    pub(crate) fn kind_min_volume_size(&self) -> u64 {
         self.backend.min_volume_size()
     }
 
     /// Volume sizes are rounded up to a multiple of this.
-    pub fn granularity(&self) -> u64 {
+    pub(crate) fn granularity(&self) -> u64 {
         self.backend.granularity()
     }
 
     /// Whether the node must grow the filesystem after an expansion.
-    pub fn needs_node_expand(&self) -> bool {
+    pub(crate) fn needs_node_expand(&self) -> bool {
         self.backend.needs_node_expand()
     }
 
     /// Whether `path` lies inside this pool or contains it.
-    pub fn overlaps(&self, path: &Path) -> bool {
+    pub(crate) fn overlaps(&self, path: &Path) -> bool {
         path.starts_with(&self.dir) || self.dir.starts_with(path)
     }
 
     /// Where a volume's data lives.
-    pub fn volume_path(&self, token: &str) -> PathBuf {
+    pub(crate) fn volume_path(&self, token: &str) -> PathBuf {
         self.dir.join(token)
     }
 
     // --- Records -----------------------------------------------------------
 
     /// Reads a volume's record; `None` when there is none.
-    pub fn record(&self, token: &str) -> Result<Option<Record>> {
+    pub(crate) fn record(&self, token: &str) -> Result<Option<Record>> {
         let path = self.dir.join(record::file_name(token));
         match std::fs::read(&path) {
             Ok(bytes) => Record::decode(&bytes)
@@ -281,7 +281,7 @@ impl Pool {
     }
 
     /// Up to `limit` tokens with records, in order, starting at `from`.
-    pub fn page(&self, from: Bound<&str>, limit: usize) -> Result<Vec<String>> {
+    pub(crate) fn page(&self, from: Bound<&str>, limit: usize) -> Result<Vec<String>> {
         let mut index = lock(&self.index);
         if index.is_none() {
             *index = Some(self.tokens()?.into_iter().collect());
@@ -300,7 +300,7 @@ impl Pool {
     /// point), then one flush of the pool directory. A failure after the
     /// storage was made takes it back, so nothing is left that no record
     /// explains. Called only while no record exists for `token`.
-    pub fn create(&self, token: &str, record: &Record) -> Result<()> {
+    pub(crate) fn create(&self, token: &str, record: &Record) -> Result<()> {
         self.backend
             .create(&self.dir, token, record.capacity_bytes)?;
         if let Err(e) = self.create_record(token, record).and_then(|()| self.sync()) {
@@ -323,7 +323,7 @@ impl Pool {
     /// an earlier CreateVolume was killed between writing the record and
     /// flushing it, and its retry must not hand out a volume that cannot
     /// be published.
-    pub fn ensure_storage(&self, token: &str, capacity: u64) -> Result<()> {
+    pub(crate) fn ensure_storage(&self, token: &str, capacity: u64) -> Result<()> {
         if std::fs::symlink_metadata(self.volume_path(token)).is_ok() {
             return Ok(());
         }
@@ -334,7 +334,7 @@ impl Pool {
     /// Removes a volume: its storage, then its record (last, so a delete
     /// killed half-way is finished by its retry), then one flush; it leaves
     /// the listing and gives its promise back.
-    pub fn remove(&self, token: &str) -> Result<()> {
+    pub(crate) fn remove(&self, token: &str) -> Result<()> {
         self.backend.delete(&self.dir, token)?;
         self.remove_record(token)?;
         if let Some(set) = lock(&self.index).as_mut() {
@@ -349,7 +349,7 @@ impl Pool {
 
     /// Grows a volume to `capacity` bytes (the controller half: raise the
     /// limit, grow the image) and records the new size.
-    pub fn expand(&self, token: &str, record: &mut Record, capacity: u64) -> Result<()> {
+    pub(crate) fn expand(&self, token: &str, record: &mut Record, capacity: u64) -> Result<()> {
         self.backend.expand(&self.dir, token, capacity)?;
         record.capacity_bytes = capacity;
         sys::fs::write_atomic(
@@ -364,22 +364,22 @@ impl Pool {
     /// Makes the volume's data reachable at its path and returns that
     /// path, the directory to bind-mount (an image volume's filesystem is
     /// mounted there first, after a reboot say).
-    pub fn make_available(&self, token: &str) -> Result<PathBuf> {
+    pub(crate) fn make_available(&self, token: &str) -> Result<PathBuf> {
         Ok(self.backend.make_available(&self.dir, token)?)
     }
 
     /// Tidies up after an unpublish of the volume.
-    pub fn unpublished(&self, token: &str) -> Result<()> {
+    pub(crate) fn unpublished(&self, token: &str) -> Result<()> {
         Ok(self.backend.unpublished(&self.dir, token)?)
     }
 
     /// What the volume uses; `capacity` is the size promised to the CO.
-    pub fn usage(&self, token: &str, capacity: u64) -> Result<VolumeUsage> {
+    pub(crate) fn usage(&self, token: &str, capacity: u64) -> Result<VolumeUsage> {
         Ok(self.backend.usage(&self.dir, token, capacity)?)
     }
 
     /// The node half of an expansion: grows the mounted filesystem.
-    pub fn node_expand(&self, token: &str) -> Result<()> {
+    pub(crate) fn node_expand(&self, token: &str) -> Result<()> {
         Ok(self.backend.node_expand(&self.dir, token)?)
     }
 
@@ -387,7 +387,7 @@ impl Pool {
 
     /// The pool's room now: its filesystem's size and free space, and what
     /// it can still promise.
-    pub fn room(&self) -> Result<Room> {
+    pub(crate) fn room(&self) -> Result<Room> {
         self.with_promises(|promises| self.measure(promises, None))
     }
 
@@ -396,7 +396,7 @@ impl Pool {
     /// room, measured with the promises locked (and `token`'s own left
     /// out), so two concurrent reservations cannot both take the last
     /// free bytes.
-    pub fn reserve<E: From<PoolError>>(
+    pub(crate) fn reserve<E: From<PoolError>>(
         &self,
         token: &str,
         bytes: u64,
@@ -471,7 +471,7 @@ impl Pool {
     /// half-written records and the backend's scratch files (a parked dir
     /// volume, an image being made), with the token each belongs to.
     /// Removing one is safe while no call holds that token's lock.
-    pub fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
+    pub(crate) fn leftovers(&self) -> Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| PoolError::io(format!("listing pool {}", self.name), e))?;
@@ -499,7 +499,7 @@ impl Pool {
     /// Removes one leftover found by [`Pool::leftovers`], unless it is gone
     /// already (the call that held its token may have finished with it);
     /// returns whether it removed something. The caller holds the token.
-    pub fn remove_leftover(&self, path: &Path) -> Result<bool> {
+    pub(crate) fn remove_leftover(&self, path: &Path) -> Result<bool> {
         if std::fs::symlink_metadata(path).is_err() {
             return Ok(false);
         }

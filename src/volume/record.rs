@@ -14,7 +14,7 @@ use crate::config::PoolKind;
 /// Suffix of a record's file name (`.<token>.meta`).
 const SUFFIX: &str = ".meta";
 /// Suffix of a record being written under a temporary name.
-pub const TEMP_SUFFIX: &str = ".meta.tmp";
+pub(crate) const TEMP_SUFFIX: &str = ".meta.tmp";
 
 /// What the driver remembers about a volume it created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ pub struct Record {
 
 impl Record {
     /// The record of a volume created now.
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         kind: PoolKind,
         capacity_bytes: u64,
@@ -55,22 +55,22 @@ impl Record {
     }
 
     /// The bytes of the record's file.
-    pub fn encode(&self) -> serde_json::Result<Vec<u8>> {
+    pub(crate) fn encode(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec_pretty(self)
     }
 
     /// Reads a record's file.
-    pub fn decode(bytes: &[u8]) -> serde_json::Result<Record> {
+    pub(crate) fn decode(bytes: &[u8]) -> serde_json::Result<Record> {
         serde_json::from_slice(bytes)
     }
 }
 
 /// The file name of the record of volume `token`.
-pub fn file_name(token: &str) -> String {
+pub(crate) fn file_name(token: &str) -> String {
     format!(".{token}{SUFFIX}")
 }
 
 /// The token a record's file name belongs to, if `name` is one.
-pub fn token_of(name: &str) -> Option<&str> {
+pub(crate) fn token_of(name: &str) -> Option<&str> {
     name.strip_prefix('.')?.strip_suffix(SUFFIX)
 }
