@@ -1,7 +1,9 @@
-//! The only place the driver talks to the kernel about mounts and durable
-//! file writes, and runs external storage tools (`cmd`). Everything here is blocking; callers run it inside
+//! The only place the driver talks to the kernel about mounts, durable
+//! file writes and btrfs quotas, and runs external storage tools (`cmd`).
+//! Everything here is blocking; callers run it inside
 //! `tokio::task::spawn_blocking`.
 
+pub mod btrfs;
 pub mod cmd;
 pub(crate) mod fs;
 pub mod mount;
