@@ -1,36 +1,65 @@
-//! `btrfs` pools: a subvolume per volume, its size enforced by a qgroup.
+//! `btrfs` pools: a subvolume per volume, its size enforced by a quota
+//! group limit.
 //!
 //! The pool directory must be on btrfs. Each volume is a subvolume at
 //! `<pool>/<token>` whose qgroup (`0/<subvolume id>`) has a limit on
 //! referenced bytes equal to the volume's capacity, so writes beyond it
-//! fail with EDQUOT. Quotas are switched on for the filesystem when the
-//! pool is prepared. Used bytes come from the qgroup, inodes from walking
+//! fail with EDQUOT. Used bytes come from the qgroup, inodes from walking
 //! the subvolume. Expanding raises the limit; nothing is needed on the node.
+//!
+//! Quotas: when the pool is opened on a filesystem without quotas, the
+//! driver turns on *simple quotas* where the kernel has them (Linux 6.7+)
+//! and the pool holds no subvolume yet, full qgroup accounting otherwise; a
+//! filesystem whose quotas are already on keeps its mode. Full accounting
+//! can become inconsistent, and then the kernel may stop counting, so limits
+//! silently stop holding; simple quotas cannot. The pool asks the kernel
+//! before every promise and every stats call (`quota`, through
+//! [`Backend::unreliable`]): while the accounting is inconsistent or being
+//! rebuilt, the pool promises nothing and its volumes report why; an
+//! inconsistent filesystem gets a rescan, started by the driver (the kernel
+//! runs it; see `sys::btrfs`).
 //!
 //! Crash safety: `btrfs subvolume create` and `delete` are atomic, so the
 //! only half-made state is a subvolume without its limit (create killed
 //! between the two commands), which a retry finds empty and finishes. A
 //! deleted subvolume's qgroup is removed by the kernel once the subvolume
-//! is cleaned up (older kernels leave it "stale"; preparing the pool clears
-//! stale qgroups).
+//! is cleaned up (older kernels, and now and then newer ones, leave it
+//! "stale"; preparing the pool clears stale qgroups). Nothing about quotas
+//! is remembered by the driver: a driver killed during a rescan finds the
+//! rescan still running (or done) when it starts again.
+
+mod quota;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{Backend, BackendError, Result, VolumeUsage};
 use crate::config::PoolKind;
 use crate::sys;
 use crate::sys::cmd::{self, CmdError};
+use quota::Watch;
 
 /// Inode number of every subvolume's root directory on btrfs.
 const SUBVOLUME_ROOT_INO: u64 = 256;
 /// Smallest volume: room for the subvolume's own metadata and some data.
 const MIN_VOLUME: u64 = 1 << 20;
 
-/// The `btrfs` backend.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct BtrfsBackend;
+/// The `btrfs` backend of one pool.
+#[derive(Debug, Default)]
+pub(crate) struct BtrfsBackend {
+    /// The pool's filesystem and what was last said about its quotas.
+    watch: Mutex<Watch>,
+}
+
+impl BtrfsBackend {
+    /// The watch; a panic elsewhere leaves nothing half-changed in it (a
+    /// cache and the log's memory), so a poisoned lock is used as it is.
+    fn lock(&self) -> MutexGuard<'_, Watch> {
+        self.watch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// One row of `btrfs qgroup show --raw -r`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,34 +150,46 @@ impl Backend for BtrfsBackend {
     }
 
     fn prepare(&self, pool_dir: &Path) -> Result<()> {
-        let fs = nix::sys::statfs::statfs(pool_dir)
+        let statfs = nix::sys::statfs::statfs(pool_dir)
             .map_err(|e| BackendError::io(format!("statfs {}", pool_dir.display()), e.into()))?;
-        if fs.filesystem_type() != nix::sys::statfs::BTRFS_SUPER_MAGIC {
+        if statfs.filesystem_type() != nix::sys::statfs::BTRFS_SUPER_MAGIC {
             return Err(BackendError::NotBtrfs {
                 dir: pool_dir.to_path_buf(),
             });
         }
-        if let Err(f) = cmd::run_raw("btrfs", ["qgroup".as_ref(), "show".as_ref(), pool_dir])? {
-            if !f.stderr.contains("not enabled") {
-                return Err(f.into());
-            }
-            tracing::info!(pool_dir = %pool_dir.display(), "enabling btrfs quotas for the pool's filesystem");
-            cmd::run("btrfs", ["quota".as_ref(), "enable".as_ref(), pool_dir]).map_err(
-                |source| BackendError::QuotasOff {
-                    dir: pool_dir.to_path_buf(),
-                    source,
-                },
-            )?;
-        }
-        // Qgroups of subvolumes deleted before a crash, on kernels that do
-        // not remove them by themselves. Harmless when there are none.
+        let fs = quota::set_up(pool_dir)?;
+        // Qgroups of deleted subvolumes that the kernel left behind, empty
+        // ("stale": older kernels always, 6.18 now and then when a delete
+        // was interrupted). Harmless when there are none.
         if let Ok(Err(f)) = cmd::run_raw(
             "btrfs",
             ["qgroup".as_ref(), "clear-stale".as_ref(), pool_dir],
         ) {
             tracing::debug!(error = %f, "clearing stale qgroups failed; ignored");
         }
+        self.lock().fs = Some(fs);
+        // Logs the pool's health and starts a rescan if one is needed.
+        let _ = self.unreliable(pool_dir);
         Ok(())
+    }
+
+    fn unreliable(&self, pool_dir: &Path) -> Option<String> {
+        self.lock().check(pool_dir)
+    }
+
+    fn missing_limits(&self, pool_dir: &Path) -> Result<Vec<String>> {
+        // One `qgroup show` for the whole filesystem: cheap enough to run
+        // at every open, which is what makes the repair crash-safe.
+        let base = path_in_fs(pool_dir)?;
+        Ok(qgroup_show(pool_dir, false)?
+            .into_iter()
+            .filter(|r| r.max_referenced.is_none())
+            .filter_map(|r| {
+                let path = PathBuf::from(r.path);
+                let token = path.strip_prefix(&base).ok()?.to_str()?;
+                crate::volume::id::valid_token(token).then(|| token.to_string())
+            })
+            .collect())
     }
 
     fn create(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<()> {

@@ -68,6 +68,29 @@ pub enum BackendError {
         /// Why `btrfs quota enable` failed.
         source: CmdError,
     },
+    /// Quotas are off on a btrfs pool's filesystem and the kernel refused
+    /// to switch on simple quotas.
+    #[error(
+        "quotas are off on the btrfs filesystem of {} and enabling simple quotas failed \
+         (run `btrfs quota enable` on it by hand for full qgroups): {source}",
+        dir.display()
+    )]
+    SimpleQuotasOff {
+        /// The pool directory.
+        dir: PathBuf,
+        /// What the kernel answered.
+        source: io::Error,
+    },
+    /// Quotas were switched on for a btrfs pool's filesystem, and the
+    /// kernel still says they are off.
+    #[error("quotas are still off on the btrfs filesystem of {} after enabling them", dir.display())]
+    QuotasStillOff {
+        /// The pool directory.
+        dir: PathBuf,
+    },
+    /// The quota state of a btrfs pool's filesystem could not be had.
+    #[error(transparent)]
+    Btrfs(#[from] crate::sys::btrfs::BtrfsError),
     /// `btrfs qgroup show` printed nothing for the volume.
     #[error("`btrfs qgroup show` printed no qgroup for {}", path.display())]
     NoQgroup {
@@ -185,6 +208,25 @@ pub(crate) trait Backend: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Why the pool cannot keep its size promises right now, if it cannot
+    /// (btrfs: quota accounting that the kernel reports inconsistent or is
+    /// rebuilding, quotas turned off). While it cannot, the pool promises
+    /// nothing (GetCapacity 0, creates and expansions RESOURCE_EXHAUSTED)
+    /// and its volumes report the reason as an abnormal condition. The
+    /// reason says how to repair. Asked on every call that needs it, so it
+    /// must be cheap.
+    fn unreliable(&self, _pool_dir: &Path) -> Option<String> {
+        None
+    }
+
+    /// Volumes (tokens) whose storage exists but has lost its size limit,
+    /// so that the pool can set each again from its record when it opens
+    /// (btrfs: quotas were turned off, which drops every limit, and on
+    /// again). Only tokens with a record are acted on.
+    fn missing_limits(&self, _pool_dir: &Path) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Makes the storage for volume `token` holding `capacity` bytes at
     /// `pool_dir/token`. Called only while no record exists for the token.
     /// Leftovers of an interrupted attempt are reused or redone; anything
@@ -265,7 +307,7 @@ pub(crate) trait Backend: Send + Sync + Debug {
 pub(crate) fn for_pool(pool: &PoolConfig) -> Box<dyn Backend> {
     match pool.kind {
         PoolKind::Dir => Box::new(dir::DirBackend),
-        PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend),
+        PoolKind::Btrfs => Box::new(btrfs::BtrfsBackend::default()),
         PoolKind::Image => Box::new(image::ImageBackend::new(pool.filesystem())),
     }
 }

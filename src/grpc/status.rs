@@ -19,6 +19,7 @@ use tonic::{Code, Status};
 
 use super::CallError;
 use crate::backend::BackendError;
+use crate::sys::btrfs::BtrfsError;
 use crate::sys::cmd::CmdError;
 use crate::validate::RequestError;
 use crate::volume::{CapacityError, LockError, PoolError, TargetError, VolumeError};
@@ -117,7 +118,9 @@ fn capacity_code(e: &CapacityError) -> Code {
         | CapacityError::RoundedAboveLimit { .. }
         | CapacityError::AboveMaximum { .. }
         | CapacityError::AboveFilesystem { .. } => Code::OutOfRange,
-        CapacityError::CannotPromise { .. } => Code::ResourceExhausted,
+        CapacityError::CannotPromise { .. } | CapacityError::Unreliable { .. } => {
+            Code::ResourceExhausted
+        }
         CapacityError::Pool(e) => pool_code(e),
     }
 }
@@ -139,6 +142,8 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::Occupied { .. } => Code::AlreadyExists,
         BackendError::NotBtrfs { .. }
         | BackendError::QuotasOff { .. }
+        | BackendError::SimpleQuotasOff { .. }
+        | BackendError::QuotasStillOff { .. }
         | BackendError::NestedSubvolumes(_)
         | BackendError::NotSubvolume { .. }
         | BackendError::ImageMissing { .. }
@@ -146,6 +151,8 @@ fn backend_code(e: &BackendError) -> Code {
         | BackendError::Busy { .. }
         | BackendError::NeedsCapSysResource { .. } => Code::FailedPrecondition,
         BackendError::NoQgroup { .. } | BackendError::NotMounted { .. } => Code::Internal,
+        BackendError::Btrfs(BtrfsError::Tool(e)) => tool_code(e),
+        BackendError::Btrfs(_) => Code::Internal,
         BackendError::CannotExpand { .. } => Code::Unimplemented,
     }
 }

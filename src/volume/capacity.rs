@@ -119,6 +119,17 @@ pub enum CapacityError {
         /// The pool's overcommit setting (`none` or the ratio).
         overcommit: String,
     },
+    /// The pool's size limits cannot be trusted now, so it promises
+    /// nothing (the provisioner then lets the scheduler pick another node).
+    #[error("pool {pool} cannot promise {capacity} bytes now: {why}")]
+    Unreliable {
+        /// The pool.
+        pool: String,
+        /// The size asked for.
+        capacity: u64,
+        /// Why, and how it is being repaired.
+        why: String,
+    },
     /// Measuring the pool failed.
     #[error(transparent)]
     Pool(#[from] PoolError),
@@ -205,6 +216,13 @@ pub(crate) fn reserve<'p>(
 ) -> Result<Reservation<'p>> {
     let overcommit = pool.limits().overcommit;
     pool.reserve(token, capacity, previous, |room: &Room| {
+        if let Some(why) = &room.unreliable {
+            return Err(CapacityError::Unreliable {
+                pool: pool.name().to_string(),
+                capacity,
+                why: why.clone(),
+            });
+        }
         if capacity > room.total {
             return Err(CapacityError::AboveFilesystem {
                 capacity,

@@ -130,10 +130,22 @@ impl Volumes {
             });
         }
         let capacity = record.map(|r| r.capacity_bytes).unwrap_or(0);
-        Ok(Stats {
-            usage: pool.usage(id.token(), capacity)?,
-            abnormal: None,
-        })
+        // A pool whose limits cannot be trusted now still reports what the
+        // kernel says, with a condition saying why the figures and the size
+        // limit are not to be relied on; if it cannot say anything (btrfs
+        // with quotas off has no figures), the condition is the answer.
+        let abnormal = pool
+            .unreliable()
+            .map(|why| format!("pool {}: {why}", pool.name()));
+        let usage = match pool.usage(id.token(), capacity) {
+            Ok(usage) => usage,
+            Err(e) if abnormal.is_some() => {
+                tracing::debug!(volume_id = %id, error = %e, "no usage figures for a volume of an unreliable pool");
+                VolumeUsage::default()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Stats { usage, abnormal })
     }
 
     /// NodeExpandVolume: makes the space the controller added usable in

@@ -137,7 +137,7 @@ pub(crate) struct Pool {
 
 /// Space figures of a pool, and what it can still promise under its
 /// overcommit setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Room {
     /// Size of the pool's filesystem.
     pub(crate) total: u64,
@@ -145,8 +145,12 @@ pub(crate) struct Room {
     pub(crate) free: u64,
     /// What can still be promised: with `none`, what is free; with a
     /// ratio `r`, `r` times (free + what the volumes hold) minus the
-    /// promises.
+    /// promises; 0 while the pool's size limits cannot be trusted.
     pub(crate) promisable: u64,
+    /// Why the pool promises nothing now: its size limits cannot be
+    /// trusted (btrfs quota accounting inconsistent or rebuilding, quotas
+    /// off). A promise is only worth what enforces it.
+    pub(crate) unreliable: Option<String>,
 }
 
 /// Bytes reserved for a create or expand in progress; given back when
@@ -205,7 +209,7 @@ impl Pool {
             .map_err(|e| PoolError::io(ctx("is not writable:", &dir), e))?;
         let backend = backend::for_pool(config);
         backend.prepare(&dir)?;
-        Ok(Pool {
+        let pool = Pool {
             name: name.clone(),
             dir,
             backend,
@@ -213,7 +217,34 @@ impl Pool {
             flusher: Default::default(),
             index: Default::default(),
             promises: Default::default(),
-        })
+        };
+        pool.restore_limits()?;
+        Ok(pool)
+    }
+
+    /// Sets the size limit of every volume that lost it (btrfs quotas
+    /// turned off and on again) back from its record. At every open, so an
+    /// open killed half-way through is finished by the next; only volumes
+    /// without a limit are read, so it costs one look at the backend.
+    fn restore_limits(&self) -> Result<()> {
+        for token in self.backend.missing_limits(&self.dir)? {
+            if let Some(rec) = self.record(&token)? {
+                self.backend.expand(&self.dir, &token, rec.capacity_bytes)?;
+                tracing::warn!(
+                    pool = %self.name,
+                    volume = %token,
+                    capacity = rec.capacity_bytes,
+                    "the volume had no size limit (were quotas turned off?); set it again from its record"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the pool cannot keep its size promises now, if it cannot (see
+    /// [`Room::unreliable`]); its volumes report it as their condition.
+    pub(crate) fn unreliable(&self) -> Option<String> {
+        self.backend.unreliable(&self.dir)
     }
 
     /// Name StorageClasses use.
@@ -444,7 +475,9 @@ impl Pool {
     fn measure(&self, promises: &HashMap<String, u64>, except: Option<&str>) -> Result<Room> {
         let space = self.backend.space(&self.dir)?;
         let (total, free) = (space.total_bytes, space.available_bytes);
+        let unreliable = self.backend.unreliable(&self.dir);
         let promisable = match self.limits.overcommit {
+            _ if unreliable.is_some() => 0,
             Overcommit::None => free,
             Overcommit::Ratio(r) => {
                 let tokens: Vec<&str> = promises.keys().map(String::as_str).collect();
@@ -462,6 +495,7 @@ impl Pool {
             total,
             free,
             promisable,
+            unreliable,
         })
     }
 
