@@ -198,6 +198,10 @@ pub struct PoolSpec {
     /// Image pools: the filesystem inside the images (`ext4`, `xfs`);
     /// `None` for the driver's default.
     pub filesystem: Option<&'static str>,
+    /// btrfs pools: full qgroup accounting is turned on before the driver
+    /// sees the filesystem (which it then keeps), rather than left to the
+    /// driver (which turns on simple quotas where the kernel has them).
+    pub full_qgroups: bool,
 }
 
 impl PoolSpec {
@@ -207,6 +211,7 @@ impl PoolSpec {
             name,
             kind: PoolKind::Dir,
             filesystem: None,
+            full_qgroups: false,
         }
     }
 
@@ -217,6 +222,15 @@ impl PoolSpec {
             name,
             kind: PoolKind::Btrfs,
             filesystem: None,
+            full_qgroups: false,
+        }
+    }
+
+    /// A `btrfs` pool on a filesystem with full qgroup accounting.
+    pub const fn btrfs_qgroups(name: &'static str) -> Self {
+        PoolSpec {
+            full_qgroups: true,
+            ..Self::btrfs(name)
         }
     }
 
@@ -226,6 +240,7 @@ impl PoolSpec {
             name,
             kind: PoolKind::Image,
             filesystem: Some(fs),
+            full_qgroups: false,
         }
     }
 
@@ -291,6 +306,15 @@ impl Driver {
     /// Starts the binary serving `pools` on `root/csi.sock`; does not wait
     /// for it to be ready.
     pub fn spawn(root: &Path, pools: &[PoolSpec]) -> Self {
+        // HOSTPATH_CSI_TEST_DRIVER_LOG (e.g. `debug`) to see every command
+        // the driver runs when a test fails.
+        let level = std::env::var("HOSTPATH_CSI_TEST_DRIVER_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn_logging(root, pools, &level)
+    }
+
+    /// [`Driver::spawn`] with the log filter `level`, for tests that read
+    /// the log.
+    pub fn spawn_logging(root: &Path, pools: &[PoolSpec], level: &str) -> Self {
         let socket = root.join("csi.sock");
         let log = root.join("driver.log");
         let out = File::options()
@@ -317,9 +341,6 @@ impl Driver {
         ] {
             cmd.env_remove(var);
         }
-        // HOSTPATH_CSI_TEST_DRIVER_LOG (e.g. `debug`) to see every command
-        // the driver runs when a test fails.
-        let level = std::env::var("HOSTPATH_CSI_TEST_DRIVER_LOG").unwrap_or_else(|_| "warn".into());
         cmd.env("HOSTPATH_CSI_LOG", level);
         let child = cmd.spawn().expect("starting hostpath-csi");
         Driver {
