@@ -2,7 +2,11 @@
 # Runs the official CSI conformance suite (csi-sanity) against the real
 # driver binary with real mounts, once per pool kind given.
 #
-#   scripts/conformance.sh BINARY KIND [KIND...]   KIND: dir | btrfs | image-xfs | image-ext4
+#   scripts/conformance.sh BINARY KIND [KIND...]
+#     KIND: dir | btrfs | btrfs-qgroup | image-xfs | image-ext4
+#     (btrfs: quotas left to the driver, which turns on simple quotas where
+#     the kernel has them; btrfs-qgroup: full qgroups turned on first, which
+#     the driver keeps)
 #
 # Each run gets a fresh temporary directory (pools, socket, mount dirs) and
 # cleans up its mounts, loop devices and processes on exit, also on failure.
@@ -45,12 +49,16 @@ run_kind() {
   local size=$((16 << 20)) expand=$((32 << 20))
   case $kind in
     dir) kind_line=dir ;;
-    btrfs)
+    btrfs|btrfs-qgroup)
       kind_line=btrfs
       truncate -s 1G "$WORK/btrfs.img"
       mkfs.btrfs -q "$WORK/btrfs.img"
       mkdir -p "$pool"
       mount -o loop "$WORK/btrfs.img" "$pool"
+      if [[ $kind == btrfs-qgroup ]]; then
+        btrfs quota enable "$pool"
+        btrfs quota rescan -W "$pool" >/dev/null
+      fi
       ;;
     image-xfs) kind_line=image fs_line='filesystem = "xfs"'; size=$((300 << 20)) expand=$((400 << 20)) ;;
     image-ext4) kind_line=image fs_line='filesystem = "ext4"' ;;
