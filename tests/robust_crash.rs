@@ -792,12 +792,13 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
     std::fs::create_dir_all(root.join("targets")).unwrap();
     make_canary(&root.join("canary"));
     let canary_before = tree_digest(&root, DRIVER_OWNED);
-    // A btrfs pool gets a filesystem of its own: 1 GiB, sparse.
+    // btrfs and image pools get a filesystem of their own (sparse; see
+    // `PoolSpec::own_fs`).
     let own_fs: Vec<LoopFs> = pools
         .iter()
-        .filter(|p| p.kind == PoolKind::Btrfs)
-        .map(|p| {
-            let fs = LoopFs::new(&root, p.name, "btrfs", 1 << 30);
+        .filter_map(|p| p.own_fs().map(|(kind, bytes)| (p, kind, bytes)))
+        .map(|(p, kind, bytes)| {
+            let fs = LoopFs::new(&root, p.name, kind, bytes);
             if p.full_qgroups {
                 btrfs_support::enable_qgroups(&fs.mount);
             }

@@ -244,13 +244,28 @@ impl PoolSpec {
         }
     }
 
-    /// Where the pool lives under `root`: [`pool_dir`], except for btrfs
-    /// pools, which live in `pool` on the filesystem
-    /// `LoopFs::new(root, name, "btrfs", _)` mounts.
+    /// Where the pool lives under `root`: [`pool_dir`], except for pools
+    /// that get a filesystem of their own (see [`PoolSpec::own_fs`]), which
+    /// live in `pool` on the filesystem `LoopFs::new(root, name, ..)` mounts.
     pub fn dir_in(&self, root: &Path) -> PathBuf {
+        match self.own_fs() {
+            Some(_) => root.join("fs").join(self.name).join("pool"),
+            None => pool_dir(root, self.name),
+        }
+    }
+
+    /// The filesystem kind and size the test makes for this pool, if it
+    /// gets one of its own: btrfs pools need btrfs, and image pools promise
+    /// their images' full size against the free space below them, so on the
+    /// host's disk what they can promise would depend on how full the
+    /// machine running the test happens to be (CI once had 4 GiB free,
+    /// fewer than 18 images of 300 MiB). Both are sparse: only what the
+    /// volumes write takes space.
+    pub fn own_fs(&self) -> Option<(&'static str, u64)> {
         match self.kind {
-            PoolKind::Btrfs => root.join("fs").join(self.name).join("pool"),
-            _ => pool_dir(root, self.name),
+            PoolKind::Btrfs => Some(("btrfs", 1 << 30)),
+            PoolKind::Image => Some(("ext4", 16 << 30)),
+            _ => None,
         }
     }
 }
