@@ -4,10 +4,13 @@
 //! the library's checked [`Config`]; the checks themselves live in
 //! `hostpath_csi::config`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hostpath_csi::config::{self, Config, ConfigError, PoolConfig};
+use hostpath_csi::healthz;
+use hostpath_csi::kubelet::Registration;
 
 /// Default driver name; distinct from the upstream demo driver's so both
 /// can run in one cluster.
@@ -100,6 +103,26 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `hostpath_csi=debug` (tracing syntax).
     #[arg(long, env = "HOSTPATH_CSI_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// The kubelet's plugin registration directory (usually
+    /// `/var/lib/kubelet/plugins_registry`): the driver registers itself
+    /// with the kubelet by serving `<DIR>/<driver name>-reg.sock`, as
+    /// node-driver-registrar would. Off when unset. The directory must
+    /// exist.
+    #[arg(long, env = "KUBELET_REGISTRATION_DIR", value_name = "DIR")]
+    pub kubelet_registration_dir: Option<PathBuf>,
+
+    /// The CSI socket's path as the kubelet sees it, sent to the kubelet
+    /// at registration (in a container: the host path of the socket).
+    /// Defaults to the path the driver serves on.
+    #[arg(long, env = "KUBELET_CSI_ENDPOINT", value_name = "PATH")]
+    pub kubelet_csi_endpoint: Option<String>,
+
+    /// Serve `GET /healthz` here for a livenessProbe (`HOST:PORT`, or
+    /// `:PORT` for every interface): 200 when the driver's Probe says
+    /// ready, 503 with the reason otherwise. Off when unset.
+    #[arg(long, env = "HEALTHZ_ADDRESS", value_name = "ADDR")]
+    pub healthz_address: Option<String>,
 }
 
 impl ServeArgs {
@@ -133,6 +156,33 @@ impl ServeArgs {
             pools,
             max_volumes_per_node: self.max_volumes_per_node.max(0),
         })
+    }
+}
+
+impl ServeArgs {
+    /// Registration with the kubelet, when `--kubelet-registration-dir` is
+    /// given; `config` is the resolved configuration (driver name, socket).
+    pub fn registration(&self, config: &Config) -> Result<Option<Registration>, ConfigError> {
+        let Some(dir) = &self.kubelet_registration_dir else {
+            return Ok(None);
+        };
+        let csi_endpoint = match &self.kubelet_csi_endpoint {
+            Some(e) => config::socket_path(e)?,
+            None => config.socket.clone(),
+        };
+        Ok(Some(Registration {
+            dir: dir.clone(),
+            driver_name: config.driver_name.clone(),
+            csi_endpoint,
+        }))
+    }
+
+    /// The health endpoint's address, when `--healthz-address` is given.
+    pub fn healthz_address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.healthz_address
+            .as_deref()
+            .map(|a| healthz::parse_address(a).ok_or_else(|| ConfigError::HealthzAddress(a.into())))
+            .transpose()
     }
 }
 
@@ -306,6 +356,70 @@ overcommit = "none"
             assert!(
                 matches!(r, Err(ConfigError::Setting(..) | ConfigError::File(..))),
                 "{bad}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kubelet_registration_and_healthz_flags() {
+        let a = args(&["--endpoint", "unix:///csi/csi.sock"]);
+        let c = a.resolve().unwrap();
+        assert_eq!(a.registration(&c).unwrap(), None);
+        assert_eq!(a.healthz_address().unwrap(), None);
+
+        let a = args(&[
+            "--endpoint",
+            "unix:///csi/csi.sock",
+            "--kubelet-registration-dir",
+            "/registration",
+        ]);
+        let r = a.registration(&a.resolve().unwrap()).unwrap().unwrap();
+        assert_eq!(
+            r.socket_path(),
+            PathBuf::from("/registration/hostpath-csi.dev-reg.sock")
+        );
+        // Without --kubelet-csi-endpoint the kubelet is told the serving path.
+        assert_eq!(r.csi_endpoint, PathBuf::from("/csi/csi.sock"));
+
+        let a = args(&[
+            "--kubelet-registration-dir",
+            "/registration",
+            "--kubelet-csi-endpoint",
+            "unix:///var/lib/kubelet/plugins/hostpath-csi.dev/csi.sock",
+        ]);
+        let r = a.registration(&a.resolve().unwrap()).unwrap().unwrap();
+        assert_eq!(
+            r.csi_endpoint,
+            PathBuf::from("/var/lib/kubelet/plugins/hostpath-csi.dev/csi.sock")
+        );
+        let a = args(&[
+            "--kubelet-registration-dir",
+            "/r",
+            "--kubelet-csi-endpoint",
+            "tcp://x:1",
+        ]);
+        assert!(matches!(
+            a.registration(&a.resolve().unwrap()),
+            Err(ConfigError::Endpoint(_))
+        ));
+
+        for (flag, want) in [
+            (":9808", "0.0.0.0:9808"),
+            ("127.0.0.1:9808", "127.0.0.1:9808"),
+            ("[::1]:80", "[::1]:80"),
+        ] {
+            let got = args(&["--healthz-address", flag])
+                .healthz_address()
+                .unwrap();
+            assert_eq!(got, Some(want.parse().unwrap()), "{flag}");
+        }
+        for bad in ["9808", "localhost:9808", ":http", "1.2.3.4", ":70000"] {
+            assert!(
+                matches!(
+                    args(&["--healthz-address", bad]).healthz_address(),
+                    Err(ConfigError::HealthzAddress(_))
+                ),
+                "{bad}"
             );
         }
     }

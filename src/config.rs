@@ -314,6 +314,9 @@ pub enum ConfigError {
     /// Node id missing.
     #[error("no node id: pass --node-id or set NODE_NAME")]
     NodeId,
+    /// `--healthz-address` not an address to listen on.
+    #[error("health address {0:?} is not HOST:PORT, [IPV6]:PORT or :PORT")]
+    HealthzAddress(String),
 }
 
 /// A pool from a `--pool` flag: `NAME=DIR` or `NAME=DIR:KIND`. A

@@ -4,6 +4,10 @@
 //! - `config`: the checked configuration and its pools (the command line
 //!   that fills it lives with the binary, `src/cli.rs`).
 //! - `server`: binds the socket and serves the services until shutdown.
+//! - `kubelet`: the kubelet's plugin registration socket, served by the
+//!   driver (no node-driver-registrar sidecar needed).
+//! - `healthz`: `GET /healthz` for a livenessProbe, answered from the
+//!   driver's own Probe (no livenessprobe sidecar needed).
 //! - `grpc`: thin CSI Identity, Controller and Node adapters.
 //! - `validate`: request fields into typed, checked values.
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
@@ -23,6 +27,8 @@
 pub mod backend;
 pub mod config;
 pub(crate) mod grpc;
+pub mod healthz;
+pub mod kubelet;
 pub mod server;
 pub mod sys;
 pub mod validate;

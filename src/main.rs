@@ -1,5 +1,6 @@
 //! The `hostpath-csi` binary: parse the command line, start logging, bind
-//! the socket, serve until SIGTERM.
+//! the socket, serve until SIGTERM; beside the CSI services, the kubelet
+//! registration socket and /healthz when asked for.
 
 mod cli;
 
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command, LogFormat, ServeArgs};
-use hostpath_csi::server;
+use hostpath_csi::{healthz, kubelet, server};
 
 /// How long in-flight calls may run on after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -27,8 +28,13 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format, &args.log_level);
-    let config = match args.resolve() {
-        Ok(c) => c,
+    let resolved = args.resolve().and_then(|config| {
+        let registration = args.registration(&config)?;
+        let healthz = args.healthz_address()?;
+        Ok((config, registration, healthz))
+    });
+    let (config, registration, healthz_addr) = match resolved {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!("configuration: {e}");
             return ExitCode::from(2);
@@ -42,6 +48,46 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let socket = config.socket.clone();
+    // The kubelet registration socket and /healthz stop with the driver.
+    let (stop_extras, extras_stopped) = tokio::sync::watch::channel(false);
+    let stopped_signal = || {
+        let mut rx = extras_stopped.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut extras = tokio::task::JoinSet::new();
+    if let Some(addr) = healthz_addr {
+        match healthz::bind(addr).await {
+            Ok(l) => {
+                extras.spawn(healthz::serve(l, socket.clone(), stopped_signal()));
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let _ = std::fs::remove_file(&socket);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(registration) = registration {
+        match kubelet::bind(&registration) {
+            Ok(reg_socket) => {
+                let stopped = stopped_signal();
+                extras.spawn(async move {
+                    if let Err(e) = kubelet::serve(registration, reg_socket, stopped).await {
+                        // The CSI services go on; the kubelet just cannot
+                        // find the driver until it restarts.
+                        tracing::error!("kubelet registration stopped: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("kubelet registration: {e}");
+                let _ = std::fs::remove_file(&socket);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = server::run(config, listener, async {
         let _ = stopped.await;
@@ -50,6 +96,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let result = tokio::select! {
         r = &mut server => r,
         () = shutdown_signal() => {
+            // Deregister from the kubelet before the CSI socket goes.
+            let _ = stop_extras.send(true);
             let _ = stop.send(());
             // Calls in flight get a grace period; a client that keeps its
             // connection open must not keep the driver from stopping.
@@ -62,6 +110,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     };
+    let _ = stop_extras.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, extras.join_all()).await;
     let _ = std::fs::remove_file(&socket);
     match result {
         Ok(()) => {

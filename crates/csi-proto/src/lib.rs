@@ -6,7 +6,11 @@
 //! load generator for any CSI driver. Besides the generated code:
 //! - `connect`: a channel to a driver's Unix socket, as a CO opens one;
 //! - `codec`: the protobuf codec every generated client and server uses,
-//!   which answers undecodable requests with INVALID_ARGUMENT.
+//!   which answers undecodable requests with INVALID_ARGUMENT;
+//! - `pluginregistration`: the kubelet's plugin registration API
+//!   (`pluginregistration.Registration`, from the Go module
+//!   `k8s.io/kubelet`), which the driver serves so that the kubelet finds
+//!   it without the node-driver-registrar sidecar.
 //!
 //! The generated items sit at the crate root (`csi_proto::CreateVolumeRequest`,
 //! `csi_proto::controller_client::ControllerClient`); users usually write
@@ -21,4 +25,13 @@ pub use generated::*;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 mod generated {
     tonic::include_proto!("csi.v1");
+}
+
+/// The kubelet's plugin registration API (`k8s.io/kubelet`,
+/// `pkg/apis/pluginregistration/v1`): the kubelet's plugin watcher calls
+/// `GetInfo` on each socket that appears in its `plugins_registry`
+/// directory, then reports the outcome with `NotifyRegistrationStatus`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
 }
