@@ -314,6 +314,29 @@ impl Backend for BtrfsBackend {
         MIN_VOLUME
     }
 
+    fn held(
+        &self,
+        pool_dir: &Path,
+        tokens: &[&str],
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        if tokens.is_empty() {
+            return Ok(Default::default());
+        }
+        // One `qgroup show` for all of them, and no sync first (unlike
+        // NodeGetVolumeStats): a listing must not commit anything, so
+        // what was written in the last seconds may not count yet.
+        let base = path_in_fs(pool_dir)?;
+        let rows = qgroup_show(pool_dir, false)?;
+        Ok(tokens
+            .iter()
+            .filter_map(|t| {
+                let p = base.join(t);
+                let row = rows.iter().find(|r| Path::new(&r.path) == p)?;
+                Some((t.to_string(), row.referenced))
+            })
+            .collect())
+    }
+
     fn used_by(&self, pool_dir: &Path, tokens: &[&str]) -> Result<u64> {
         if tokens.is_empty() {
             return Ok(0);

@@ -452,6 +452,34 @@ impl Backend for ImageBackend {
         BLOCK
     }
 
+    fn held(
+        &self,
+        pool_dir: &Path,
+        tokens: &[&str],
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        use std::os::unix::fs::MetadataExt;
+        // What the volume's own filesystem says where it is mounted (as
+        // NodeGetVolumeStats reports it); an image that is not mounted
+        // (after a reboot) is never mounted for a listing: then the blocks
+        // its image takes on the pool's disk.
+        let pool_dev = std::fs::metadata(pool_dir)
+            .map_err(|e| BackendError::io(format!("inspecting {}", pool_dir.display()), e))?
+            .dev();
+        Ok(tokens
+            .iter()
+            .filter_map(|t| {
+                let mnt = pool_dir.join(t);
+                let mounted = std::fs::metadata(&mnt).ok()?.dev() != pool_dev;
+                let bytes = if mounted {
+                    super::usage_of_fs(&mnt).ok()?.used_bytes
+                } else {
+                    std::fs::metadata(Self::image(pool_dir, t)).ok()?.blocks() * 512
+                };
+                Some((t.to_string(), bytes))
+            })
+            .collect())
+    }
+
     fn used_by(&self, pool_dir: &Path, tokens: &[&str]) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let mut sum = 0;

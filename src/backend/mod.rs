@@ -10,6 +10,7 @@ mod btrfs;
 mod dir;
 mod image;
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -293,6 +294,20 @@ pub(crate) trait Backend: Send + Sync + Debug {
     /// together: the part of their promises that is already spent.
     fn used_by(&self, _pool_dir: &Path, _tokens: &[&str]) -> Result<u64> {
         Ok(0)
+    }
+
+    /// Bytes each of the volumes `tokens` holds, for listings and metrics,
+    /// measured without changing anything (no mount, no sync, no rescan);
+    /// a volume that cannot be measured is left out. By default a walk of
+    /// each volume's tree.
+    fn held(&self, pool_dir: &Path, tokens: &[&str]) -> Result<BTreeMap<String, u64>> {
+        Ok(tokens
+            .iter()
+            .filter_map(|t| {
+                let bytes = crate::sys::fs::usage(&pool_dir.join(t)).ok()?.bytes;
+                Some((t.to_string(), bytes))
+            })
+            .collect())
     }
 
     /// Suffixes of the backend's own scratch files in the pool directory

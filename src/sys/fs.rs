@@ -95,6 +95,42 @@ pub(crate) fn create_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result
     }
 }
 
+/// Sets the modification time of `dir/name` to now, creating it empty if
+/// it is missing; never follows a symlink there. One inode update that the
+/// filesystem's journal makes atomic, and no flush: a `kill -9` cannot
+/// lose it (the kernel holds it), a power cut loses at most the last few
+/// seconds (the journal's commit interval), and it costs no disk wait.
+pub(crate) fn touch(dir: &Path, name: &str) -> io::Result<()> {
+    use nix::sys::time::TimeSpec;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits() | OFlag::O_CLOEXEC.bits())
+        .open(dir.join(name))?;
+    nix::sys::stat::futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)?;
+    Ok(())
+}
+
+/// The modification time of `dir/name` (not following a symlink), `None`
+/// when there is no such file.
+pub(crate) fn modified(dir: &Path, name: &str) -> io::Result<Option<std::time::SystemTime>> {
+    match fs::symlink_metadata(dir.join(name)) {
+        Ok(m) => m.modified().map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes `dir/name`; a file that is not there is not an error.
+pub(crate) fn remove_if_present(dir: &Path, name: &str) -> io::Result<()> {
+    match fs::remove_file(dir.join(name)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Flushes a directory's entries (creations, renames, removals) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

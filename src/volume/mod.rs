@@ -12,7 +12,9 @@
 //! - `capacity`: sizes and what a pool can still promise;
 //! - `target`: publish targets from the CO, inspected as hostile paths;
 //! - `id`: volume ids and the on-disk names derived from them;
-//! - `inflight`: one call at a time per volume.
+//! - `inflight`: one call at a time per volume;
+//! - `inventory`: what the pools hold, read without changing anything
+//!   (`hostpath-csi volumes`, metrics, the orphan report).
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
@@ -20,6 +22,7 @@ mod capacity;
 mod controller;
 pub mod id;
 mod inflight;
+pub mod inventory;
 mod node;
 mod pool;
 pub mod record;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use super::id::VolumeId;
 use super::pool::Pool;
+use super::record::Use;
 use super::target::{self, Inspection, MountTable, TargetDir};
 use super::{Result, VolumeError, Volumes};
 use crate::backend::VolumeUsage;
@@ -55,6 +56,7 @@ impl Volumes {
             return Err(VolumeError::SingleWriter { id: id.clone(), at });
         }
         dir.bind(&source, flags)?;
+        note_use(pool, id, Use::Published);
         tracing::info!(volume_id = %id, target = %target.display(), read_only = flags.read_only, "volume published");
         Ok(())
     }
@@ -92,6 +94,9 @@ impl Volumes {
         }
         target::remove_if_empty(&target)?;
         pool.unpublished(id.token())?;
+        if !stacked.is_empty() {
+            note_use(pool, id, Use::Unpublished);
+        }
         tracing::info!(volume_id = %id, target = %target.display(), "volume unpublished");
         Ok(())
     }
@@ -182,6 +187,15 @@ impl Volumes {
     fn resolve_target(&self, target: &NodePath) -> Result<PathBuf> {
         target::resolve(target, &self.pools)?
             .ok_or_else(|| VolumeError::NoTargetParent(target.to_path_buf()))
+    }
+}
+
+/// Records when the volume was published or unpublished. The mount is
+/// done (or undone) by then, so a failure to record the time is logged,
+/// not answered: the call itself succeeded.
+fn note_use(pool: &Pool, id: &VolumeId, what: Use) {
+    if let Err(e) = pool.mark(id.token(), what) {
+        tracing::warn!(volume_id = %id, error = %e, "cannot record the time of this use");
     }
 }
 

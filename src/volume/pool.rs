@@ -27,7 +27,7 @@
 //! lock (`volume::inflight`); the pool's own locks only guard its in-memory
 //! index and promises.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ use crate::backend::{self, Backend, BackendError, VolumeUsage};
 use crate::config::{Overcommit, PoolConfig, PoolKind};
 use crate::sys;
 use crate::volume::id::valid_token;
-use crate::volume::record::{self, Record};
+use crate::volume::record::{self, Record, Use};
 
 /// What can go wrong with a pool's directory and records.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         PoolError::Io {
             context: context.into(),
             source,
@@ -222,6 +222,27 @@ impl Pool {
         Ok(pool)
     }
 
+    /// A configured pool for reading only (`volume::inventory`): resolves
+    /// its directory but creates nothing, writes nothing and does not
+    /// prepare the backend (no quotas turned on, no rescan started).
+    pub(crate) fn inspect(config: &PoolConfig) -> Result<Pool> {
+        let dir = std::fs::canonicalize(&config.path).map_err(|e| {
+            PoolError::io(
+                format!("pool {}: resolving {}", config.name, config.path.display()),
+                e,
+            )
+        })?;
+        Ok(Pool {
+            name: config.name.clone(),
+            dir,
+            backend: backend::for_pool(config),
+            limits: SizeLimits::from_config(config),
+            flusher: Default::default(),
+            index: Default::default(),
+            promises: Default::default(),
+        })
+    }
+
     /// Sets the size limit of every volume that lost it (btrfs quotas
     /// turned off and on again) back from its record. At every open, so an
     /// open killed half-way through is finished by the next; only volumes
@@ -311,6 +332,35 @@ impl Pool {
         }
     }
 
+    /// Remembers that volume `token` was just published or unpublished
+    /// (the time of a marker file, see `record::marker_name`). Only volumes
+    /// with a record: a static directory gets no files of the driver
+    /// beside it, which nothing would ever remove.
+    pub(crate) fn mark(&self, token: &str, what: Use) -> Result<()> {
+        if std::fs::symlink_metadata(self.dir.join(record::file_name(token))).is_err() {
+            return Ok(());
+        }
+        sys::fs::touch(&self.dir, &record::marker_name(token, what)).map_err(|e| {
+            PoolError::io(
+                format!("recording the use of {token} in pool {}", self.name),
+                e,
+            )
+        })
+    }
+
+    /// When volume `token` was last published or unpublished, if known.
+    pub(crate) fn last(&self, token: &str, what: Use) -> Option<std::time::SystemTime> {
+        sys::fs::modified(&self.dir, &record::marker_name(token, what))
+            .ok()
+            .flatten()
+    }
+
+    /// Bytes each of the volumes `tokens` holds, measured without changing
+    /// anything; a volume that cannot be measured is left out.
+    pub(crate) fn held(&self, tokens: &[&str]) -> Result<BTreeMap<String, u64>> {
+        Ok(self.backend.held(&self.dir, tokens)?)
+    }
+
     /// Up to `limit` tokens with records, in order, starting at `from`.
     pub(crate) fn page(&self, from: Bound<&str>, limit: usize) -> Result<Vec<String>> {
         let mut index = lock(&self.index);
@@ -367,6 +417,10 @@ impl Pool {
     /// the listing and gives its promise back.
     pub(crate) fn remove(&self, token: &str) -> Result<()> {
         self.backend.delete(&self.dir, token)?;
+        for what in [Use::Published, Use::Unpublished] {
+            sys::fs::remove_if_present(&self.dir, &record::marker_name(token, what))
+                .map_err(|e| PoolError::io(format!("removing the use markers of {token}"), e))?;
+        }
         self.remove_record(token)?;
         if let Some(set) = lock(&self.index).as_mut() {
             set.remove(token);

@@ -13,6 +13,20 @@ use crate::config::PoolKind;
 
 /// Suffix of a record's file name (`.<token>.meta`).
 const SUFFIX: &str = ".meta";
+/// Suffix of the empty file whose modification time is the volume's last
+/// successful NodePublishVolume (`.<token>.published`).
+const PUBLISHED_SUFFIX: &str = ".published";
+/// Suffix of the empty file whose modification time is the volume's last
+/// NodeUnpublishVolume that took a mount off (`.<token>.unpublished`).
+const UNPUBLISHED_SUFFIX: &str = ".unpublished";
+
+/// The CreateVolume parameters csi-provisioner adds with
+/// `--extra-create-metadata`.
+pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+/// See [`PVC_NAME`].
+pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+/// See [`PVC_NAME`].
+pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 /// Suffix of a record being written under a temporary name.
 pub(crate) const TEMP_SUFFIX: &str = ".meta.tmp";
 
@@ -54,6 +68,20 @@ impl Record {
         }
     }
 
+    /// The claim the volume was made for, `(namespace, name)`, when the
+    /// provisioner passed it (`--extra-create-metadata`).
+    pub fn claim(&self) -> Option<(&str, &str)> {
+        Some((
+            self.parameters.get(PVC_NAMESPACE)?.as_str(),
+            self.parameters.get(PVC_NAME)?.as_str(),
+        ))
+    }
+
+    /// The PersistentVolume's name, when the provisioner passed it.
+    pub fn pv_name(&self) -> Option<&str> {
+        self.parameters.get(PV_NAME).map(String::as_str)
+    }
+
     /// The bytes of the record's file.
     pub(crate) fn encode(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec_pretty(self)
@@ -70,7 +98,61 @@ pub(crate) fn file_name(token: &str) -> String {
     format!(".{token}{SUFFIX}")
 }
 
+/// Which of a volume's uses a marker file remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// The last successful NodePublishVolume.
+    Published,
+    /// The last NodeUnpublishVolume that took a mount off.
+    Unpublished,
+}
+
+/// The file name of the marker of volume `token`'s last `what`.
+///
+/// Why a marker file's modification time rather than a field of the
+/// record: the record is the commit point of the volume and is never
+/// rewritten on the publish path; a marker holds no bytes that could be
+/// torn, setting its time is one metadata change the filesystem's journal
+/// makes atomic (about 10 µs, no flush on the publish path), and a
+/// `kill -9` at any moment leaves either the old time or the new one.
+pub(crate) fn marker_name(token: &str, what: Use) -> String {
+    let suffix = match what {
+        Use::Published => PUBLISHED_SUFFIX,
+        Use::Unpublished => UNPUBLISHED_SUFFIX,
+    };
+    format!(".{token}{suffix}")
+}
+
 /// The token a record's file name belongs to, if `name` is one.
 pub(crate) fn token_of(name: &str) -> Option<&str> {
     name.strip_prefix('.')?.strip_suffix(SUFFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_older_drivers_still_read() {
+        // Written before parameters and creation times were kept.
+        let old = br#"{"name":"pvc-1","kind":"dir","capacity_bytes":1024}"#;
+        let r = Record::decode(old).unwrap();
+        assert_eq!((r.name.as_str(), r.capacity_bytes), ("pvc-1", 1024));
+        assert_eq!((r.claim(), r.pv_name(), r.created_unix), (None, None, 0));
+    }
+
+    #[test]
+    fn claim_and_pv_come_from_the_provisioner_parameters() {
+        let params = BTreeMap::from([
+            (PVC_NAMESPACE.to_string(), "shop".to_string()),
+            (PVC_NAME.to_string(), "db".to_string()),
+            (PV_NAME.to_string(), "pvc-9".to_string()),
+        ]);
+        let r = Record::new("pvc-9", PoolKind::Dir, 1, params);
+        let back = Record::decode(&r.encode().unwrap()).unwrap();
+        assert_eq!(back.claim(), Some(("shop", "db")));
+        assert_eq!(back.pv_name(), Some("pvc-9"));
+        assert_eq!(marker_name("pvc-9", Use::Published), ".pvc-9.published");
+        assert_eq!(token_of(&marker_name("pvc-9", Use::Unpublished)), None);
+    }
 }
