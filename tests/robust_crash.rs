@@ -1179,6 +1179,13 @@ async fn verify(
             let t = s.token();
             want.insert(t.clone());
             want.insert(format!(".{t}.meta"));
+            // When it was last published and unpublished (empty markers,
+            // there once the volume was).
+            for m in [format!(".{t}.published"), format!(".{t}.unpublished")] {
+                if p.dir.join(&m).exists() {
+                    want.insert(m);
+                }
+            }
             if p.kind == PoolKind::Image {
                 want.insert(format!(".{t}.img"));
             }
@@ -1225,7 +1232,13 @@ async fn verify(
     for (pool, name) in deleted {
         let t = token_for_name(name);
         for p in &shared.pools {
-            for entry in [t.clone(), format!(".{t}.meta"), format!(".{t}.img")] {
+            for entry in [
+                t.clone(),
+                format!(".{t}.meta"),
+                format!(".{t}.img"),
+                format!(".{t}.published"),
+                format!(".{t}.unpublished"),
+            ] {
                 assert!(
                     std::fs::symlink_metadata(p.dir.join(&entry)).is_err(),
                     "deleted volume {pool}:{name}: {entry} is still in pool {}",
