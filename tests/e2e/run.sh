@@ -256,6 +256,18 @@ scenario "manifests: kubectl apply -k deploy/ and the examples are accepted by t
 k apply -k "$repo/deploy/" >"$W/logs/apply.log" 2>&1 || { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/"; }
 k apply -k "$repo/deploy/" --dry-run=server >>"$W/logs/apply.log" 2>&1 ||
   { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/ --dry-run=server"; }
+# The optional component that puts the upstream node-driver-registrar and
+# livenessprobe sidecars back renders on top of deploy/ and is accepted.
+mkdir -p "$W/sidecars"
+printf 'resources:\n  - %s\ncomponents:\n  - %s\n' "$(realpath --relative-to="$W/sidecars" "$repo/deploy")" \
+  "$(realpath --relative-to="$W/sidecars" "$repo/deploy/components/upstream-sidecars")" >"$W/sidecars/kustomization.yaml"
+k apply -k "$W/sidecars" --dry-run=server >>"$W/logs/apply.log" 2>&1 ||
+  { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/ + components/upstream-sidecars --dry-run=server"; }
+[[ "$(k kustomize "$W/sidecars" | grep -c 'name: node-driver-registrar$')" == 1 ]] || fail "the upstream-sidecars component adds no node-driver-registrar"
+# Without it, the driver container itself registers with the kubelet and
+# answers the livenessProbe.
+[[ "$(k get ds -n "$NS" hostpath-csi-node -o json | jq -r '[.spec.template.spec.containers[].name] | join(",")')" != *registrar* ]] ||
+  fail "deploy/ still runs node-driver-registrar"
 k create namespace "$APP_NS" >/dev/null
 for f in "$repo"/deploy/examples/*.yaml; do
   k apply -n "$APP_NS" --dry-run=server -f "$f" >>"$W/logs/apply.log" 2>&1 ||
@@ -264,7 +276,7 @@ done
 [[ "$(k get csidriver $DRIVER -o jsonpath='{.spec.attachRequired} {.spec.podInfoOnMount} {.spec.storageCapacity} {.spec.fsGroupPolicy}')" == "false true true File" ]] ||
   fail "CSIDriver fields"
 [[ "$(k get sc hdd ssd -o jsonpath='{range .items[*]}{.parameters.pool}/{.volumeBindingMode}/{.allowVolumeExpansion}/{.reclaimPolicy} {end}')" == \
-   "hdd/WaitForFirstConsumer/true/Delete ssd/WaitForFirstConsumer/true/Delete " ]] || fail "StorageClasses"
+   "hdd/WaitForFirstConsumer/false/Delete ssd/WaitForFirstConsumer/false/Delete " ]] || fail "StorageClasses"
 pass
 
 # ---------------------------------------------------------------- node
