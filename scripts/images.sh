@@ -250,7 +250,8 @@ build_hostpath_csi() {
     local r="$work/hostpath-csi"; rootfs_skeleton "$r"
     # A shell and coreutils for `kubectl exec` when debugging a node.
     install_busybox "$r"
-    rm -f "$r/usr/bin/mount" "$r/usr/bin/umount" "$r/usr/bin/losetup" "$r/usr/bin/setpriv"
+    # The real tools, not busybox's applets of the same name.
+    for t in "${driver_tools[@]}"; do rm -f "$r/usr/bin/$t" "$r/usr/sbin/$t"; done
     copy_with_libs "$r" "${paths[@]}"
     mkdir -p "$r/usr/local/bin"
     cp "$bin" "$r/usr/local/bin/hostpath-csi"
