@@ -14,6 +14,15 @@ command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(mount)
+# The local cluster of tests/e2e/pods.sh (scripts/cluster-up.sh): Debian's
+# containerd, runc and CNI plugins, busybox for the small images, debootstrap
+# for the MariaDB image, iptables for the pods' network.
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
+[[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v iptables >/dev/null || need+=(iptables)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
