@@ -333,7 +333,7 @@ for img in "${want[@]}"; do
   esac
   log "$img: $a ($(du -h "$a" | cut -f1), $((SECONDS - start)) s)"
   if [[ -n $import_sock ]]; then
-    ctr -a "$import_sock" -n k8s.io images import --no-unpack "$a" >/dev/null ||
+    ctr -a "$import_sock" -n k8s.io images import "$a" >/dev/null ||
       die "ctr images import $a failed"
   fi
   echo "$a"
