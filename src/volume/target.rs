@@ -72,12 +72,21 @@ type Result<T, E = TargetError> = std::result::Result<T, E>;
 
 /// Resolves symlinks in the path's parent (kubelet's own directory may be
 /// a symlink) and keeps the last component as given; `None` when the
-/// parent does not exist. Refuses paths inside or above a pool.
+/// parent is not an existing directory (nothing there, or a file: either
+/// way nothing can be at the path). Refuses paths inside or above a pool.
 pub(super) fn resolve(path: &NodePath, pools: &[Pool]) -> Result<Option<PathBuf>> {
     let (parent, name) = (path.parent(), path.file_name());
     let parent = match std::fs::canonicalize(parent) {
-        Ok(p) => p,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Ok(p) if p.is_dir() => p,
+        Ok(_) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
         Err(e) => {
             return Err(TargetError::io(
                 format!("resolving {}", parent.display()),
