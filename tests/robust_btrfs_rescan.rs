@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use btrfs_support::BtrfsFs;
-use common::{create_request, publish_request};
+use common::{create_request, publish_request, write_file};
 use csi_proto as csi;
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::node_client::NodeClient;
@@ -96,21 +96,7 @@ async fn available(socket: &Path) -> i64 {
         .available_capacity
 }
 
-/// Writes `bytes` to a new file; the error (with what was written) if any.
-fn write_file(path: &Path, bytes: usize) -> Result<(), (usize, std::io::Error)> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| (0, e))?;
-    let chunk = vec![0xa5u8; 1 << 20];
-    let mut done = 0;
-    while done < bytes {
-        let n = chunk.len().min(bytes - done);
-        f.write_all(&chunk[..n]).map_err(|e| (done, e))?;
-        done += n;
-    }
-    f.sync_all().map_err(|e| (done, e))
-}
-
-fn edquot(r: Result<(), (usize, std::io::Error)>) -> usize {
+fn edquot(r: Result<(), (u64, std::io::Error)>) -> u64 {
     let (written, e) = r.expect_err("a write past the volume's size succeeded");
     assert_eq!(
         e.raw_os_error(),

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::{Harness, create_request};
+use common::{Harness, create_request, entries};
 use csi_proto as csi;
 use hostpath_csi::config::PoolConfig;
 use tonic::Code;
@@ -55,13 +55,6 @@ async fn harness(options: &str) -> (Harness, Tmpfs) {
         PoolConfig::dir("big", root.path().join("pools/big")),
     ];
     (Harness::with_pool_configs(root, pools).await, fs)
-}
-
-fn entries(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 async fn create(h: &Harness, name: &str, pool: &str, bytes: i64) -> Result<String, tonic::Status> {

@@ -222,7 +222,21 @@ impl Drop for Harness {
     }
 }
 
-/// Detaches every mount at or below `dir`, innermost first.
+/// Mount points at or below `dir` (canonicalised first, as the mount
+/// table holds canonical paths). Panics if the mount table cannot be read:
+/// never guess "nothing mounted", a caller may delete the tree next.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    hostpath_csi::sys::mountinfo::read()
+        .expect("reading /proc/self/mountinfo")
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|m| m.starts_with(&dir))
+        .collect()
+}
+
+/// Detaches every mount at or below `dir`, innermost first. Called from
+/// `Drop`, so it never panics: a directory that is gone has no mounts.
 pub fn unmount_below(dir: &Path) {
     let Ok(dir) = std::fs::canonicalize(dir) else {
         return;
@@ -239,6 +253,22 @@ pub fn unmount_below(dir: &Path) {
     for p in points {
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// Writes `bytes` of data to a new file at `path` in 1 MiB chunks and
+/// flushes; returns the first error with how much got written (a size
+/// limit shows as EDQUOT or ENOSPC after that many bytes).
+pub fn write_file(path: &Path, bytes: u64) -> Result<(), (u64, std::io::Error)> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| (0, e))?;
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut done = 0u64;
+    while done < bytes {
+        let n = chunk.len().min((bytes - done) as usize);
+        f.write_all(&chunk[..n]).map_err(|e| (done, e))?;
+        done += n as u64;
+    }
+    f.sync_all().map_err(|e| (done, e))
 }
 
 /// Mount points at exactly `path` in this process's mount table.
@@ -351,4 +381,41 @@ pub fn loops_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
             back.starts_with(&dir).then(|| (PathBuf::from(dev), back))
         })
         .collect()
+}
+
+/// Names in a directory; panics if it cannot be read, so a check of what
+/// a directory holds can never pass by not looking.
+pub fn entries(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether this test can run: it runs as root, which it needs for `why`
+/// (mounts, loop devices, another user's files). As a normal user the
+/// test says why it skips and returns early; under `scripts/test.sh`,
+/// which runs as root and sets `HOSTPATH_CSI_REQUIRE_TOOLS=1`, a test that
+/// would skip fails instead, so CI can never pass by testing nothing.
+pub fn root_or_skip(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "this test needs root ({why}), and HOSTPATH_CSI_REQUIRE_TOOLS is set"
+    );
+    skip(&format!("needs root ({why})"));
+    false
+}
+
+/// Notes on the terminal that the running test skips, and why. Written to
+/// the process's stderr directly, which the test harness does not capture
+/// (it captures only `print!` and `eprint!`), so `cargo test` shows it
+/// beside the test's `ok`.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }

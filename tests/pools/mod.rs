@@ -14,7 +14,7 @@ use tempfile::TempDir;
 
 use crate::common::{self, Harness};
 #[allow(unused_imports)]
-pub use crate::common::{have, loops_below, run as sh};
+pub use crate::common::{have, loops_below, run as sh, write_file};
 
 /// MiB.
 pub const MIB: i64 = 1 << 20;
@@ -72,21 +72,6 @@ pub fn listing(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Writes `bytes` of data to `path` in 1 MiB chunks and flushes; returns
-/// the first error (with how much got written).
-pub fn write_file(path: &Path, bytes: u64) -> Result<(), (u64, std::io::Error)> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| (0, e))?;
-    let chunk = vec![0xa5u8; 1 << 20];
-    let mut done = 0u64;
-    while done < bytes {
-        let n = chunk.len().min((bytes - done) as usize);
-        f.write_all(&chunk[..n]).map_err(|e| (done, e))?;
-        done += n as u64;
-    }
-    f.sync_all().map_err(|e| (done, e))
 }
 
 /// GetCapacity for a pool: (available, maximum, minimum).

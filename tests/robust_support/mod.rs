@@ -12,7 +12,7 @@
 #![allow(dead_code)]
 
 #[allow(unused_imports)]
-pub use crate::common::{have, loops_below, run};
+pub use crate::common::{have, loops_below, mounts_below, run, unmount_below};
 
 use std::fs::File;
 use std::io::Read;
@@ -68,26 +68,6 @@ impl Drop for Workdir {
                 let _ = d.keep();
             }
         }
-    }
-}
-
-/// Mount points at or below `dir`.
-pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    // Never guess "nothing mounted": a caller may delete the tree next.
-    hostpath_csi::sys::mountinfo::read()
-        .expect("reading /proc/self/mountinfo")
-        .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|m| m.starts_with(dir))
-        .collect()
-}
-
-/// Detaches every mount at or below `dir`, innermost first.
-pub fn unmount_below(dir: &Path) {
-    let mut points = mounts_below(dir);
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
