@@ -4,6 +4,8 @@
 //! - `config`: the checked configuration and its pools (the command line
 //!   that fills it lives with the binary, `src/cli.rs`).
 //! - `server`: binds the socket and serves the services until shutdown.
+//! - `endpoint`: the socket: never one a live driver serves, removed at
+//!   exit only while it is still this driver's.
 //! - `kubelet`: the kubelet's plugin registration socket, served by the
 //!   driver (no node-driver-registrar sidecar needed).
 //! - `healthz`: `GET /healthz` for a livenessProbe, answered from the
@@ -26,6 +28,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod endpoint;
 pub(crate) mod grpc;
 pub mod healthz;
 pub mod kubelet;

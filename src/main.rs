@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command, LogFormat, ServeArgs};
-use hostpath_csi::{healthz, kubelet, server};
+use hostpath_csi::{endpoint, healthz, kubelet, server};
 
 /// How long in-flight calls may run on after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -40,8 +40,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match server::bind(&config.socket) {
-        Ok(l) => l,
+    let endpoint::Socket { listener, file } = match endpoint::bind(&config.socket) {
+        Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot listen on {}: {e}", config.socket.display());
             return ExitCode::FAILURE;
@@ -64,7 +64,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!("{e}");
-                let _ = std::fs::remove_file(&socket);
+                file.remove();
                 return ExitCode::FAILURE;
             }
         }
@@ -83,7 +83,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!("kubelet registration: {e}");
-                let _ = std::fs::remove_file(&socket);
+                file.remove();
                 return ExitCode::FAILURE;
             }
         }
@@ -112,7 +112,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let _ = stop_extras.send(true);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, extras.join_all()).await;
-    let _ = std::fs::remove_file(&socket);
+    // Only while it is still ours: a driver started meanwhile on a socket
+    // it found dead keeps its own.
+    file.remove();
     match result {
         Ok(()) => {
             tracing::info!("stopped");

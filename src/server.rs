@@ -5,8 +5,6 @@
 //! socket in a temporary directory.
 
 use std::future::Future;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +13,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
+use crate::endpoint::EndpointError;
 use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
 use crate::volume::Volumes;
 use csi_proto as csi;
@@ -23,29 +22,12 @@ use csi_proto as csi;
 /// that is mounted late, say).
 const OPEN_RETRY: Duration = Duration::from_secs(3);
 
-/// Binds the CSI socket: creates its directory, replaces a stale socket
-/// (but never another kind of file), and restricts it to owner and group.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
+/// Binds the CSI socket (see [`crate::endpoint::bind`]: a socket a live
+/// driver serves is refused, a dead one replaced), for callers that never
+/// remove it; the binary uses `endpoint::bind`, whose [`crate::endpoint::SocketFile`]
+/// removes the socket at exit only while it is still its own.
+pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
+    crate::endpoint::bind(path).map(|s| s.listener)
 }
 
 /// Serves Identity, Controller and Node on `listener` until `shutdown`
@@ -80,18 +62,27 @@ pub async fn run(
 /// Opens the pools (retrying until it works), then sweeps leftovers of
 /// interrupted calls. Probe turns ready as soon as the pools are open.
 async fn open_pools(shared: Arc<Shared>) {
+    // The same reason again (another driver still holds a pool, say) is
+    // logged at debug: once at error says it, every 3 s would bury the log.
+    let mut last = String::new();
     loop {
         let s = Arc::clone(&shared);
         let res =
             tokio::task::spawn_blocking(move || Volumes::open(&s.config.pools, &s.config.node_id))
                 .await;
-        match res {
+        let reason = match res {
             Ok(Ok(volumes)) => {
                 let _ = shared.volumes.set(volumes);
                 break;
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot open pools; retrying"),
-            Err(e) => tracing::error!(error = %e, "opening pools panicked; retrying"),
+            Ok(Err(e)) => format!("cannot open pools: {e}"),
+            Err(e) => format!("opening pools panicked: {e}"),
+        };
+        if reason == last {
+            tracing::debug!("{reason}; retrying");
+        } else {
+            tracing::error!("{reason}; retrying every {OPEN_RETRY:?}, not ready until then");
+            last = reason;
         }
         tokio::time::sleep(OPEN_RETRY).await;
     }

@@ -350,3 +350,155 @@ async fn volumes_work_without_the_capability_to_link_nameless_files() {
     .unwrap();
     assert_eq!(std::fs::read_dir(&pool).unwrap().count(), 0);
 }
+
+/// Starts the driver on `socket` with one pool `p` in `pool`, logging to
+/// `log`.
+fn spawn_on(socket: &Path, pool: &Path, log: &Path) -> Driver {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new(BIN)
+        .args(["--endpoint", &format!("unix://{}", socket.display())])
+        .args(["--node-id", "proc-node"])
+        .args(["--pool", &format!("p={}", pool.display())])
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    Driver(child)
+}
+
+async fn probe_ready(sock: &Path) -> Option<bool> {
+    let ch = csi_proto::connect(sock).await.ok()?;
+    IdentityClient::new(ch)
+        .probe(csi::ProbeRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .ready
+}
+
+/// Waits until `log` contains `needle`; returns the log.
+async fn wait_log(log: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `cargo run` twice: the second driver must not take over the live
+/// socket of the first (nor serve its pool); it refuses to start and names
+/// the process that serves. The first keeps serving on its own socket.
+#[tokio::test]
+async fn a_second_driver_on_a_live_socket_refuses_to_start_and_names_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let pool = dir.path().join("pool");
+    let first = spawn_on(&sock, &pool, &dir.path().join("first.log"));
+    wait_ready(&sock).await;
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&sock).unwrap());
+
+    let second_log = dir.path().join("second.log");
+    let mut second = spawn_on(&sock, &pool, &second_log);
+    let status = wait_exit(&mut second).await;
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    assert!(
+        log.contains(&format!("process {}", first.0.id())) && log.contains("another driver"),
+        "the refusal must name the serving process:\n{log}"
+    );
+    // The first driver's socket is untouched and still answers.
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&sock).unwrap()),
+        ino
+    );
+    assert_eq!(probe_ready(&sock).await, Some(true));
+}
+
+/// A driver removes only the socket it created: if another driver has
+/// bound the endpoint since (here: the file was deleted under the first,
+/// as an operator cleaning up might), the first one's exit leaves it.
+#[tokio::test]
+async fn a_driver_never_removes_a_socket_it_did_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let mut first = spawn_on(&sock, &dir.path().join("pool1"), &dir.path().join("1.log"));
+    wait_ready(&sock).await;
+    std::fs::remove_file(&sock).unwrap();
+    let _second = spawn_on(&sock, &dir.path().join("pool2"), &dir.path().join("2.log"));
+    wait_ready(&sock).await;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_exit(&mut first).await.success());
+    assert!(
+        sock.exists(),
+        "the first driver deleted the second's socket"
+    );
+    assert_eq!(probe_ready(&sock).await, Some(true));
+    let log = std::fs::read_to_string(dir.path().join("1.log")).unwrap();
+    assert!(log.contains("left in place"), "{log}");
+}
+
+/// One pool, two drivers on different endpoints: the second does not serve
+/// the pool (Probe not ready, calls UNAVAILABLE, the log names the pool
+/// and the holder) until the first is gone; a kill -9 of the first frees
+/// the pool (the kernel drops its lock) and the second takes over.
+#[tokio::test]
+async fn a_pool_is_served_by_one_driver_and_a_kill_hands_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let sock1 = dir.path().join("one.sock");
+    let sock2 = dir.path().join("two.sock");
+    let mut first = spawn_on(&sock1, &pool, &dir.path().join("one.log"));
+    wait_ready(&sock1).await;
+    let ch1 = csi_proto::connect(&sock1).await.unwrap();
+    csi::controller_client::ControllerClient::new(ch1)
+        .create_volume(common::create_request("before", "p", 1 << 20))
+        .await
+        .unwrap();
+
+    let log2 = dir.path().join("two.log");
+    let _second = spawn_on(&sock2, &pool, &log2);
+    let log = wait_log(&log2, "cannot open pools").await;
+    assert!(
+        log.contains("pool p:") && log.contains(&format!("process {}", first.0.id())),
+        "the log must name the pool and the driver holding it:\n{log}"
+    );
+    assert_eq!(probe_ready(&sock2).await, Some(false));
+    let ch2 = csi_proto::connect(&sock2).await.unwrap();
+    let e = csi::controller_client::ControllerClient::new(ch2.clone())
+        .create_volume(common::create_request("raced", "p", 1 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // The first still serves meanwhile.
+    assert_eq!(probe_ready(&sock1).await, Some(true));
+
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    wait_ready(&sock2).await;
+    let mut c2 = csi::controller_client::ControllerClient::new(ch2);
+    let listed = c2
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1, "{listed:?}");
+    c2.create_volume(common::create_request("after", "p", 1 << 20))
+        .await
+        .unwrap();
+    // Said once, not every retry.
+    let log = std::fs::read_to_string(&log2).unwrap();
+    assert_eq!(log.matches("cannot open pools").count(), 1, "{log}");
+}

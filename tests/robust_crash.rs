@@ -316,15 +316,16 @@ impl Client {
                     let now = sh.generation.load(SeqCst);
                     let crashed = now != generation || now % 2 == 1;
                     let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
-                    // The connection broke under the call: not an answer
-                    // of the driver (a driver that died by itself is
-                    // caught at the next kill), retried as a CO would.
+                    // A connection that broke under the call with no kill
+                    // around it is a violation too: a kubelet would see a
+                    // failed mount (a driver that died by itself is also
+                    // caught at the next kill).
                     let transport =
                         s.code() == Code::Unknown && s.message().starts_with("transport error");
                     if transport && !crashed {
                         sh.counts.transport_errors.fetch_add(1, SeqCst);
                     }
-                    if !crashed && !retryable && !transport {
+                    if !crashed && !retryable {
                         unexplained += 1;
                         sh.unexpected(format!("{what}: {:?}: {}", s.code(), s.message()));
                         assert!(unexplained < 20, "{what} keeps failing: {s:?}");

@@ -107,6 +107,8 @@ fn pool_code(e: &PoolError) -> Code {
         PoolError::Io { source, .. } => io_code(source),
         PoolError::CorruptRecord { .. } | PoolError::EncodeRecord(_) => Code::Internal,
         PoolError::Backend(e) => backend_code(e),
+        // Only at start (calls wait for the pools): the CO should retry.
+        PoolError::Held { .. } => Code::Unavailable,
     }
 }
 

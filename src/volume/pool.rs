@@ -64,6 +64,22 @@ pub enum PoolError {
     /// The pool's backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Another driver serves the pool (holds the lock on its directory):
+    /// two drivers on one pool would race on its volumes. Retried until
+    /// that driver stops; `kill -9` frees the lock too.
+    #[error(
+        "pool {pool}: {} is served by {}; this driver takes it over once that one stops",
+        dir.display(),
+        crate::endpoint::describe(holders)
+    )]
+    Held {
+        /// The pool's name.
+        pool: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// The processes holding its lock.
+        holders: Vec<sys::lock::Holder>,
+    },
 }
 
 impl PoolError {
@@ -120,6 +136,10 @@ pub(crate) struct Pool {
     limits: SizeLimits,
     /// Directory flushes shared between concurrent calls.
     flusher: sys::fs::DirFlush,
+    /// The lock on the directory that keeps the pool to this driver, held
+    /// for the process's lifetime (`sys::lock`); none for a pool opened
+    /// only to be read ([`Pool::inspect`]), which may run beside the driver.
+    _lock: Option<sys::lock::DirLock>,
     /// Sorted tokens of the pool's volumes for ListVolumes: read from the
     /// directory on first use, then kept up to date by create and delete,
     /// so a page costs its own size, not the pool's.
@@ -203,6 +223,15 @@ impl Pool {
             .map_err(|e| PoolError::io(ctx("creating", &config.path), e))?;
         let dir = std::fs::canonicalize(&config.path)
             .map_err(|e| PoolError::io(ctx("resolving", &config.path), e))?;
+        // Before anything is written: a second driver must not touch a
+        // pool that another serves.
+        let lock = sys::lock::try_lock_dir(&dir)
+            .map_err(|e| PoolError::io(ctx("locking", &dir), e))?
+            .ok_or_else(|| PoolError::Held {
+                pool: name.clone(),
+                holders: sys::lock::holders(&dir),
+                dir: dir.clone(),
+            })?;
         sys::fs::write_atomic(&dir, ".probe", b"ok")
             .and_then(|()| std::fs::remove_file(dir.join(".probe")))
             .and_then(|()| sys::fs::sync_dir(&dir))
@@ -215,6 +244,7 @@ impl Pool {
             backend,
             limits: SizeLimits::from_config(config),
             flusher: Default::default(),
+            _lock: Some(lock),
             index: Default::default(),
             promises: Default::default(),
         };
@@ -238,6 +268,7 @@ impl Pool {
             backend: backend::for_pool(config),
             limits: SizeLimits::from_config(config),
             flusher: Default::default(),
+            _lock: None,
             index: Default::default(),
             promises: Default::default(),
         })
