@@ -1482,6 +1482,7 @@ async fn sweep_scenario() -> Vec<String> {
             capacity_bytes: MIB as u64,
             parameters: BTreeMap::from([("pool".to_string(), "a".to_string())]),
             created_unix: 0,
+            content_source: None,
         };
         std::fs::write(
             pool.join(format!(".{name}.meta")),

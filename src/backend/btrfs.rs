@@ -35,7 +35,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{Backend, BackendError, Result, VolumeUsage};
+use super::{Backend, BackendError, RESTORE, Result, Source, VolumeUsage};
 use crate::config::PoolKind;
 use crate::sys;
 use crate::sys::cmd::{self, CmdError};
@@ -337,6 +337,89 @@ impl Backend for BtrfsBackend {
             .collect())
     }
 
+    fn snapshot(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        // Read-only and instant: the snapshot shares every extent with the
+        // volume. The ioctl flushes the volume's dirty data first and
+        // returns once the transaction holding the snapshot is committed.
+        let from = subvolume(&pool_dir.join(token))?;
+        cmd::run(
+            "btrfs",
+            [
+                "subvolume".as_ref(),
+                "snapshot".as_ref(),
+                "-r".as_ref(),
+                from.as_os_str(),
+                dest.as_os_str(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn create_from(
+        &self,
+        pool_dir: &Path,
+        token: &str,
+        capacity: u64,
+        source: Source<'_>,
+    ) -> Result<()> {
+        let from = subvolume(&match source {
+            Source::Snapshot(p) => p.to_path_buf(),
+            Source::Volume(t) => pool_dir.join(t),
+        })?;
+        let scratch = pool_dir.join(format!(".{token}{RESTORE}"));
+        self.discard(&scratch)?;
+        let build = || -> Result<()> {
+            // A writable snapshot of the source: instant, sharing extents.
+            cmd::run(
+                "btrfs",
+                [
+                    "subvolume".as_ref(),
+                    "snapshot".as_ref(),
+                    from.as_os_str(),
+                    scratch.as_os_str(),
+                ],
+            )?;
+            limit(&scratch, capacity)?;
+            std::fs::set_permissions(
+                &scratch,
+                std::os::unix::fs::PermissionsExt::from_mode(0o777),
+            )
+            .and_then(|()| std::fs::rename(&scratch, pool_dir.join(token)))
+            .map_err(|e| BackendError::io(format!("moving {} into place", scratch.display()), e))
+        };
+        build().inspect_err(|_| {
+            let _ = self.discard(&scratch);
+        })
+    }
+
+    fn discard(&self, path: &Path) -> Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io(
+                format!("inspecting {}", path.display()),
+                e,
+            )),
+            Ok(m) if is_subvolume(&m) => {
+                cmd::run(
+                    "btrfs",
+                    [
+                        "subvolume".as_ref(),
+                        "delete".as_ref(),
+                        "--commit-after".as_ref(),
+                        path.as_os_str(),
+                    ],
+                )?;
+                Ok(())
+            }
+            Ok(_) => sys::fs::remove_tree(path)
+                .map_err(|e| BackendError::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    fn scratch_suffixes(&self) -> &'static [&'static str] {
+        &[RESTORE]
+    }
+
     fn used_by(&self, pool_dir: &Path, tokens: &[&str]) -> Result<u64> {
         if tokens.is_empty() {
             return Ok(0);
@@ -349,6 +432,21 @@ impl Backend for BtrfsBackend {
             .filter(|r| wanted.contains(Path::new(&r.path)))
             .map(|r| r.referenced)
             .sum())
+    }
+}
+
+/// `path` if it is a subvolume, the source of a snapshot or clone.
+fn subvolume(path: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if is_subvolume(&m) => Ok(path.to_path_buf()),
+        Ok(_) => Err(BackendError::NotOfKind {
+            path: path.to_path_buf(),
+            kind: PoolKind::Btrfs,
+        }),
+        Err(e) => Err(BackendError::io(
+            format!("inspecting {}", path.display()),
+            e,
+        )),
     }
 }
 

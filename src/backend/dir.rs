@@ -10,7 +10,7 @@ use std::path::Path;
 
 use nix::errno::Errno;
 
-use super::{Backend, BackendError, Result, VolumeUsage};
+use super::{Backend, BackendError, RESTORE, Result, Source, VolumeUsage};
 use crate::config::PoolKind;
 use crate::sys;
 
@@ -76,7 +76,39 @@ impl Backend for DirBackend {
     }
 
     fn scratch_suffixes(&self) -> &'static [&'static str] {
-        &[PARKED]
+        &[PARKED, RESTORE]
+    }
+
+    fn snapshot(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        // A plain directory cannot be frozen: the copy is taken file by
+        // file while the volume may still be written (see the README).
+        copy_tree(&pool_dir.join(token), dest)
+    }
+
+    fn create_from(
+        &self,
+        pool_dir: &Path,
+        token: &str,
+        _capacity: u64,
+        source: Source<'_>,
+    ) -> Result<()> {
+        let from = match source {
+            Source::Snapshot(p) => p.to_path_buf(),
+            Source::Volume(t) => pool_dir.join(t),
+        };
+        let scratch = pool_dir.join(format!(".{token}{RESTORE}"));
+        self.discard(&scratch)?;
+        copy_tree(&from, &scratch).inspect_err(|_| {
+            let _ = self.discard(&scratch);
+        })?;
+        // A snapshot's root keeps the source's mode; the volume's root
+        // must be writable by the pod's user, as a new volume's is.
+        std::fs::set_permissions(
+            &scratch,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .and_then(|()| std::fs::rename(&scratch, pool_dir.join(token)))
+        .map_err(|e| BackendError::io(format!("moving {} into place", scratch.display()), e))
     }
 
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
@@ -97,4 +129,21 @@ impl Backend for DirBackend {
             total_inodes: used.inodes + fs.available_inodes,
         })
     }
+}
+
+/// Copies the tree `from` to `dest` and flushes it: a copy that is
+/// recorded as made is on disk.
+pub(super) fn copy_tree(from: &Path, dest: &Path) -> Result<()> {
+    if !from.is_dir() {
+        return Err(BackendError::io(
+            format!("copying {}", from.display()),
+            io::Error::from(io::ErrorKind::NotFound),
+        ));
+    }
+    sys::copy::copy_tree(from, dest).map_err(|source| BackendError::Copy {
+        from: from.to_path_buf(),
+        source,
+    })?;
+    sys::copy::sync_fs(dest)
+        .map_err(|e| BackendError::io(format!("flushing {}", dest.display()), e))
 }

@@ -36,13 +36,17 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Backend, BackendError, Result, VolumeUsage};
+use super::{Backend, BackendError, Result, Source, VolumeUsage};
 use crate::config::{Filesystem, PoolKind};
 use crate::sys;
 use crate::sys::cmd;
 
 const IMG: &str = ".img";
 const IMG_NEW: &str = ".img.new";
+/// Marks a volume whose filesystem a snapshot or clone froze
+/// (`.<token>.frozen`): made before the freeze, removed after the thaw, so
+/// that a driver killed in between thaws it when it starts again.
+const FROZEN: &str = ".frozen";
 /// Smallest ext4 volume: below this ext4 has no room for a journal.
 const MIN_EXT4: u64 = 16 << 20;
 /// Smallest XFS filesystem `mkfs.xfs` agrees to make.
@@ -129,6 +133,60 @@ impl ImageBackend {
         })
     }
 
+    /// Copies volume `token`'s image to `dest`, flushed. A mounted image
+    /// is frozen for the copy, so the copy is a clean filesystem holding
+    /// everything written before; a marker file records the freeze until
+    /// the thaw, so a driver killed in between thaws it at its start.
+    fn copy_image(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        let img = Self::image(pool_dir, token);
+        if !img.exists() {
+            return Err(BackendError::ImageMissing { path: img });
+        }
+        let mnt = pool_dir.join(token);
+        if mounted_device(&mnt)?.is_none() {
+            return copy_flushed(&img, dest);
+        }
+        let marker = pool_dir.join(format!(".{token}{FROZEN}"));
+        std::fs::write(&marker, b"")
+            .map_err(|e| BackendError::io(format!("creating {}", marker.display()), e))?;
+        sys::copy::freeze(&mnt)?;
+        let copied = copy_flushed(&img, dest);
+        sys::copy::thaw(&mnt)?;
+        remove_file(&marker)?;
+        copied
+    }
+
+    /// Grows the image file `img` (not mounted) to `capacity` bytes, and an
+    /// ext4 filesystem in it with it; returns whether it grew (an XFS
+    /// filesystem is grown once mounted).
+    fn grow_image(&self, img: &Path, capacity: u64) -> Result<bool> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img)
+            .map_err(|e| BackendError::io(format!("opening {}", img.display()), e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| BackendError::io(format!("inspecting {}", img.display()), e))?
+            .len();
+        if len >= capacity {
+            return Ok(false);
+        }
+        f.set_len(capacity)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| BackendError::io(format!("growing {}", img.display()), e))?;
+        if self.fs == Filesystem::Ext4 {
+            // Offline, so no CAP_SYS_RESOURCE is needed; resize2fs wants a
+            // freshly checked filesystem (exit codes 1 and 2: fixed).
+            if let Err(f) = cmd::run_raw("e2fsck", ["-f".as_ref(), "-y".as_ref(), img.as_os_str()])?
+                && f.code.is_none_or(|c| c > 2)
+            {
+                return Err(f.into());
+            }
+            cmd::run("resize2fs", [img.as_os_str()])?;
+        }
+        Ok(true)
+    }
+
     /// Mounts the image at `<pool>/<token>` unless it already is; returns
     /// the loop device behind the mount.
     fn ensure_mounted(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
@@ -156,7 +214,14 @@ impl ImageBackend {
             ],
         )?;
         let dev = PathBuf::from(out.stdout.trim());
-        if let Err(e) = sys::mount::mount_device(&dev, &mnt, self.fs.as_str(), "") {
+        // A snapshot or clone is a copy of an image, with the same XFS
+        // UUID as its source, which XFS refuses to mount twice without
+        // `nouuid`; the driver never relies on UUIDs.
+        let options = match self.fs {
+            Filesystem::Xfs => "nouuid",
+            Filesystem::Ext4 => "",
+        };
+        if let Err(e) = sys::mount::mount_device(&dev, &mnt, self.fs.as_str(), options) {
             detach(&dev);
             return Err(BackendError::io(
                 format!(
@@ -275,6 +340,17 @@ fn detach(dev: &Path) {
     if let Ok(Err(f)) = cmd::run_raw("losetup", ["-d".as_ref(), dev.as_os_str()]) {
         tracing::debug!(error = %f, "detaching a loop device failed");
     }
+}
+
+/// Copies `from` to `dest` and flushes the copy.
+fn copy_flushed(from: &Path, dest: &Path) -> Result<()> {
+    sys::copy::copy_file(from, dest).map_err(|source| BackendError::Copy {
+        from: from.to_path_buf(),
+        source,
+    })?;
+    std::fs::File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BackendError::io(format!("flushing {}", dest.display()), e))
 }
 
 fn remove_file(path: &Path) -> Result<()> {
@@ -494,6 +570,81 @@ impl Backend for ImageBackend {
     }
 
     fn scratch_suffixes(&self) -> &'static [&'static str] {
-        &[IMG_NEW]
+        &[IMG_NEW, FROZEN]
+    }
+
+    fn snapshot(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        self.copy_image(pool_dir, token, dest)
+    }
+
+    fn snapshot_size(&self, path: &Path) -> Result<u64> {
+        // The image's length is its filesystem's size: no volume made from
+        // it can be smaller.
+        std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| BackendError::io(format!("inspecting {}", path.display()), e))
+    }
+
+    fn create_from(
+        &self,
+        pool_dir: &Path,
+        token: &str,
+        capacity: u64,
+        source: Source<'_>,
+    ) -> Result<()> {
+        let scratch = Self::scratch(pool_dir, token);
+        let img = Self::image(pool_dir, token);
+        let mnt = pool_dir.join(token);
+        let build = || -> Result<bool> {
+            remove_file(&scratch)?;
+            match source {
+                Source::Snapshot(p) => copy_flushed(p, &scratch)?,
+                Source::Volume(t) => self.copy_image(pool_dir, t, &scratch)?,
+            }
+            let grow = self.grow_image(&scratch, capacity)?;
+            std::fs::rename(&scratch, &img)
+                .map_err(|e| BackendError::io(format!("renaming {}", scratch.display()), e))?;
+            match std::fs::create_dir(&mnt) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(BackendError::io(format!("creating {}", mnt.display()), e));
+                }
+                _ => {}
+            }
+            sys::fs::sync_dir(pool_dir)
+                .map_err(|e| BackendError::io(format!("flushing {}", pool_dir.display()), e))?;
+            Ok(grow)
+        };
+        let grew = build().inspect_err(|_| {
+            let _ = std::fs::remove_file(&scratch);
+        })?;
+        let finish = || -> Result<()> {
+            self.ensure_mounted(pool_dir, token)?;
+            // XFS grows only mounted (ext4 was grown offline above).
+            if grew && self.fs == Filesystem::Xfs {
+                self.grow_fs(pool_dir, token)?;
+            }
+            Ok(())
+        };
+        finish().inspect_err(|_| {
+            let _ = self.delete(pool_dir, token);
+        })
+    }
+
+    fn discard(&self, path: &Path) -> Result<()> {
+        // A freeze marker left by a killed call: thaw its volume first.
+        if let Some(token) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('.')?.strip_suffix(FROZEN))
+            && let Some(pool_dir) = path.parent()
+        {
+            let mnt = pool_dir.join(token);
+            if mounted_device(&mnt)?.is_some() {
+                sys::copy::thaw(&mnt)?;
+                tracing::warn!(volume = %token, "thawed a filesystem a killed snapshot or clone had frozen");
+            }
+        }
+        sys::fs::remove_tree(path)
+            .map_err(|e| BackendError::io(format!("removing {}", path.display()), e))
     }
 }

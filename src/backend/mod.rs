@@ -150,6 +150,24 @@ pub enum BackendError {
         /// What `resize2fs` said.
         failure: Failure,
     },
+    /// A copy for a snapshot or a clone failed half-way; what it made was
+    /// taken back.
+    #[error("copying {}: {source}", from.display())]
+    Copy {
+        /// What was being copied.
+        from: PathBuf,
+        /// Why it failed.
+        source: CmdError,
+    },
+    /// The source of a snapshot or clone is not storage of the pool's kind
+    /// (a volume made while the pool had another kind).
+    #[error("{} is not a volume of this pool's kind {}, so it cannot be copied", path.display(), kind.as_str())]
+    NotOfKind {
+        /// The source.
+        path: PathBuf,
+        /// The pool's kind.
+        kind: PoolKind,
+    },
     /// The pool's kind has no way to grow a volume.
     #[error("pools of kind {} cannot expand volumes", kind.as_str())]
     CannotExpand {
@@ -193,6 +211,20 @@ pub(crate) struct VolumeUsage {
     /// Used plus available inodes.
     pub(crate) total_inodes: u64,
 }
+
+/// Where the data of a volume made from a source comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// A snapshot's data, made by [`Backend::snapshot`], at this path.
+    Snapshot(&'a Path),
+    /// Another volume of the same pool, by token.
+    Volume(&'a str),
+}
+
+/// Suffix of a volume being made from a snapshot or another volume
+/// (`.<token>.restore`): copied there, then renamed into place in one
+/// step; a leftover is swept.
+pub(crate) const RESTORE: &str = ".restore";
 
 /// A pool kind's storage operations.
 pub(crate) trait Backend: Send + Sync + Debug {
@@ -308,6 +340,39 @@ pub(crate) trait Backend: Send + Sync + Debug {
                 Some((t.to_string(), bytes))
             })
             .collect())
+    }
+
+    /// Makes a point-in-time copy of volume `token` at `dest`, a path
+    /// in the pool's snapshot directory that does not exist yet, and
+    /// flushes it to disk. A failure leaves whatever it made at `dest`
+    /// for the caller to [`Backend::discard`].
+    fn snapshot(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()>;
+
+    /// The size to report for the snapshot at `path`: the least a volume
+    /// made from it needs.
+    fn snapshot_size(&self, path: &Path) -> Result<u64> {
+        crate::sys::fs::usage(path)
+            .map(|u| u.bytes)
+            .map_err(|e| BackendError::io(format!("measuring {}", path.display()), e))
+    }
+
+    /// Makes the storage of volume `token`, `capacity` bytes, holding a
+    /// copy of `source`. Called only while no record and no storage exist
+    /// for the token. The copy is made under a scratch name and renamed
+    /// into place, so the volume's path only ever names a complete copy.
+    fn create_from(
+        &self,
+        pool_dir: &Path,
+        token: &str,
+        capacity: u64,
+        source: Source<'_>,
+    ) -> Result<()>;
+
+    /// Removes snapshot data or a scratch copy at `path` (a subvolume on
+    /// btrfs, a file or a tree otherwise); a missing path is not an error.
+    fn discard(&self, path: &Path) -> Result<()> {
+        crate::sys::fs::remove_tree(path)
+            .map_err(|e| BackendError::io(format!("removing {}", path.display()), e))
     }
 
     /// Suffixes of the backend's own scratch files in the pool directory

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{Shared, blocking};
 use crate::validate;
 use crate::volume::Volume;
+use crate::volume::snapshot::Snapshot;
 use csi_proto as csi;
 use csi_proto::controller_service_capability::{self, rpc};
 
@@ -30,10 +31,35 @@ fn to_csi(v: Volume, topology: BTreeMap<String, String>) -> csi::Volume {
         capacity_bytes: v.capacity_bytes as i64,
         volume_id: v.id,
         volume_context: v.context.into_iter().collect(),
-        content_source: None,
+        content_source: v.source.map(|(snapshot, id)| csi::VolumeContentSource {
+            r#type: Some(if snapshot {
+                csi::volume_content_source::Type::Snapshot(
+                    csi::volume_content_source::SnapshotSource { snapshot_id: id },
+                )
+            } else {
+                csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                    volume_id: id,
+                })
+            }),
+        }),
         accessible_topology: vec![csi::Topology {
             segments: topology.into_iter().collect(),
         }],
+    }
+}
+
+fn snapshot_to_csi(s: Snapshot) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.id,
+        source_volume_id: s.source_volume_id,
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created.0 as i64,
+            nanos: s.created.1 as i32,
+        }),
+        // Snapshots are complete copies when CreateSnapshot answers.
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
     }
 }
 
@@ -142,6 +168,61 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name), err(level = "warn"))]
+    async fn create_snapshot(
+        &self,
+        request: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        let req = validate::create_snapshot(request.get_ref())?;
+        let s = blocking(&self.shared, move |v| v.create_snapshot(&req)).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(snapshot_to_csi(s)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot_id = %request.get_ref().snapshot_id), err(level = "warn"))]
+    async fn delete_snapshot(
+        &self,
+        request: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        // An id that cannot name a snapshot of ours names none to delete.
+        if let Some(id) = validate::delete_snapshot(request.get_ref())? {
+            blocking(&self.shared, move |v| v.delete_snapshot(&id)).await?;
+        }
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "warn"))]
+    async fn list_snapshots(
+        &self,
+        request: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        let req = validate::list_snapshots(request.get_ref())?;
+        let (snapshots, next_token) =
+            blocking(&self.shared, move |v| v.list_snapshots(&req)).await?;
+        Ok(Response::new(csi::ListSnapshotsResponse {
+            entries: snapshots
+                .into_iter()
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot_to_csi(s)),
+                })
+                .collect(),
+            next_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot_id = %request.get_ref().snapshot_id), err(level = "warn"))]
+    async fn get_snapshot(
+        &self,
+        request: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        let id = validate::get_snapshot(request.get_ref())?;
+        let s = blocking(&self.shared, move |v| v.get_snapshot(&id)).await?;
+        Ok(Response::new(csi::GetSnapshotResponse {
+            snapshot: Some(snapshot_to_csi(s)),
+        }))
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn controller_get_capabilities(
         &self,
@@ -152,6 +233,10 @@ impl csi::controller_server::Controller for Controller {
             rpc::Type::ListVolumes,
             rpc::Type::GetCapacity,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::GetSnapshot,
+            rpc::Type::CloneVolume,
         ];
         if self.shared.config.expansion_supported() {
             types.push(rpc::Type::ExpandVolume);

@@ -44,7 +44,7 @@ impl From<CallError> for Status {
 
 fn request_code(e: &RequestError) -> Code {
     match e {
-        RequestError::UnknownVolume(_) => Code::NotFound,
+        RequestError::UnknownVolume(_) | RequestError::UnknownSnapshot(_) => Code::NotFound,
         // NodeGetVolumeStats, NodeExpandVolume: "volume not found at path".
         RequestError::NotAPath(_) => Code::NotFound,
         // ListVolumes: "invalid starting_token".
@@ -63,7 +63,7 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::MountFlag(_)
         | RequestError::Unsupported(_)
         | RequestError::BadPath { .. }
-        | RequestError::ContentSource
+        | RequestError::EmptyContentSource
         | RequestError::MutableParameters
         | RequestError::NegativeMaxEntries => Code::InvalidArgument,
     }
@@ -79,13 +79,26 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::NoTargetParent(_)
         | VolumeError::NoVolumePath(_)
         | VolumeError::NotPublishedAt { .. }
-        | VolumeError::NotAtVolumePath { .. } => Code::NotFound,
+        | VolumeError::NotAtVolumePath { .. }
+        | VolumeError::SnapshotNotFound(_) => Code::NotFound,
         // CreateVolume: "volume already exists but is incompatible";
         // NodePublishVolume: "published with incompatible capability".
         VolumeError::NameInOtherPool { .. }
         | VolumeError::OtherName { .. }
         | VolumeError::OtherSize { .. }
-        | VolumeError::PublishedOtherwise { .. } => Code::AlreadyExists,
+        | VolumeError::PublishedOtherwise { .. }
+        // CreateSnapshot: "snapshot already exists but is incompatible".
+        | VolumeError::SnapshotNameTaken { .. }
+        | VolumeError::OtherSource { .. } => Code::AlreadyExists,
+        // A source in another pool: the StorageClass must change, which no
+        // retry or rescheduling fixes.
+        VolumeError::SourceInOtherPool { .. } => Code::InvalidArgument,
+        // CreateVolume: "unsupported capacity_range".
+        VolumeError::SmallerThanSource { .. } => Code::OutOfRange,
+        // CreateVolume: "unable to provision in accessible_topology"; the
+        // external-provisioner gives a claim on such an answer back to the
+        // scheduler, which may pick the node the snapshot is on.
+        VolumeError::SourceOnOtherNode { .. } => Code::ResourceExhausted,
         VolumeError::OverlappingPools { .. }
         | VolumeError::StillMounted { .. }
         | VolumeError::DirectoryMissing { .. }
@@ -156,6 +169,13 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::Btrfs(BtrfsError::Tool(e)) => tool_code(e),
         BackendError::Btrfs(_) => Code::Internal,
         BackendError::CannotExpand { .. } => Code::Unimplemented,
+        BackendError::NotOfKind { .. } => Code::FailedPrecondition,
+        // A copy that ran out of space is what CreateSnapshot's
+        // RESOURCE_EXHAUSTED ("not enough space") is for.
+        BackendError::Copy { source, .. } => match source {
+            CmdError::Failed(f) if f.stderr.contains("No space left") => Code::ResourceExhausted,
+            e => tool_code(e),
+        },
     }
 }
 

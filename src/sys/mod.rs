@@ -7,6 +7,7 @@
 
 pub mod btrfs;
 pub mod cmd;
+pub(crate) mod copy;
 pub(crate) mod fs;
 pub mod lock;
 pub mod mount;

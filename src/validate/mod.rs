@@ -21,6 +21,7 @@ use csi_proto as csi;
 
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
+use crate::volume::snapshot::SnapshotId;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
     capability, capacity_range, mount_flags, node_path, volume_name,
@@ -93,11 +94,13 @@ pub enum RequestError {
     /// (NOT_FOUND, as the spec asks when the volume is not at the path).
     #[error("{0}")]
     NotAPath(Box<RequestError>),
-    /// A content source (snapshots and clones are not offered yet).
-    #[error(
-        "volume_content_source: creating volumes from snapshots or other volumes is not supported"
-    )]
-    ContentSource,
+    /// A content source of neither kind the spec defines.
+    #[error("volume_content_source: a snapshot or a volume is required")]
+    EmptyContentSource,
+    /// A snapshot id that cannot name a snapshot of this driver (NOT_FOUND,
+    /// as the spec asks for unknown ids).
+    #[error("snapshot {0:?} does not exist")]
+    UnknownSnapshot(String),
     /// Mutable parameters (MODIFY_VOLUME is not offered).
     #[error("mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME")]
     MutableParameters,
@@ -128,6 +131,17 @@ pub(crate) struct CreateVolume {
     pub(crate) parameters: BTreeMap<String, String>,
     /// Topology segments of which the volume must be in one (empty: any).
     pub(crate) requisite: Vec<Segments>,
+    /// What the volume is made from, if anything.
+    pub(crate) source: Option<ContentSource>,
+}
+
+/// The source of a new volume's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ContentSource {
+    /// A snapshot.
+    Snapshot(SnapshotId),
+    /// Another volume (a clone).
+    Volume(VolumeId),
 }
 
 /// CreateVolume: a name, capabilities this driver can serve, a sane size
@@ -136,9 +150,11 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
     let name = volume_name(&r.name)?.to_string();
     let caps = capabilities(&r.volume_capabilities)?;
     let capacity = capacity_range(r.capacity_range.as_ref())?;
-    if r.volume_content_source.is_some() {
-        return Err(RequestError::ContentSource);
-    }
+    let source = r
+        .volume_content_source
+        .as_ref()
+        .map(content_source)
+        .transpose()?;
     if !r.mutable_parameters.is_empty() {
         return Err(RequestError::MutableParameters);
     }
@@ -155,6 +171,103 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
         capacity,
         parameters: parameters(&r.parameters),
         requisite,
+        source,
+    })
+}
+
+/// A content source: a snapshot or a volume id this driver could have
+/// handed out (NOT_FOUND otherwise).
+fn content_source(s: &csi::VolumeContentSource) -> Result<ContentSource> {
+    use csi::volume_content_source::Type;
+    match &s.r#type {
+        Some(Type::Snapshot(snap)) => Ok(ContentSource::Snapshot(parse_snapshot_id(required(
+            &snap.snapshot_id,
+            "volume_content_source.snapshot.snapshot_id",
+        )?)?)),
+        Some(Type::Volume(v)) => Ok(ContentSource::Volume(parse_volume_id(required(
+            &v.volume_id,
+            "volume_content_source.volume.volume_id",
+        )?)?)),
+        None => Err(RequestError::EmptyContentSource),
+    }
+}
+
+/// Parses a snapshot id; one that cannot name a snapshot of this driver is
+/// NOT_FOUND.
+fn parse_snapshot_id(id: &str) -> Result<SnapshotId> {
+    SnapshotId::parse(id).ok_or_else(|| RequestError::UnknownSnapshot(id.to_string()))
+}
+
+/// A checked CreateSnapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct CreateSnapshot {
+    /// The CO-chosen name, the key for idempotency.
+    pub(crate) name: String,
+    /// The volume to snapshot.
+    pub(crate) source: VolumeId,
+}
+
+/// CreateSnapshot: a name and the volume to take it of.
+pub(crate) fn create_snapshot(r: &csi::CreateSnapshotRequest) -> Result<CreateSnapshot> {
+    let name = volume_name(&r.name)?.to_string();
+    required(&r.source_volume_id, "source_volume_id")?;
+    Ok(CreateSnapshot {
+        name,
+        source: parse_volume_id(&r.source_volume_id)?,
+    })
+}
+
+/// DeleteSnapshot: the snapshot, or `None` when the id cannot name one of
+/// this driver's, which the spec answers with success.
+pub(crate) fn delete_snapshot(r: &csi::DeleteSnapshotRequest) -> Result<Option<SnapshotId>> {
+    Ok(SnapshotId::parse(required(&r.snapshot_id, "snapshot_id")?))
+}
+
+/// GetSnapshot: the snapshot (NOT_FOUND when the id cannot name one).
+pub(crate) fn get_snapshot(r: &csi::GetSnapshotRequest) -> Result<SnapshotId> {
+    parse_snapshot_id(required(&r.snapshot_id, "snapshot_id")?)
+}
+
+/// A checked ListSnapshots.
+#[derive(Debug, Clone)]
+pub(crate) struct ListSnapshots {
+    /// Only this snapshot (an id that cannot name one lists nothing).
+    pub(crate) snapshot: Option<SnapshotId>,
+    /// Only snapshots of this volume id.
+    pub(crate) source_volume: Option<String>,
+    /// The first snapshot of the page (`None`: from the start).
+    pub(crate) start: Option<SnapshotId>,
+    /// The most entries to return (`max_entries` 0: all).
+    pub(crate) max_entries: usize,
+    /// A filter no snapshot can match (an id of no snapshot of ours).
+    pub(crate) matches_none: bool,
+}
+
+/// ListSnapshots: filters, a paging token this driver issued (ABORTED
+/// otherwise) and a non-negative page size.
+pub(crate) fn list_snapshots(r: &csi::ListSnapshotsRequest) -> Result<ListSnapshots> {
+    if r.max_entries < 0 {
+        return Err(RequestError::NegativeMaxEntries);
+    }
+    let start = match r.starting_token.as_str() {
+        "" => None,
+        token => Some(
+            SnapshotId::parse(token)
+                .ok_or_else(|| RequestError::ForeignToken(token.to_string()))?,
+        ),
+    };
+    let snapshot = (!r.snapshot_id.is_empty())
+        .then(|| SnapshotId::parse(&r.snapshot_id))
+        .flatten();
+    Ok(ListSnapshots {
+        matches_none: !r.snapshot_id.is_empty() && snapshot.is_none(),
+        snapshot,
+        source_volume: (!r.source_volume_id.is_empty()).then(|| r.source_volume_id.clone()),
+        start,
+        max_entries: match r.max_entries {
+            0 => usize::MAX,
+            n => n as usize,
+        },
     })
 }
 

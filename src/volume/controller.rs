@@ -37,6 +37,10 @@ impl Volumes {
         self.check_name_elsewhere(&req.name, &id, pool)?;
         let record = match pool.record(id.token())? {
             Some(rec) => existing(&id, pool, rec, req)?,
+            None if req.source.is_some() => {
+                let source = req.source.as_ref().expect("checked");
+                self.create_from(req, source, pool, &id)?
+            }
             None => {
                 let capacity = capacity::decide(pool, req.capacity)?;
                 let reservation = capacity::reserve(pool, id.token(), capacity, None)?;
@@ -204,6 +208,15 @@ fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Resu
             capacity: rec.capacity_bytes,
         });
     }
-    pool.ensure_storage(id.token(), rec.capacity_bytes)?;
+    let source = req.source.as_ref().map(ToString::to_string);
+    if rec.content_source != source {
+        return Err(VolumeError::OtherSource {
+            name: req.name.clone(),
+            from: rec.content_source,
+        });
+    }
+    if rec.content_source.is_none() {
+        pool.ensure_storage(id.token(), rec.capacity_bytes)?;
+    }
     Ok(rec)
 }

@@ -14,7 +14,8 @@
 //! - `id`: volume ids and the on-disk names derived from them;
 //! - `inflight`: one call at a time per volume;
 //! - `inventory`: what the pools hold, read without changing anything
-//!   (`hostpath-csi volumes`, metrics, the orphan report).
+//!   (`hostpath-csi volumes`, metrics, the orphan report);
+//! - `snapshot`: snapshots, and volumes made from a snapshot or a volume.
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
@@ -26,6 +27,7 @@ pub mod inventory;
 mod node;
 mod pool;
 pub mod record;
+pub mod snapshot;
 mod target;
 
 use std::collections::BTreeMap;
@@ -213,6 +215,61 @@ pub enum VolumeError {
         /// The path asked about.
         path: PathBuf,
     },
+    /// No snapshot by that id on this node.
+    #[error("snapshot {0:?} does not exist")]
+    SnapshotNotFound(String),
+    /// A snapshot of that name exists with another source volume.
+    #[error("a snapshot named {name:?} already exists, of volume {from}")]
+    SnapshotNameTaken {
+        /// The CreateSnapshot name.
+        name: String,
+        /// The volume it was taken of.
+        from: String,
+    },
+    /// The snapshot to make a volume from lives on another node.
+    #[error(
+        "{from} lives on another node than {node}: a volume made from it can only be made          where it is (the claim goes back to the scheduler; give the pod the snapshot's node)"
+    )]
+    SourceOnOtherNode {
+        /// The snapshot.
+        from: String,
+        /// This node.
+        node: String,
+    },
+    /// The source of a new volume is in another pool than the one asked for.
+    #[error(
+        "{from} is in pool {pool}, and volumes are made from it only in that pool, not in          {requested}; use a StorageClass with parameter pool: {pool}"
+    )]
+    SourceInOtherPool {
+        /// The source.
+        from: String,
+        /// Its pool.
+        pool: String,
+        /// The pool asked for.
+        requested: String,
+    },
+    /// A volume made from a source cannot be as small as the request's
+    /// `limit_bytes`.
+    #[error("limit_bytes {limit} is below {need} bytes, the size of {from}")]
+    SmallerThanSource {
+        /// The source.
+        from: String,
+        /// The least a volume made from it needs.
+        need: u64,
+        /// The request's limit.
+        limit: u64,
+    },
+    /// The volume exists, made from another source (or none).
+    #[error(
+        "volume {name:?} already exists, made from {}",
+        from.as_deref().unwrap_or("no source")
+    )]
+    OtherSource {
+        /// The CreateVolume name.
+        name: String,
+        /// What it was made from.
+        from: Option<String>,
+    },
     /// A file operation or syscall failed.
     #[error("{context}: {source}")]
     Io {
@@ -259,6 +316,9 @@ pub(crate) struct Volume {
     pub(crate) capacity_bytes: u64,
     /// Volume context handed back at publish time.
     pub(crate) context: BTreeMap<String, String>,
+    /// What it was made from: a snapshot or volume id, and whether it is a
+    /// snapshot.
+    pub(crate) source: Option<(bool, String)>,
 }
 
 /// The driver's volumes across all pools.
@@ -324,7 +384,7 @@ impl Volumes {
                 }
             }
         }
-        Ok(n)
+        Ok(n + self.sweep_snapshots()?)
     }
 
     /// The topology segment of this node.
@@ -387,6 +447,10 @@ impl Volumes {
             id: id.to_string(),
             capacity_bytes: record.capacity_bytes,
             context,
+            source: record.content_source.as_deref().and_then(|s| {
+                let (what, id) = s.split_once(' ')?;
+                Some((what == "snapshot", id.to_string()))
+            }),
         }
     }
 }

@@ -27,6 +27,8 @@
 //! lock (`volume::inflight`); the pool's own locks only guard its in-memory
 //! index and promises.
 
+mod snapshots;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::ops::Bound;
@@ -622,8 +624,9 @@ impl Pool {
         if std::fs::symlink_metadata(path).is_err() {
             return Ok(false);
         }
-        sys::fs::remove_tree(path)
-            .map_err(|e| PoolError::io(format!("removing leftover {}", path.display()), e))?;
+        // The backend removes it: a btrfs scratch copy is a subvolume, an
+        // image's freeze marker thaws its volume first.
+        self.backend.discard(path)?;
         Ok(true)
     }
 

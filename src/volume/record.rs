@@ -46,6 +46,10 @@ pub struct Record {
     /// Creation time, seconds since the epoch.
     #[serde(default)]
     pub created_unix: u64,
+    /// What the volume was made from (`snapshot <id>` or `volume <id>`),
+    /// if it was made from a source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_source: Option<String>,
 }
 
 impl Record {
@@ -65,6 +69,7 @@ impl Record {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            content_source: None,
         }
     }
 

@@ -287,10 +287,10 @@ fn not_offered(f: &Fixture) -> Vec<Case> {
             },
         )),
     };
-    let volume_source = csi::VolumeContentSource {
+    let volume_source = |id: &str| csi::VolumeContentSource {
         r#type: Some(csi::volume_content_source::Type::Volume(
             csi::volume_content_source::VolumeSource {
-                volume_id: f.alpha.clone(),
+                volume_id: id.to_string(),
             },
         )),
     };
@@ -302,19 +302,37 @@ fn not_offered(f: &Fixture) -> Vec<Case> {
     };
     vec![
         row(
-            "content source: snapshot",
+            "content source: a snapshot id naming no snapshot of ours",
             csi::CreateVolumeRequest {
                 volume_content_source: Some(snapshot_source),
                 ..create("snap", "hdd")
             },
-            InvalidArgument,
-            &["volume_content_source"],
+            NotFound,
+            &["snapshot", "\"s\"", "does not exist"],
         ),
         row(
-            "content source: volume",
+            "content source: a volume id naming a path outside the pool",
             csi::CreateVolumeRequest {
-                volume_content_source: Some(volume_source),
+                volume_content_source: Some(volume_source("hdd:../../etc")),
                 ..create("clone", "hdd")
+            },
+            NotFound,
+            &["hdd:../../etc", "does not exist"],
+        ),
+        row(
+            "content source: a volume of another pool",
+            csi::CreateVolumeRequest {
+                volume_content_source: Some(volume_source(&f.alpha)),
+                ..create("clone-ssd", "ssd")
+            },
+            InvalidArgument,
+            &["pool hdd", "ssd"],
+        ),
+        row(
+            "content source: neither snapshot nor volume",
+            csi::CreateVolumeRequest {
+                volume_content_source: Some(csi::VolumeContentSource { r#type: None }),
+                ..create("nosource", "hdd")
             },
             InvalidArgument,
             &["volume_content_source"],

@@ -40,6 +40,7 @@ mod list;
 mod node_expand;
 mod not_offered;
 mod publish;
+mod snapshot;
 mod stats;
 mod undecodable;
 mod unpublish;
@@ -108,6 +109,11 @@ async fn calls_not_offered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots() {
+    hostile("snapshots", snapshot::cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_publish_volume() {
     hostile("NodePublishVolume", publish::cases).await;
 }
@@ -143,7 +149,7 @@ async fn undecodable_requests() {
 #[test]
 fn the_tables_keep_their_rows() {
     let f = Fixture::unmade(std::path::Path::new("/nonexistent"));
-    let tables: [fn(&Fixture) -> Vec<Case>; 11] = [
+    let tables: [fn(&Fixture) -> Vec<Case>; 12] = [
         create::cases,
         delete::cases,
         validate::cases,
@@ -155,6 +161,7 @@ fn the_tables_keep_their_rows() {
         stats::cases,
         node_expand::cases,
         undecodable::cases,
+        snapshot::cases,
     ];
     let rows: Vec<Case> = tables.iter().flat_map(|t| t(&f)).collect();
     let bad = rows

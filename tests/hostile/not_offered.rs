@@ -53,28 +53,6 @@ pub fn cases(f: &Fixture) -> Vec<Case> {
             }),
         ),
         row(
-            "CreateSnapshot",
-            Req::CreateSnapshot(csi::CreateSnapshotRequest {
-                source_volume_id: "hdd:/etc".into(),
-                name: "s".into(),
-                ..Default::default()
-            }),
-        ),
-        row(
-            "DeleteSnapshot",
-            Req::DeleteSnapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: "../x".into(),
-                ..Default::default()
-            }),
-        ),
-        row(
-            "ListSnapshots",
-            Req::ListSnapshots(csi::ListSnapshotsRequest {
-                starting_token: "garbage".into(),
-                ..Default::default()
-            }),
-        ),
-        row(
             "NodeStageVolume",
             Req::NodeStage(csi::NodeStageVolumeRequest {
                 volume_id: f.alpha.clone(),
