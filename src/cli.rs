@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hostpath_csi::config::{self, Config, ConfigError, PoolConfig};
+use hostpath_csi::config::{self, Config, ConfigError, Expansion, PoolConfig};
 use hostpath_csi::healthz;
 use hostpath_csi::kubelet::Registration;
 
@@ -48,6 +48,15 @@ pub enum LogFormat {
     Human,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// Which CSI call grows volumes (see `hostpath_csi::config::Expansion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExpansionMode {
+    /// ControllerExpandVolume, then NodeExpandVolume for the filesystem.
+    Controller,
+    /// NodeExpandVolume alone, on the volume's node.
+    Node,
 }
 
 /// Flags of `hostpath-csi serve`.
@@ -118,6 +127,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBELET_CSI_ENDPOINT", value_name = "PATH")]
     pub kubelet_csi_endpoint: Option<String>,
 
+    /// Which call grows volumes: `controller` (ControllerExpandVolume, then
+    /// NodeExpandVolume for an image's filesystem) or `node` (all of it in
+    /// NodeExpandVolume on the volume's node; for csi-resizer beside
+    /// csi-provisioner in distributed mode, where the controller call may
+    /// reach another node's driver).
+    #[arg(long, env = "HOSTPATH_CSI_EXPANSION", value_enum, default_value_t = ExpansionMode::Controller)]
+    pub expansion: ExpansionMode,
+
     /// Serve `GET /healthz` here for a livenessProbe (`HOST:PORT`, or
     /// `:PORT` for every interface): 200 when the driver's Probe says
     /// ready, 503 with the reason otherwise. Off when unset.
@@ -155,6 +172,10 @@ impl ServeArgs {
             driver_name: self.driver_name.clone(),
             pools,
             max_volumes_per_node: self.max_volumes_per_node.max(0),
+            expansion: match self.expansion {
+                ExpansionMode::Controller => Expansion::Controller,
+                ExpansionMode::Node => Expansion::Node,
+            },
         })
     }
 }
@@ -289,6 +310,18 @@ mod tests {
             ]
         );
         assert!(c.expansion_supported());
+        assert!(c.controller_expands() && c.node_expands());
+        let c = args(&["--pool", "a=/x:image", "--expansion", "node"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.expansion, Expansion::Node);
+        assert!(!c.controller_expands() && c.node_expands());
+        assert!(
+            args(&["--pool", "a=/x", "--expansion", "node"])
+                .resolve()
+                .unwrap()
+                .node_expands()
+        );
         assert!(matches!(
             args(&["--pool", "a=/x:brtfs"]).resolve(),
             Err(ConfigError::PoolFlag(_))

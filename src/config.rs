@@ -279,6 +279,32 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Reported by NodeGetInfo.
     pub max_volumes_per_node: i64,
+    /// Where volumes grow: in ControllerExpandVolume (then the node's
+    /// filesystem in NodeExpandVolume), or wholly in NodeExpandVolume.
+    pub expansion: Expansion,
+}
+
+/// Which CSI call grows a volume.
+///
+/// A node-local volume can only be grown by the driver on its node. With
+/// csi-provisioner in distributed mode that is fine for creation, but
+/// csi-resizer runs leader-elected: one instance, on any node, calls
+/// ControllerExpandVolume on the driver beside it, which does not hold the
+/// volume. With [`Expansion::Node`] the driver advertises node expansion
+/// only; csi-resizer then just records the new size in the PV (its "trivial
+/// resizer", for drivers without controller expansion), and the kubelet's
+/// NodeExpandVolume, on the node where the volume is published, does all of
+/// the growth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Expansion {
+    /// ControllerExpandVolume grows the volume (promise, image or limit,
+    /// record); NodeExpandVolume grows an image's filesystem. For a CO that
+    /// calls the controller on the volume's node (or one node only).
+    #[default]
+    Controller,
+    /// NodeExpandVolume does everything; ControllerExpandVolume is not
+    /// offered. For distributed mode with csi-resizer.
+    Node,
 }
 
 /// A configuration mistake, reported before the driver starts.
@@ -404,6 +430,20 @@ impl Config {
     /// capabilities are advertised.
     pub fn expansion_supported(&self) -> bool {
         self.pools.iter().any(|p| p.kind.can_expand())
+    }
+
+    /// Whether ControllerExpandVolume is offered.
+    pub fn controller_expands(&self) -> bool {
+        self.expansion == Expansion::Controller && self.expansion_supported()
+    }
+
+    /// Whether NodeExpandVolume is offered. In node mode always: csi-resizer
+    /// refuses to start beside a driver that offers no expansion at all, and
+    /// a node whose pools are all dirs still runs it (their StorageClasses
+    /// do not allow expansion, and a dir volume's NodeExpandVolume answers
+    /// UNIMPLEMENTED).
+    pub fn node_expands(&self) -> bool {
+        self.expansion == Expansion::Node || self.expansion_supported()
     }
 }
 

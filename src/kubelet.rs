@@ -246,6 +246,15 @@ pub async fn serve(
         if stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
+        // Removed, but maybe another process is putting its own socket
+        // there right now (a new instance removes the old socket, then
+        // binds): only a path that is still empty is taken back.
+        if !taken_over.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if std::fs::symlink_metadata(&socket.path).is_ok() {
+                taken_over.store(true, Ordering::Relaxed);
+            }
+        }
         if taken_over.load(Ordering::Relaxed) {
             // Another process (a second instance during a rolling update,
             // say) serves the path now; replacing its socket would only

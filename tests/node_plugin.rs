@@ -85,7 +85,9 @@ impl Driver {
 }
 
 async fn wait_for(what: &str, driver: &Driver, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // The driver looks at its registration socket every 5 s; the rest is
+    // slack for a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
         assert!(
             Instant::now() < deadline,

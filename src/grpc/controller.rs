@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{Shared, blocking};
+use super::{CallError, Shared, blocking};
+use crate::config::Expansion;
 use crate::validate;
 use crate::volume::Volume;
 use crate::volume::snapshot::Snapshot;
@@ -161,6 +162,9 @@ impl csi::controller_server::Controller for Controller {
         request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let req = validate::controller_expand_volume(request.get_ref())?;
+        if self.shared.config.expansion == Expansion::Node {
+            return Err(CallError::ExpansionOnNode.into());
+        }
         let e = blocking(&self.shared, move |v| v.expand(&req)).await?;
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
             capacity_bytes: e.capacity_bytes as i64,
@@ -238,7 +242,7 @@ impl csi::controller_server::Controller for Controller {
             rpc::Type::GetSnapshot,
             rpc::Type::CloneVolume,
         ];
-        if self.shared.config.expansion_supported() {
+        if self.shared.config.controller_expands() {
             types.push(rpc::Type::ExpandVolume);
         }
         let capabilities = types

@@ -52,7 +52,8 @@ impl csi::identity_server::Identity for Identity {
             service_cap(service::Type::ControllerService),
             service_cap(service::Type::VolumeAccessibilityConstraints),
         ];
-        if self.shared.config.expansion_supported() {
+        let c = &self.shared.config;
+        if c.controller_expands() || c.node_expands() {
             capabilities.push(csi::PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(
                     plugin_capability::VolumeExpansion {

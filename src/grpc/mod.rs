@@ -29,6 +29,11 @@ pub(crate) enum CallError {
     /// The volume logic failed.
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// ControllerExpandVolume on a driver that grows volumes on their node.
+    #[error(
+        "this driver runs with --expansion=node: volumes grow in NodeExpandVolume on the node that holds them, and ControllerExpandVolume is not offered"
+    )]
+    ExpansionOnNode,
 }
 
 /// State shared by the three services.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, blocking};
+use crate::config::Expansion;
 use crate::validate;
 use csi_proto as csi;
 use csi_proto::node_service_capability::{self, rpc};
@@ -85,7 +86,10 @@ impl csi::node_server::Node for Node {
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = validate::node_expand_volume(request.get_ref())?;
-        let capacity = blocking(&self.shared, move |v| v.node_expand(&req)).await?;
+        // In node mode this call does the whole growth, as csi-resizer only
+        // recorded the new size in the PV.
+        let grow = self.shared.config.expansion == Expansion::Node;
+        let capacity = blocking(&self.shared, move |v| v.node_expand(&req, grow)).await?;
         Ok(Response::new(csi::NodeExpandVolumeResponse {
             capacity_bytes: capacity as i64,
         }))
@@ -101,7 +105,7 @@ impl csi::node_server::Node for Node {
             rpc::Type::VolumeCondition,
             rpc::Type::SingleNodeMultiWriter,
         ];
-        if self.shared.config.expansion_supported() {
+        if self.shared.config.node_expands() {
             types.push(rpc::Type::ExpandVolume);
         }
         let capabilities = types

@@ -37,6 +37,8 @@ impl From<CallError> for Status {
             CallError::NotReady => Code::Unavailable,
             CallError::Worker(_) => Code::Internal,
             CallError::Volume(v) => volume_code(v),
+            // Not an advertised capability (CSI: UNIMPLEMENTED).
+            CallError::ExpansionOnNode => Code::Unimplemented,
         };
         Status::new(code, e.to_string())
     }

@@ -457,15 +457,28 @@ pub(crate) fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Resul
     volume_at_path(&r.volume_id, &r.volume_path)
 }
 
+/// A checked NodeExpandVolume.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeExpandVolume {
+    /// The volume and where it is published.
+    pub(crate) at: VolumeAtPath,
+    /// The size asked for; optional in CSI (no bound set: grow nothing,
+    /// only the filesystem to what the volume already has).
+    pub(crate) capacity: CapacityRange,
+}
+
 /// NodeExpandVolume: the volume, the path it is published at, and a sane
-/// capacity range (which the node half of an expansion does not need).
-pub(crate) fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<VolumeAtPath> {
+/// capacity range (used when the driver grows volumes on the node).
+pub(crate) fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<NodeExpandVolume> {
     let raw = volume_id(&r.volume_id)?;
     let path = published_path(&r.volume_path)?;
-    capacity_range(r.capacity_range.as_ref())?;
-    Ok(VolumeAtPath {
-        id: parse_volume_id(raw)?,
-        path,
+    let capacity = capacity_range(r.capacity_range.as_ref())?;
+    Ok(NodeExpandVolume {
+        at: VolumeAtPath {
+            id: parse_volume_id(raw)?,
+            path,
+        },
+        capacity,
     })
 }
 

@@ -11,7 +11,7 @@ use super::pool::Pool;
 use super::record::Record;
 use super::{Result, Volume, VolumeError, Volumes};
 use crate::sys;
-use crate::validate::{CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
+use crate::validate::{CapacityRange, CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
 
 /// The result of ControllerExpandVolume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,18 +179,34 @@ impl Volumes {
                 kind: rec.kind,
             });
         }
-        let from = rec.capacity_bytes;
-        if let Some(to) = capacity::decide_growth(pool, id, from, req.capacity)? {
-            let reservation = capacity::reserve(pool, id.token(), to, Some(from))?;
-            pool.expand(id.token(), &mut rec, to)?;
-            reservation.commit();
-            tracing::info!(volume_id = %id, from, to, "volume expanded");
-        }
+        grow(id, pool, &mut rec, req.capacity)?;
         Ok(Expanded {
             capacity_bytes: rec.capacity_bytes,
             node_expansion_required: pool.needs_node_expand(),
         })
     }
+}
+
+/// Grows volume `id` (its lock held, its record `rec`) to at least the
+/// range's `required_bytes`: decides the size, reserves it in the pool's
+/// promises, grows the storage and records the size, the record last, so a
+/// call killed half-way is finished by the retry (growing storage to the
+/// size it already has is a no-op). A volume already that large is left
+/// as it is; volumes never shrink.
+pub(super) fn grow(
+    id: &VolumeId,
+    pool: &Pool,
+    rec: &mut Record,
+    range: CapacityRange,
+) -> Result<()> {
+    let from = rec.capacity_bytes;
+    if let Some(to) = capacity::decide_growth(pool, id, from, range)? {
+        let reservation = capacity::reserve(pool, id.token(), to, Some(from))?;
+        pool.expand(id.token(), rec, to)?;
+        reservation.commit();
+        tracing::info!(volume_id = %id, from, to, "volume expanded");
+    }
+    Ok(())
 }
 
 /// A repeated CreateVolume for a name that already has a volume: the same

@@ -12,7 +12,7 @@ use super::{Result, VolumeError, Volumes};
 use crate::backend::VolumeUsage;
 use crate::sys;
 use crate::sys::mountinfo::MountEntry;
-use crate::validate::{NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
+use crate::validate::{NodeExpandVolume, NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
 
 /// What NodeGetVolumeStats answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,13 +154,15 @@ impl Volumes {
     }
 
     /// NodeExpandVolume: makes the space the controller added usable in
-    /// the mounted volume (grows an image's filesystem). Idempotent.
-    /// Returns the volume's capacity.
-    pub(crate) fn node_expand(&self, req: &VolumeAtPath) -> Result<u64> {
-        let (id, volume_path) = (&req.id, &req.path);
+    /// the mounted volume (grows an image's filesystem). With `grow` (the
+    /// driver's `--expansion=node`) it first does what ControllerExpandVolume
+    /// does otherwise: grows the volume to the requested size, promise,
+    /// storage and record. Idempotent. Returns the volume's capacity.
+    pub(crate) fn node_expand(&self, req: &NodeExpandVolume, grow: bool) -> Result<u64> {
+        let (id, volume_path) = (&req.at.id, &req.at.path);
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;
-        let rec = pool
+        let mut rec = pool
             .record(id.token())?
             .ok_or_else(|| VolumeError::NotFound(id.clone()))?;
         // Only where the volume is published (CSI spec: NOT_FOUND when the
@@ -177,6 +179,15 @@ impl Volumes {
         let here = sys::fs::identity(&path).map_err(|_| not_here())?;
         if here != target::identity(&source)? || path == source {
             return Err(not_here());
+        }
+        if grow {
+            if rec.kind != pool.kind() || !pool.kind().can_expand() {
+                return Err(VolumeError::NotExpandable {
+                    id: id.clone(),
+                    kind: rec.kind,
+                });
+            }
+            super::controller::grow(id, pool, &mut rec, req.capacity)?;
         }
         pool.node_expand(id.token())?;
         tracing::info!(volume_id = %id, capacity = rec.capacity_bytes, "volume expanded on the node");

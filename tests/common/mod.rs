@@ -37,6 +37,8 @@ pub struct Harness {
     pub socket: PathBuf,
     /// Pools as configured.
     pub pools: Vec<PoolConfig>,
+    /// A test's changes to the rest of the configuration.
+    tweak: fn(&mut Config),
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     channel: Option<Channel>,
@@ -66,11 +68,22 @@ impl Harness {
 
     /// A driver with fully specified pools under `root`.
     pub async fn with_pool_configs(root: TempDir, pools: Vec<PoolConfig>) -> Self {
+        Self::with_config(root, pools, |_| {}).await
+    }
+
+    /// A driver with fully specified pools under `root` and the rest of its
+    /// configuration changed by `tweak` (also after restarts).
+    pub async fn with_config(
+        root: TempDir,
+        pools: Vec<PoolConfig>,
+        tweak: fn(&mut Config),
+    ) -> Self {
         std::fs::create_dir_all(root.path().join("targets")).unwrap();
         let mut h = Harness {
             socket: root.path().join("csi.sock"),
             root,
             pools,
+            tweak,
             stop: None,
             task: None,
             channel: None,
@@ -81,13 +94,16 @@ impl Harness {
 
     /// The configuration the server runs with.
     pub fn config(&self) -> Config {
-        Config {
+        let mut c = Config {
             socket: self.socket.clone(),
             node_id: NODE.to_string(),
             driver_name: "hostpath-csi.dev".to_string(),
             pools: self.pools.clone(),
             max_volumes_per_node: 0,
-        }
+            expansion: Default::default(),
+        };
+        (self.tweak)(&mut c);
+        c
     }
 
     async fn launch(&mut self) {
