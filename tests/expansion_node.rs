@@ -147,7 +147,11 @@ async fn grows_on_the_node(pool: PoolConfig, root: tempfile::TempDir, size: i64,
         "{cap_before} -> {cap_after}"
     );
     // The pod can now write more than the old filesystem could hold.
-    write_file(&target.join("big"), (total_before + (grown - size) / 2) as u64).unwrap();
+    write_file(
+        &target.join("big"),
+        (total_before + (grown - size) / 2) as u64,
+    )
+    .unwrap();
 
     // The kubelet retries: the same size again is a no-op with the size.
     assert_eq!(
