@@ -38,6 +38,34 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI Identity, Controller and Node services (the default).
     Serve(ServeArgs),
+    /// List every volume in every pool: claim, PV, size, usage, where it is
+    /// published, when it was last used. Reads only; works whether the
+    /// driver runs or not. Takes the flags of `serve` (pools, config file).
+    Volumes(VolumesArgs),
+}
+
+/// Flags of `hostpath-csi volumes`.
+#[derive(Debug, Clone, Args)]
+pub struct VolumesArgs {
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Do not measure used bytes (a walk of each dir volume's tree).
+    #[arg(long)]
+    pub no_usage: bool,
+    /// The pools, as `serve` is given them.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Output format of the listing commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// An aligned table, sorted, sizes in KiB/MiB/GiB.
+    #[default]
+    Table,
+    /// One JSON document: `{"pools": [...]}`.
+    Json,
 }
 
 /// Log output format.

@@ -3,6 +3,7 @@
 //! registration socket and /healthz when asked for.
 
 mod cli;
+mod listing;
 
 use std::process::ExitCode;
 
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Volumes(args)) => return listing::volumes(&args),
         None => cli.serve,
     };
     tokio::runtime::Builder::new_multi_thread()
