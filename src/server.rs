@@ -43,7 +43,9 @@ pub async fn run(
         driver = %shared.config.driver_name,
         node = %shared.config.node_id,
         pools = shared.config.pools.len(),
-        "serving CSI"
+        socket = %shared.config.socket.display(),
+        "serving CSI on {}",
+        shared.config.socket.display()
     );
     tonic::transport::Server::builder()
         .add_service(csi::identity_server::IdentityServer::new(Identity::new(
