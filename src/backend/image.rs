@@ -147,6 +147,12 @@ impl ImageBackend {
             return copy_flushed(&img, dest);
         }
         let marker = pool_dir.join(format!(".{token}{FROZEN}"));
+        if marker.exists() {
+            // A call killed while the filesystem was frozen, and the
+            // startup sweep has not come round to it yet: freezing again
+            // would fail (EBUSY), so thaw first.
+            sys::copy::thaw(&mnt)?;
+        }
         std::fs::write(&marker, b"")
             .map_err(|e| BackendError::io(format!("creating {}", marker.display()), e))?;
         sys::copy::freeze(&mnt)?;
