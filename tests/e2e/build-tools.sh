@@ -28,6 +28,7 @@ rm -rf "$bindir"/.build-*   # left by an interrupted build
 K8S_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 PROVISIONER_VERSION=v6.4.0
+SNAPSHOTTER_VERSION=v8.7.0
 
 # -trimpath keeps absolute paths of this machine out of the binaries and makes
 # the build cache independent of where the repository is checked out.
@@ -104,9 +105,14 @@ p2=$!
 build_module provisioner "$PROVISIONER_VERSION" "-s -w -X main.version=$PROVISIONER_VERSION" \
   github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner >"$out/provisioner" &
 p3=$!
+build_module snapshotter "$SNAPSHOTTER_VERSION" "-s -w -X main.version=$SNAPSHOTTER_VERSION" \
+  github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
+  github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller >"$out/snapshotter" &
+p_snap=$!
 rc=0
+wait $p_snap || rc=1
 wait $p1 || rc=1
 wait $p2 || rc=1
 wait $p3 || rc=1
 ((rc == 0)) || exit 1
-cat "$out/k8s" "$out/etcd" "$out/provisioner"
+cat "$out/k8s" "$out/etcd" "$out/provisioner" "$out/snapshotter"

@@ -264,6 +264,22 @@ printf 'resources:\n  - %s\ncomponents:\n  - %s\n' "$(realpath --relative-to="$W
 k apply -k "$W/sidecars" --dry-run=server >>"$W/logs/apply.log" 2>&1 ||
   { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/ + components/upstream-sidecars --dry-run=server"; }
 [[ "$(k kustomize "$W/sidecars" | grep -c 'name: node-driver-registrar$')" == 1 ]] || fail "the upstream-sidecars component adds no node-driver-registrar"
+# Snapshots: the CRDs install for real (the examples' VolumeSnapshot needs
+# them), the snapshot-controller and the snapshots component (csi-snapshotter
+# sidecar, its RBAC, the VolumeSnapshotClass) are accepted on top of them.
+k apply -k "$repo/deploy/snapshot-controller/crds" >>"$W/logs/apply.log" 2>&1 ||
+  { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/snapshot-controller/crds"; }
+k wait --for condition=established --timeout=60s crd/volumesnapshots.snapshot.storage.k8s.io \
+  crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io \
+  >>"$W/logs/apply.log" 2>&1 || fail "the snapshot CRDs are not established"
+k apply -k "$repo/deploy/snapshot-controller" --dry-run=server >>"$W/logs/apply.log" 2>&1 ||
+  { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/snapshot-controller --dry-run=server"; }
+mkdir -p "$W/snapshots"
+printf 'resources:\n  - %s\ncomponents:\n  - %s\n' "$(realpath --relative-to="$W/snapshots" "$repo/deploy")" \
+  "$(realpath --relative-to="$W/snapshots" "$repo/deploy/components/snapshots")" >"$W/snapshots/kustomization.yaml"
+k apply -k "$W/snapshots" --dry-run=server >>"$W/logs/apply.log" 2>&1 ||
+  { cat "$W/logs/apply.log" >&2; fail "kubectl apply -k deploy/ + components/snapshots --dry-run=server"; }
+[[ "$(k kustomize "$W/snapshots" | grep -c 'name: csi-snapshotter$')" == 1 ]] || fail "the snapshots component adds no csi-snapshotter"
 # Without it, the driver container itself registers with the kubelet and
 # answers the livenessProbe.
 [[ "$(k get ds -n "$NS" hostpath-csi-node -o json | jq -r '[.spec.template.spec.containers[].name] | join(",")')" != *registrar* ]] ||
