@@ -39,4 +39,17 @@ if [[ ! -x $sanity ]]; then
   rmdir "$tmp"
 fi
 ln -sf "$sanity" "$CACHE/bin/csi-sanity"
+
+# grpcurl, to call the driver by hand through its gRPC reflection (and
+# tests/first_hour.rs, which checks that this works).
+GRPCURL_VERSION=v1.9.3
+grpcurl="$CACHE/bin/grpcurl-$GRPCURL_VERSION"
+if [[ ! -x $grpcurl ]]; then
+  echo "setup: building grpcurl $GRPCURL_VERSION"
+  tmp=$(mktemp -d)
+  GOFLAGS=-trimpath CGO_ENABLED=0 GOBIN=$tmp go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+  mv "$tmp/grpcurl" "$grpcurl"
+  rmdir "$tmp"
+fi
+ln -sf "$grpcurl" "$CACHE/bin/grpcurl"
 echo "setup: done (csi-sanity at $CACHE/bin/csi-sanity)"

@@ -12,5 +12,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .generate_default_stubs(true)
         .codec_path("crate::codec::CsiCodec")
         .compile_fds(descriptors)?;
+    // The CSI services' descriptors (with their imports), for the
+    // driver's gRPC reflection service: grpcurl and similar tools can then
+    // call the driver by hand without a copy of csi.proto.
+    let csi = protox::compile(["csi.proto"], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("csi_descriptor_set.bin"),
+        prost::Message::encode_to_vec(&csi),
+    )?;
     Ok(())
 }

@@ -20,6 +20,11 @@ pub mod codec;
 mod connect;
 
 pub use connect::connect;
+
+/// The encoded `FileDescriptorSet` of `csi.proto` and its imports, for a
+/// gRPC reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/csi_descriptor_set.bin"));
 pub use generated::*;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
