@@ -9,7 +9,31 @@ CSI_SANITY_VERSION=v5.6.0
 CACHE=${HOSTPATH_CSI_CACHE:-/var/cache/hostpath-csi}
 mkdir -p "$CACHE/bin"
 
+# What cannot be installed from Debian's archive is checked first, all at
+# once, with one message: Go (Debian's golang is older than the Kubernetes
+# components and csi-sanity need) and the Rust toolchain.
+GO_MIN=1.25
+absent=()
+if ! command -v go >/dev/null; then
+  absent+=("go: Go $GO_MIN or later, from https://go.dev/dl (put its bin/ on PATH)")
+elif ! printf '%s\n%s\n' "go$GO_MIN" "$(go env GOVERSION)" | sort -V -C; then
+  absent+=("go: $(go env GOVERSION) is older than $GO_MIN; install a newer one from https://go.dev/dl")
+fi
+command -v cargo >/dev/null ||
+  absent+=("cargo: the Rust toolchain, from https://rustup.rs")
+if ((${#absent[@]})); then
+  echo "setup: the test suite needs these, which setup cannot install:" >&2
+  printf '  - %s\n' "${absent[@]}" >&2
+  exit 1
+fi
+
 need=()
+# Used by the scripts and the end-to-end test: certificates, JSON, HTTP,
+# and the helpers written in Python.
+command -v openssl >/dev/null || need+=(openssl)
+command -v jq >/dev/null || need+=(jq)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
 command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)

@@ -37,6 +37,9 @@ results=()
 failed=0
 tests_passed=0
 tests_failed=0
+tests_skipped=0
+# Whole passes left out, said again in the summary.
+notes=()
 step() {
   local name=$1; shift
   echo "=== $name"
@@ -52,12 +55,22 @@ step() {
       sed -E 's/^(.*[^0-9])?([0-9]+) passed[;,] ([0-9]+) failed.*/\2 \3/' |
       awk '{p += $1; f += $2} END {print p + 0, f + 0}'
   )
+  # What did not run: csi-sanity's skipped specs (from the closing total
+  # line) and cargo's ignored tests, so the summary never hides them.
+  local s
+  s=$(
+    { grep -E '^conformance: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' "$log" |
+        sed -E 's/.* ([0-9]+) skipped.*/\1/'
+      grep -E '^test result: ' "$log" | sed -nE 's/.* ([0-9]+) ignored.*/\1/p'
+    } | awk '{s += $1} END {print s + 0}'
+  ) || true  # grep finds nothing in a step without such lines
   rm -f "$log"
   tests_passed=$((tests_passed + p)); tests_failed=$((tests_failed + f))
+  tests_skipped=$((tests_skipped + s))
   if [[ $rc -eq 0 ]]; then
-    results+=("$name: ok, $p passed, $f failed ($((SECONDS - start)) s)")
+    results+=("$name: ok, $p passed, $f failed, $s skipped ($((SECONDS - start)) s)")
   else
-    results+=("$name: FAILED, $p passed, $f failed ($((SECONDS - start)) s)")
+    results+=("$name: FAILED, $p passed, $f failed, $s skipped ($((SECONDS - start)) s)")
     failed=$((failed + 1))
     # A failing step with no failing test still counts as a failure.
     if ((f == 0)); then tests_failed=$((tests_failed + 1)); fi
@@ -73,7 +86,8 @@ capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
 if (( (16#$capeff >> 24) & 1 )); then
   kinds+=(image-ext4)
 else
-  echo "conformance[image-ext4]: SKIPPED (this machine's root lacks CAP_SYS_RESOURCE, which growing a mounted ext4 needs)"
+  notes+=("conformance[image-ext4]: SKIPPED (this machine's root lacks CAP_SYS_RESOURCE, which growing a mounted ext4 needs)")
+  echo "${notes[-1]}"
 fi
 step "conformance" scripts/conformance.sh target/debug/hostpath-csi "${kinds[@]}"
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
@@ -85,7 +99,12 @@ if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
   step "kubernetes e2e" tests/e2e/run.sh
 fi
 
+if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} == 1 ]]; then
+  notes+=("kubernetes e2e: SKIPPED (HOSTPATH_CSI_SKIP_E2E=1)")
+fi
+
 echo "=== summary"
 printf '%s\n' "${results[@]}"
-echo "suite: $tests_passed passed, $tests_failed failed"
+((${#notes[@]})) && printf '%s\n' "${notes[@]}"
+echo "suite: $tests_passed passed, $tests_failed failed, $tests_skipped skipped"
 [[ $failed -eq 0 ]]
