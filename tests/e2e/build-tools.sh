@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the real upstream components the end-to-end test runs (etcd,
-# kube-apiserver, kube-controller-manager, kubectl, csi-provisioner) from the
-# Go module proxy, at the versions pinned in tests/e2e/tools/*/go.mod.
+# Builds the real upstream components the end-to-end tests run (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl,
+# csi-provisioner, csi-resizer) from the Go module proxy, at the versions
+# pinned in tests/e2e/tools/*/go.mod; with the argument `localpath`, also
+# rancher's local-path-provisioner (only scripts/bench-pods.sh uses it).
 #
 # Binaries are cached outside the repository, in $E2E_CACHE/bin (default
 # /var/cache/hostpath-csi-e2e/bin), under a name keyed by the component version
@@ -9,7 +11,7 @@
 # nothing. Go's own module and build caches (GOMODCACHE, GOCACHE) are used as
 # set up on the machine and make a rebuild after a version bump cheaper.
 #
-# Usage: build-tools.sh
+# Usage: build-tools.sh [localpath]
 #   Prints NAME=PATH lines for the built binaries on stdout; logs go to stderr.
 set -euo pipefail
 
@@ -29,6 +31,8 @@ K8S_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 PROVISIONER_VERSION=v6.4.0
 SNAPSHOTTER_VERSION=v8.7.0
+RESIZER_VERSION=v2.3.0
+LOCALPATH_VERSION=v0.0.30
 
 # -trimpath keeps absolute paths of this machine out of the binaries and makes
 # the build cache independent of where the repository is checked out.
@@ -96,6 +100,7 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 build_module k8s "$K8S_VERSION" "$(k8s_ldflags)" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
   k8s.io/kubernetes/cmd/kubectl >"$out/k8s" &
 p1=$!
 build_module etcd "$ETCD_VERSION" \
@@ -109,10 +114,17 @@ build_module snapshotter "$SNAPSHOTTER_VERSION" "-s -w -X main.version=$SNAPSHOT
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller >"$out/snapshotter" &
 p_snap=$!
+build_module resizer "$RESIZER_VERSION" "-s -w -X main.version=$RESIZER_VERSION" \
+  github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer >"$out/resizer" &
+p4=$!
+: >"$out/localpath"
+p5=""
+if [[ " $* " == *" localpath "* ]]; then
+  build_module localpath "$LOCALPATH_VERSION" "-s -w -X main.VERSION=$LOCALPATH_VERSION" \
+    github.com/rancher/local-path-provisioner >"$out/localpath" &
+  p5=$!
+fi
 rc=0
-wait $p_snap || rc=1
-wait $p1 || rc=1
-wait $p2 || rc=1
-wait $p3 || rc=1
+for p in $p_snap $p1 $p2 $p3 $p4 $p5; do wait "$p" || rc=1; done
 ((rc == 0)) || exit 1
-cat "$out/k8s" "$out/etcd" "$out/provisioner" "$out/snapshotter"
+cat "$out/k8s" "$out/etcd" "$out/provisioner" "$out/snapshotter" "$out/resizer" "$out/localpath"
