@@ -56,7 +56,7 @@ cl_cgroup_hierarchies() {
   fi
   for h in /sys/fs/cgroup/*; do
     [[ -d $h && ! -L $h ]] || continue
-    [[ $(stat -fc %T "$h") == cgroupfs ]] && echo "$h"
+    case "$(stat -fc %T "$h")" in cgroupfs | cgroup2fs) echo "$h" ;; esac
   done
 }
 
