@@ -38,6 +38,9 @@ async fn create_with(
 
 #[tokio::test]
 async fn sizes_follow_the_pool_minimum_maximum_and_default() {
+    if !common::root_or_skip("image pools are loop-mounted filesystems") {
+        return;
+    }
     let (root, _cleanup) = root();
     let pool = PoolConfig {
         min_volume_size: Some(ByteSize(20 << 20)),
@@ -111,6 +114,9 @@ async fn sizes_follow_the_pool_minimum_maximum_and_default() {
 
 #[tokio::test]
 async fn overcommit_ratio_scales_what_can_be_promised() {
+    if !common::root_or_skip("image pools are loop-mounted filesystems") {
+        return;
+    }
     let (root, _cleanup) = root();
     let fs = loop_fs(root.path(), "disk", "ext4", 128 << 20);
     let strict = PoolConfig::of_kind("strict", fs.join("strict"), PoolKind::Image);
@@ -172,6 +178,9 @@ async fn dir_pools_do_not_enforce_and_cannot_expand() {
 
 #[tokio::test]
 async fn expansion_capabilities_are_advertised_with_an_expandable_pool() {
+    if !common::root_or_skip("image pools are loop-mounted filesystems") {
+        return;
+    }
     let (root, _cleanup) = root();
     let pools = vec![
         PoolConfig::dir("hdd", root.path().join("hdd")),

@@ -37,7 +37,7 @@ enum Quotas {
 /// filesystem under it is unmounted.
 async fn btrfs_harness(bytes: u64, quotas: Quotas) -> Option<(Cleanup, BtrfsFs, Harness)> {
     if !have("btrfs") || !have("mkfs.btrfs") {
-        eprintln!("skipped: btrfs-progs is not installed");
+        common::skip("btrfs-progs is not installed");
         return None;
     }
     let (root, cleanup) = root();
@@ -154,6 +154,9 @@ async fn limits_hold(h: &Harness, name: &str) {
 
 #[tokio::test]
 async fn simple_quotas_limit_writes_expansion_lifts_them_and_stats_follow() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, fs, h)) = btrfs_harness(512 << 20, Quotas::Fresh).await else {
         return;
     };
@@ -164,6 +167,9 @@ async fn simple_quotas_limit_writes_expansion_lifts_them_and_stats_follow() {
 
 #[tokio::test]
 async fn qgroups_limit_writes_expansion_lifts_them_and_stats_follow() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, fs, h)) = btrfs_harness(512 << 20, Quotas::Qgroup).await else {
         return;
     };
@@ -224,11 +230,17 @@ async fn limits_hold_after_cycles(quotas: Quotas) {
 
 #[tokio::test]
 async fn simple_quotas_hold_after_1000_create_delete_cycles() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     limits_hold_after_cycles(Quotas::Fresh).await;
 }
 
 #[tokio::test]
 async fn qgroups_hold_after_1000_create_delete_cycles() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     limits_hold_after_cycles(Quotas::Qgroup).await;
 }
 
@@ -239,6 +251,9 @@ async fn qgroups_hold_after_1000_create_delete_cycles() {
 /// rescan of its own, and come back with limits and usage right.
 #[tokio::test]
 async fn an_inconsistent_qgroup_pool_promises_nothing_until_its_rescan_repairs_it() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, fs, mut h)) = btrfs_harness(1 << 30, Quotas::Qgroup).await else {
         return;
     };
@@ -306,6 +321,9 @@ async fn an_inconsistent_qgroup_pool_promises_nothing_until_its_rescan_repairs_i
 
 #[tokio::test]
 async fn btrfs_capacity_falls_with_promises_and_a_full_pool_leaves_no_trace() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, _fs, h)) = btrfs_harness(512 << 20, Quotas::Fresh).await else {
         return;
     };
@@ -347,6 +365,9 @@ async fn btrfs_capacity_falls_with_promises_and_a_full_pool_leaves_no_trace() {
 
 #[tokio::test]
 async fn interrupted_btrfs_calls_are_finished_by_their_retry() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, _fs, mut h)) = btrfs_harness(512 << 20, Quotas::Fresh).await else {
         return;
     };
@@ -390,6 +411,9 @@ async fn interrupted_btrfs_calls_are_finished_by_their_retry() {
 
 #[tokio::test]
 async fn a_btrfs_pool_off_btrfs_is_refused_with_a_reason() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     if !have("btrfs") {
         return;
     }
@@ -405,6 +429,9 @@ async fn a_btrfs_pool_off_btrfs_is_refused_with_a_reason() {
 /// volume's limit from its record.
 #[tokio::test]
 async fn quotas_turned_off_are_reported_and_a_restart_restores_every_limit() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     let Some((_cleanup, fs, mut h)) = btrfs_harness(512 << 20, Quotas::Fresh).await else {
         return;
     };

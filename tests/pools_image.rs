@@ -138,13 +138,19 @@ fn libc_enospc() -> i32 {
 
 #[tokio::test]
 async fn ext4_image_enforces_size_expands_online_and_reports_usage() {
+    if !common::root_or_skip("image volumes are loop-mounted filesystems") {
+        return;
+    }
     enforce_and_expand(Filesystem::Ext4, 32 * MIB, 64 * MIB).await;
 }
 
 #[tokio::test]
 async fn xfs_image_enforces_size_expands_online_and_reports_usage() {
+    if !common::root_or_skip("image volumes are loop-mounted filesystems") {
+        return;
+    }
     if !have("mkfs.xfs") {
-        eprintln!("skipped: mkfs.xfs (xfsprogs) is not installed");
+        common::skip("mkfs.xfs (xfsprogs) is not installed");
         return;
     }
     // Grown well past 1.5x the size: the write of 1.5x must fit beside
@@ -154,6 +160,9 @@ async fn xfs_image_enforces_size_expands_online_and_reports_usage() {
 
 #[tokio::test]
 async fn image_capacity_tracks_promises_and_a_full_pool_leaves_no_trace() {
+    if !common::root_or_skip("image volumes are loop-mounted filesystems") {
+        return;
+    }
     let (root, _cleanup) = root();
     // The pool lives on its own 256 MiB filesystem.
     let fs = loop_fs(root.path(), "disk", "ext4", 256 << 20);
@@ -218,6 +227,9 @@ async fn image_capacity_tracks_promises_and_a_full_pool_leaves_no_trace() {
 
 #[tokio::test]
 async fn interrupted_image_calls_are_finished_by_their_retry() {
+    if !common::root_or_skip("image volumes are loop-mounted filesystems") {
+        return;
+    }
     let (root, _cleanup) = root();
     let pool = image_pool(root.path(), "img", Filesystem::Ext4);
     let mut h = Harness::with_pool_configs(root, vec![pool]).await;

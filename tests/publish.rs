@@ -13,6 +13,9 @@ const MIB: i64 = 1 << 20;
 
 #[tokio::test]
 async fn publish_bind_mounts_the_volume_and_unpublish_removes_it() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let v = h.create("pub", "hdd", MIB).await;
     let target = h.target("pod-a");
@@ -49,6 +52,9 @@ async fn publish_bind_mounts_the_volume_and_unpublish_removes_it() {
 
 #[tokio::test]
 async fn read_only_publish_refuses_writes() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let v = h.create("ro", "hdd", MIB).await;
     std::fs::write(h.pool_dir("hdd").join("ro/seed"), b"seed").unwrap();
@@ -87,6 +93,9 @@ async fn read_only_publish_refuses_writes() {
 
 #[tokio::test]
 async fn one_volume_at_several_targets_and_a_busy_target_refused() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let a = h.create("a", "hdd", MIB).await;
     let b = h.create("b", "ssd", MIB).await;
@@ -185,6 +194,9 @@ async fn hostile_targets_are_refused_and_nothing_outside_is_touched() {
 
 #[tokio::test]
 async fn unpublish_never_unmounts_what_is_not_ours() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let v = h.create("mine", "hdd", MIB).await;
     let foreign = h.target("foreign");
@@ -233,6 +245,9 @@ async fn hostile_ids_name_nothing() {
 
 #[tokio::test]
 async fn a_static_directory_made_by_an_administrator_can_be_published() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let admin = h.pool_dir("hdd").join("static-data");
     std::fs::create_dir(&admin).unwrap();
@@ -246,6 +261,9 @@ async fn a_static_directory_made_by_an_administrator_can_be_published() {
 
 #[tokio::test]
 async fn stats_report_the_volumes_own_usage_and_missing_directories() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
     let h = Harness::start().await;
     let v = h.create("measured", "hdd", 64 * MIB).await;
     let other = h.create("other", "hdd", 64 * MIB).await;

@@ -141,8 +141,11 @@ fn names(dir: &Path, f: impl Fn(&str) -> Option<String>) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescan_the_driver_started_survives_sigkill_and_a_node_crash() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     if !have("btrfs") || !have("mkfs.btrfs") {
-        eprintln!("skipped: btrfs-progs is not installed");
+        common::skip("btrfs-progs is not installed");
         return;
     }
     let kills = env_u64("HOSTPATH_CSI_RESCAN_KILLS", 6);
@@ -322,8 +325,11 @@ async fn a_rescan_the_driver_started_survives_sigkill_and_a_node_crash() {
 /// has them), full qgroups kept on one that has them already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_names_each_pools_quota_mode() {
+    if !common::root_or_skip("it makes a loop-mounted btrfs filesystem") {
+        return;
+    }
     if !have("btrfs") || !have("mkfs.btrfs") {
-        eprintln!("skipped: btrfs-progs is not installed");
+        common::skip("btrfs-progs is not installed");
         return;
     }
     let work = Workdir::new("hostpath-csi-quota-mode");

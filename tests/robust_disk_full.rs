@@ -102,6 +102,9 @@ fn assert_exhausted(res: Result<String, tonic::Status>, what: &str) {
 
 #[tokio::test]
 async fn a_full_pool_refuses_new_volumes_cleanly_and_recovers() {
+    if !common::root_or_skip("the pool is a small tmpfs the test mounts") {
+        return;
+    }
     let (h, _fs) = harness("size=2m").await;
     let pool = h.pool_dir("small");
 
@@ -192,6 +195,9 @@ async fn a_full_pool_refuses_new_volumes_cleanly_and_recovers() {
 
 #[tokio::test]
 async fn a_pool_out_of_inodes_refuses_new_volumes_and_leaves_nothing() {
+    if !common::root_or_skip("the pool is a small tmpfs the test mounts") {
+        return;
+    }
     let (h, fs) = harness("size=2m,nr_inodes=48").await;
     let pool = h.pool_dir("small");
     // Use up every inode, outside the pool directory.

@@ -81,13 +81,23 @@ const DRIVER_OWNED: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dir_pools_survive_sigkill_at_random_points() {
+    if !common::root_or_skip(
+        "the pools live on loop-mounted filesystems and volumes are published with bind mounts",
+    ) {
+        return;
+    }
     crash_test(&[PoolSpec::dir("a"), PoolSpec::dir("b")], 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn btrfs_pools_survive_sigkill_at_random_points() {
+    if !common::root_or_skip(
+        "the pools live on loop-mounted filesystems and volumes are published with bind mounts",
+    ) {
+        return;
+    }
     if !have("btrfs") || !have("mkfs.btrfs") {
-        eprintln!("skipped: btrfs-progs is not installed");
+        common::skip("btrfs-progs is not installed");
         return;
     }
     crash_test(&[PoolSpec::btrfs("bt")], 12).await;
@@ -97,8 +107,13 @@ async fn btrfs_pools_survive_sigkill_at_random_points() {
 /// accounting before the driver came: the driver keeps that mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn btrfs_qgroup_pools_survive_sigkill_at_random_points() {
+    if !common::root_or_skip(
+        "the pools live on loop-mounted filesystems and volumes are published with bind mounts",
+    ) {
+        return;
+    }
     if !have("btrfs") || !have("mkfs.btrfs") {
-        eprintln!("skipped: btrfs-progs is not installed");
+        common::skip("btrfs-progs is not installed");
         return;
     }
     crash_test(&[PoolSpec::btrfs_qgroups("bt")], 12).await;
@@ -114,8 +129,13 @@ async fn btrfs_qgroup_pools_survive_sigkill_at_random_points() {
 /// stat'ed or deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn image_pools_survive_sigkill_at_random_points() {
+    if !common::root_or_skip(
+        "the pools live on loop-mounted filesystems and volumes are published with bind mounts",
+    ) {
+        return;
+    }
     if !have("mkfs.xfs") || !have("xfs_growfs") {
-        eprintln!("skipped: xfsprogs is not installed");
+        common::skip("xfsprogs is not installed");
         return;
     }
     // xfs: it grows online without CAP_SYS_RESOURCE, which ext4 needs.
@@ -130,6 +150,11 @@ async fn image_pools_survive_sigkill_at_random_points() {
 /// The race is timing-dependent, so the scenario runs a few times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retried_calls_do_not_race_the_startup_sweep() {
+    if !common::root_or_skip(
+        "the pools live on loop-mounted filesystems and volumes are published with bind mounts",
+    ) {
+        return;
+    }
     let mut errors = Vec::new();
     for _ in 0..3 {
         errors.extend(sweep_scenario().await);
