@@ -47,6 +47,11 @@ command -v runc >/dev/null || need+=(runc)
 [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v iptables >/dev/null || need+=(iptables)
+# The non-Go gRPC clients of tests/clients.rs: a JDK and maven for
+# grpc-java, venv for grpcio.
+command -v javac >/dev/null || need+=(default-jdk-headless)
+command -v mvn >/dev/null || need+=(maven)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -76,4 +81,31 @@ if [[ ! -x $grpcurl ]]; then
   rmdir "$tmp"
 fi
 ln -sf "$grpcurl" "$CACHE/bin/grpcurl"
+
+# Real gRPC clients that are not Go, for tests/clients.rs, pinned: Python's
+# grpcio in a venv, and a grpc-java client compiled with javac against
+# grpc-java's jars (fetched by Maven from its pinned pom), cached by a hash
+# of its sources.
+GRPCIO_VERSION=1.85.1
+venv="$CACHE/grpcio-$GRPCIO_VERSION"
+if ! "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
+  echo "setup: installing grpcio $GRPCIO_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
+fi
+java_src=$(cd "$(dirname "$0")/.." && pwd)/tests/clients/java
+java_id=$(cat "$java_src/pom.xml" "$java_src/CsiClient.java" | sha256sum | cut -c1-16)
+java_dir="$CACHE/grpc-java-client-$java_id"
+if [[ ! -f $java_dir/classes/CsiClient.class ]]; then
+  echo "setup: building the grpc-java client"
+  tmp=$(mktemp -d "$CACHE/grpc-java-client.XXXXXX")
+  mvn -q -B -f "$java_src/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$tmp/lib" -DincludeScope=runtime
+  javac -d "$tmp/classes" -cp "$tmp/lib/*" "$java_src/CsiClient.java"
+  rm -rf "$java_dir"
+  mv "$tmp" "$java_dir"
+fi
+ln -sfn "$java_dir" "$CACHE/grpc-java-client"
+
 echo "setup: done (csi-sanity at $CACHE/bin/csi-sanity)"

@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
 use crate::endpoint::EndpointError;
+use crate::grpc::authority::AuthorityFix;
 use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
 use crate::volume::Volumes;
 use csi_proto as csi;
@@ -60,7 +62,12 @@ pub async fn run(
         .add_service(csi::node_server::NodeServer::new(Node::new(Arc::clone(
             &shared,
         ))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Clients that send their socket path as :authority (grpcio,
+            // grpc-java) would be refused by h2 otherwise (grpc::authority).
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
+            shutdown,
+        )
         .await
 }
 

@@ -5,6 +5,7 @@
 //! become status codes in one place (`status`). No handler logs a whole
 //! request: CSI requests can carry secrets.
 
+pub(crate) mod authority;
 pub(crate) mod controller;
 pub(crate) mod identity;
 pub(crate) mod node;
