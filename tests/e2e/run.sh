@@ -530,6 +530,93 @@ pgrep -P "${PIDS[csi-provisioner]}" >/dev/null || fail "csi-provisioner is not r
 current="RBAC: csi-provisioner, running with the DaemonSet's ServiceAccount, was never refused"
 if grep -i "forbidden" "$W/logs/csi-provisioner.log" >&2; then fail "csi-provisioner was refused access (above)"; fi
 pass
+scenario "6 snapshots: a VolumeSnapshot of a claim with known data, a claim restored from it and a clone hold that data on disk"
+# The snapshots component's RBAC and class for real (its sidecar runs here as
+# a host process with the DaemonSet's ServiceAccount token, like
+# csi-provisioner); the snapshot controller in distributed mode, with the
+# admin's credentials (its own ServiceAccount and RBAC are in
+# deploy/snapshot-controller, checked above).
+k apply -f "$repo/deploy/components/snapshots/rbac.yaml" -f "$repo/deploy/components/snapshots/volumesnapshotclass.yaml" >>"$W/logs/apply.log" 2>&1 ||
+  fail "applying the snapshots component's RBAC and VolumeSnapshotClass"
+start snapshot-controller "$SNAPSHOT_CONTROLLER" --kubeconfig="$W/admin.kubeconfig" --leader-election=false \
+  --enable-distributed-snapshotting=true --v=2
+NODE_NAME="$NODE" supervise csi-snapshotter "$CSI_SNAPSHOTTER" --csi-address="$SOCK_DIR/csi.sock" \
+  --node-deployment=true --leader-election=false --kubeconfig="$W/provisioner.kubeconfig" --v=2
+claim snap-src hdd 8Mi
+wait_for 60 "claim snap-src Bound" is_bound snap-src
+src_pv="$(pv_of snap-src)"
+[[ -n "$src_pv" && -d "$HDD/$src_pv" ]] || fail "no volume directory for claim snap-src"
+head -c 1048576 /dev/urandom >"$HDD/$src_pv/data" || fail "writing into $HDD/$src_pv"
+mkdir -p "$HDD/$src_pv/sub" && echo "kept" >"$HDD/$src_pv/sub/file"
+before_sum="$(cat "$HDD/$src_pv/data" "$HDD/$src_pv/sub/file" | sha256sum)"
+k apply -n "$APP_NS" -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: snap1
+spec:
+  volumeSnapshotClassName: hostpath-csi
+  source:
+    persistentVolumeClaimName: snap-src
+EOF
+snap_ready() { [[ "$(k get volumesnapshot -n "$APP_NS" snap1 -o jsonpath='{.status.readyToUse}')" == true ]]; }
+wait_for 90 "VolumeSnapshot snap1 readyToUse" snap_ready
+snap_content="$(k get volumesnapshot -n "$APP_NS" snap1 -o jsonpath='{.status.boundVolumeSnapshotContentName}')"
+snap_handle="$(k get volumesnapshotcontent "$snap_content" -o jsonpath='{.status.snapshotHandle}')"
+snap_token="$(cut -d@ -f2 <<<"$snap_handle")"
+[[ -n "$snap_token" && -d "$HDD/.snapshots/$snap_token" && -f "$HDD/.snapshots/.$snap_token.meta" ]] ||
+  fail "snapshot $snap_handle is not in $HDD/.snapshots"
+log "  snapshot $snap_handle at $HDD/.snapshots/$snap_token"
+# The source changes after the snapshot.
+echo "changed" >"$HDD/$src_pv/data"
+after_sum="$(cat "$HDD/$src_pv/data" "$HDD/$src_pv/sub/file" | sha256sum)"
+from_source() { # NAME KIND SOURCE APIGROUP
+  k apply -n "$APP_NS" -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: $1
+  annotations:
+    volume.kubernetes.io/selected-node: $NODE
+spec:
+  storageClassName: hdd
+  accessModes: ["ReadWriteOnce"]
+  resources:
+    requests:
+      storage: 8Mi
+  dataSource:
+    apiGroup: "$4"
+    kind: $2
+    name: $3
+EOF
+}
+from_source restored VolumeSnapshot snap1 snapshot.storage.k8s.io
+from_source cloned PersistentVolumeClaim snap-src ""
+wait_for 90 "claim restored Bound" is_bound restored
+wait_for 90 "claim cloned Bound" is_bound cloned
+restored_pv="$(pv_of restored)"; cloned_pv="$(pv_of cloned)"
+[[ "$(cat "$HDD/$restored_pv/data" "$HDD/$restored_pv/sub/file" | sha256sum)" == "$before_sum" ]] ||
+  fail "the restored volume $restored_pv does not hold the data at the snapshot"
+[[ "$(cat "$HDD/$cloned_pv/data" "$HDD/$cloned_pv/sub/file" | sha256sum)" == "$after_sum" ]] ||
+  fail "the clone $cloned_pv does not hold its source's data"
+grep -q "snapshot $snap_handle" "$HDD/.$restored_pv.meta" || fail "the restored volume's record does not name its snapshot"
+# Deleting the source claim deletes its volume; the snapshot stays, and goes
+# with its VolumeSnapshot (deletionPolicy Delete).
+k delete pvc -n "$APP_NS" snap-src --wait=true --timeout=60s >/dev/null || fail "deleting claim snap-src"
+wait_for 60 "PV $src_pv deleted" pv_gone "$src_pv"
+[[ ! -e "$HDD/$src_pv" && -d "$HDD/.snapshots/$snap_token" ]] || fail "after deleting the source: volume or snapshot not as expected"
+k delete volumesnapshot -n "$APP_NS" snap1 --wait=true --timeout=60s >/dev/null || fail "deleting VolumeSnapshot snap1"
+snapshot_gone() { [[ ! -e "$HDD/.snapshots/$snap_token" && ! -e "$HDD/.snapshots/.$snap_token.meta" ]]; }
+wait_for 60 "the snapshot's data removed from $HDD/.snapshots" snapshot_gone
+k delete pvc -n "$APP_NS" restored cloned --wait=true --timeout=60s >/dev/null || fail "deleting the restored and cloned claims"
+wait_for 60 "PV $restored_pv deleted" pv_gone "$restored_pv"
+wait_for 60 "PV $cloned_pv deleted" pv_gone "$cloned_pv"
+if grep -i "forbidden" "$W/logs/csi-snapshotter.log" >&2; then fail "csi-snapshotter was refused access (above)"; fi
+for p in csi-snapshotter snapshot-controller; do
+  kill "${PIDS[$p]}" 2>/dev/null; wait "${PIDS[$p]}" 2>/dev/null || true; unset "PIDS[$p]"
+done
+pass
+
 scenario "5 uninstall: kubectl delete -k deploy/ removes the install, capacity objects included"
 # The node plugin goes first (in a cluster, deleting the DaemonSet does that).
 kill "${PIDS[csi-provisioner]}"; wait "${PIDS[csi-provisioner]}" 2>/dev/null || true; unset "PIDS[csi-provisioner]"
