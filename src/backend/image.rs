@@ -359,6 +359,23 @@ fn copy_flushed(from: &Path, dest: &Path) -> Result<()> {
         .map_err(|e| BackendError::io(format!("flushing {}", dest.display()), e))
 }
 
+/// Unmounts the image's filesystem from its mount point (twice if a
+/// retried call stacked a second mount).
+fn unmount_all(mnt: &Path) -> Result<()> {
+    for _ in 0..4 {
+        if mounted_device(mnt)?.is_none() {
+            break;
+        }
+        sys::mount::unmount(mnt).map_err(|e| match e.raw_os_error() {
+            Some(c) if c == nix::errno::Errno::EBUSY as i32 => BackendError::Busy {
+                path: mnt.to_path_buf(),
+            },
+            _ => BackendError::io(format!("unmounting {}", mnt.display()), e),
+        })?;
+    }
+    Ok(())
+}
+
 fn remove_file(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -444,18 +461,7 @@ impl Backend for ImageBackend {
         let mnt = pool_dir.join(token);
         let img = Self::image(pool_dir, token);
         let has_image = img.exists();
-        // Unmount (twice if a retried call stacked a second mount).
-        for _ in 0..4 {
-            if mounted_device(&mnt)?.is_none() {
-                break;
-            }
-            sys::mount::unmount(&mnt).map_err(|e| match e.raw_os_error() {
-                Some(c) if c == nix::errno::Errno::EBUSY as i32 => {
-                    BackendError::Busy { path: mnt.clone() }
-                }
-                _ => BackendError::io(format!("unmounting {}", mnt.display()), e),
-            })?;
-        }
+        unmount_all(&mnt)?;
         if has_image {
             // Devices still attached: left by a call killed between losetup
             // and mount, or (auto-clear) being released right now.
@@ -465,6 +471,31 @@ impl Backend for ImageBackend {
             // No image but a directory with data: a volume made while the
             // pool was of kind dir. Remove it the way that kind does.
             return super::dir::DirBackend.delete(pool_dir, token);
+        }
+        remove_file(&Self::scratch(pool_dir, token))?;
+        match std::fs::remove_dir(&mnt) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(BackendError::io(format!("removing {}", mnt.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn archive(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        let mnt = pool_dir.join(token);
+        let img = Self::image(pool_dir, token);
+        // The image goes to the trash unmounted and with no loop device,
+        // so an archived volume holds nothing but its file.
+        unmount_all(&mnt)?;
+        if img.exists() {
+            wait_detached(&img)?;
+            sys::fs::rename_noreplace(&img, dest).map_err(|e| {
+                BackendError::io(format!("moving {} to {}", img.display(), dest.display()), e)
+            })?;
+        } else if mnt.exists() && !sys::fs::is_empty_dir(&mnt).unwrap_or(true) {
+            // A volume made while the pool was of kind dir: archived the
+            // way that kind does.
+            return super::dir::DirBackend.archive(pool_dir, token, dest);
         }
         remove_file(&Self::scratch(pool_dir, token))?;
         match std::fs::remove_dir(&mnt) {

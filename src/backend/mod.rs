@@ -270,6 +270,35 @@ pub(crate) trait Backend: Send + Sync + Debug {
     /// interrupted earlier delete. Missing storage is not an error.
     fn delete(&self, pool_dir: &Path, token: &str) -> Result<()>;
 
+    /// Moves the storage of volume `token` to `dest`, a path in the pool's
+    /// trash (same filesystem), as something [`Backend::purge`] removes
+    /// later: the volume's directory or subvolume by default (one rename,
+    /// whatever it holds). Idempotent: storage already moved (a retry after
+    /// a crash) or missing is not an error; `dest` is never replaced.
+    fn archive(&self, pool_dir: &Path, token: &str, dest: &Path) -> Result<()> {
+        let path = pool_dir.join(token);
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io(
+                format!("inspecting {}", path.display()),
+                e,
+            )),
+            Ok(_) => crate::sys::fs::rename_noreplace(&path, dest).map_err(|e| {
+                BackendError::io(
+                    format!("moving {} to {}", path.display(), dest.display()),
+                    e,
+                )
+            }),
+        }
+    }
+
+    /// Removes storage that [`Backend::archive`] moved to `path`; missing
+    /// storage is not an error.
+    fn purge(&self, path: &Path) -> Result<()> {
+        crate::sys::fs::remove_tree(path)
+            .map_err(|e| BackendError::io(format!("removing {}", path.display()), e))
+    }
+
     /// Size and free bytes of the pool's filesystem, in one `statfs`.
     fn space(&self, pool_dir: &Path) -> Result<crate::sys::fs::FsSpace> {
         crate::sys::fs::space(pool_dir)

@@ -67,7 +67,8 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::BadPath { .. }
         | RequestError::EmptyContentSource
         | RequestError::MutableParameters
-        | RequestError::NegativeMaxEntries => Code::InvalidArgument,
+        | RequestError::NegativeMaxEntries
+        | RequestError::OnDelete(_) => Code::InvalidArgument,
     }
 }
 

@@ -131,6 +131,13 @@ pub(crate) fn remove_if_present(dir: &Path, name: &str) -> io::Result<()> {
     }
 }
 
+/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then): moving
+/// a volume's data into the trash must never replace data already there.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    nix::fcntl::renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+        .map_err(io::Error::from)
+}
+
 /// Flushes a directory's entries (creations, renames, removals) to disk.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -107,6 +107,9 @@ pub enum RequestError {
     /// A negative `max_entries`.
     #[error("max_entries must not be negative")]
     NegativeMaxEntries,
+    /// `onDelete` or `archiveRetention` that cannot be used.
+    #[error(transparent)]
+    OnDelete(#[from] crate::volume::OnDeleteError),
     /// A paging token this driver did not issue (ABORTED, as the spec
     /// asks: the CO lists again from the start).
     #[error("starting_token {0:?} was not issued by this driver; list again from the start")]
@@ -166,10 +169,14 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
         .as_ref()
         .map(|a| a.requisite.iter().map(segments).collect())
         .unwrap_or_default();
+    let parameters = parameters(&r.parameters);
+    // Checked now, so a StorageClass with a typo fails at its first claim,
+    // not when its first volume is deleted.
+    crate::volume::OnDelete::from_parameters(&parameters)?;
     Ok(CreateVolume {
         name,
         capacity,
-        parameters: parameters(&r.parameters),
+        parameters,
         requisite,
         source,
     })

@@ -9,7 +9,7 @@ use super::capacity::{self, Capacity};
 use super::id::VolumeId;
 use super::pool::Pool;
 use super::record::Record;
-use super::{Result, Volume, VolumeError, Volumes};
+use super::{OnDelete, Result, Volume, VolumeError, Volumes};
 use crate::sys;
 use crate::validate::{CapacityRange, CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
 
@@ -72,15 +72,17 @@ impl Volumes {
     }
 
     /// DeleteVolume: succeeds for volumes that do not exist; never removes a
-    /// directory the driver has no record of.
+    /// directory the driver has no record of. What happens to the data is
+    /// the volume's StorageClass's choice (`onDelete`): removed, or moved
+    /// to the pool's trash for its retention time.
     pub(crate) fn delete(&self, id: &VolumeId) -> Result<()> {
         let Some(pool) = self.pool(id.pool()) else {
             return Ok(());
         };
         let _guard = self.inflight.claim(id.token())?;
-        if pool.record(id.token())?.is_none() {
+        let Some(record) = pool.record(id.token())? else {
             return Ok(());
-        }
+        };
         let table =
             sys::mountinfo::read().map_err(|e| VolumeError::io("reading the mount table", e))?;
         let binds = sys::mountinfo::binds_of(&table, &pool.volume_path(id.token()));
@@ -90,8 +92,20 @@ impl Volumes {
                 at: at.clone(),
             });
         }
-        pool.remove(id.token())?;
-        tracing::info!(volume_id = %id, "volume deleted");
+        match OnDelete::of_record(&record) {
+            OnDelete::Delete => {
+                pool.remove(id.token())?;
+                tracing::info!(volume_id = %id, "volume deleted");
+            }
+            OnDelete::Archive { retention } => {
+                pool.archive(id.token(), &record, retention)?;
+                tracing::info!(
+                    volume_id = %id,
+                    retention_s = retention.as_secs(),
+                    "volume archived to the pool's trash"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -15,7 +15,8 @@
 //! - `inflight`: one call at a time per volume;
 //! - `inventory`: what the pools hold, read without changing anything
 //!   (`hostpath-csi volumes`, metrics, the orphan report);
-//! - `snapshot`: snapshots, and volumes made from a snapshot or a volume.
+//! - `snapshot`: snapshots, and volumes made from a snapshot or a volume;
+//! - `trash`: archived volumes across pools (the sweep, what they hold).
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
@@ -29,6 +30,7 @@ mod pool;
 pub mod record;
 pub mod snapshot;
 mod target;
+mod trash;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,8 +44,11 @@ use record::Record;
 
 pub use capacity::CapacityError;
 pub use inflight::LockError;
-pub use pool::PoolError;
+pub(crate) use pool::now_unix;
+pub use pool::{OnDelete, OnDeleteError, PoolError, TrashMeta, parse_duration};
 pub use target::TargetError;
+pub(crate) use trash::SWEEP_EVERY;
+pub use trash::TrashUsage;
 
 /// Why a call on the volumes failed, by cause.
 #[derive(Debug, thiserror::Error)]

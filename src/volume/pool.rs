@@ -15,6 +15,8 @@
 //!                       where nameless files cannot be linked
 //! .<token><scratch>     the backend's half-made or half-removed storage
 //!                       (`.deleting` for dir, `.img.new` for image)
+//! .trash/               archived volumes (`trash`), removed after their
+//!                       retention
 //! ```
 //!
 //! The record is the commit point of CreateVolume and the last thing
@@ -40,6 +42,10 @@ use crate::config::{Overcommit, PoolConfig, PoolKind};
 use crate::sys;
 use crate::volume::id::valid_token;
 use crate::volume::record::{self, Record, Use};
+
+mod trash;
+pub use trash::{OnDelete, OnDeleteError, TrashMeta, parse_duration};
+pub(crate) use trash::{TrashItem, now_unix};
 
 /// What can go wrong with a pool's directory and records.
 #[derive(Debug, thiserror::Error)]
