@@ -107,6 +107,33 @@ async fn open_pools(shared: Arc<Shared>) {
         Ok(Some(Err(e))) => tracing::warn!(error = %e, "sweeping leftovers failed"),
         Err(e) => tracing::warn!(error = %e, "sweeping leftovers panicked"),
     }
+    sweep_trash(shared).await;
+}
+
+/// Removes archived volumes whose retention ran out: at start, then
+/// whenever the next one expires (at least every `SWEEP_EVERY`).
+async fn sweep_trash(shared: Arc<Shared>) {
+    use crate::volume::SWEEP_EVERY;
+    loop {
+        let s = Arc::clone(&shared);
+        let swept =
+            tokio::task::spawn_blocking(move || s.volumes.get().map(Volumes::purge_trash)).await;
+        let wait = match swept {
+            Ok(Some(Ok(s))) => s
+                .next_in
+                .map_or(SWEEP_EVERY, |n| Duration::from_secs(n).min(SWEEP_EVERY)),
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "sweeping the trash failed; retrying");
+                SWEEP_EVERY
+            }
+            Ok(None) => SWEEP_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweeping the trash panicked; retrying");
+                SWEEP_EVERY
+            }
+        };
+        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+    }
 }
 
 /// gRPC server reflection of the CSI services (v1, and v1alpha for older
