@@ -107,15 +107,19 @@ async fn open_pools(shared: Arc<Shared>) {
         Ok(Some(Err(e))) => tracing::warn!(error = %e, "sweeping leftovers failed"),
         Err(e) => tracing::warn!(error = %e, "sweeping leftovers panicked"),
     }
-    sweep_trash(shared).await;
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    sweep_trash(weak).await;
 }
 
 /// Removes archived volumes whose retention ran out: at start, then
-/// whenever the next one expires (at least every `SWEEP_EVERY`).
-async fn sweep_trash(shared: Arc<Shared>) {
+/// whenever the next one expires (at least every `SWEEP_EVERY`). Holds the
+/// driver's state only while sweeping, and stops once the server has
+/// stopped (its pools, and their locks, must go with it).
+async fn sweep_trash(shared: std::sync::Weak<Shared>) {
     use crate::volume::SWEEP_EVERY;
     loop {
-        let s = Arc::clone(&shared);
+        let Some(s) = shared.upgrade() else { return };
         let swept =
             tokio::task::spawn_blocking(move || s.volumes.get().map(Volumes::purge_trash)).await;
         let wait = match swept {

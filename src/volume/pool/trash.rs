@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::{Pool, PoolError, Result, lock};
 use crate::sys;
 use crate::volume::id::valid_token;
-use crate::volume::record::Record;
+use crate::volume::record::{self, Record, Use};
 
 /// The trash directory inside a pool.
 pub(crate) const TRASH_DIR: &str = ".trash";
@@ -239,6 +239,10 @@ impl Pool {
         sys::fs::sync_dir(&entry)
             .and_then(|()| sys::fs::sync_dir(&trash))
             .map_err(io_err(format!("flushing {}", entry.display())))?;
+        for what in [Use::Published, Use::Unpublished] {
+            sys::fs::remove_if_present(&self.dir, &record::marker_name(token, what))
+                .map_err(io_err(format!("removing the use markers of {token}")))?;
+        }
         self.remove_record(token)?;
         if let Some(set) = lock(&self.index).as_mut() {
             set.remove(token);
