@@ -15,6 +15,8 @@
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
 //!   create/delete/list, sizes and promises, expansion,
 //!   publish/unpublish/stats, per-volume locks.
+//! - `orphans`: volumes nothing in the cluster will use again (kube-rs),
+//!   their Events, and safe reclaim (`hostpath-csi orphans`).
 //! - `backend`: per pool kind, how storage is made, sized and removed.
 //! - `sys`: the kernel boundary: the only place with mount syscalls and
 //!   mountinfo parsing; durable record writes; running storage tools.
@@ -32,6 +34,7 @@ pub mod endpoint;
 pub(crate) mod grpc;
 pub mod healthz;
 pub mod kubelet;
+pub mod orphans;
 pub mod server;
 pub mod sys;
 pub mod validate;
