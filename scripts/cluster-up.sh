@@ -144,6 +144,9 @@ for n in $(seq 2 "$NODES"); do
   unshare --mount="$CL_STATE/node$n.mntns" --propagation private true
   nsenter --mount="$CL_STATE/node$n.mntns" -- sh -ec "
     mount --bind '$nd/kubelet' /var/lib/kubelet
+    # Shared now, so the kubelet does not bind it onto itself a second time
+    # (containerd would then find the private mount below first).
+    mount --make-rshared /var/lib/kubelet
     mount --bind '$nd/pools' /var/lib/hostpath-csi
     mkdir -p '$nd/run-containerd' /run/containerd
     mount --bind '$nd/run-containerd' /run/containerd"
@@ -152,7 +155,10 @@ done
 # propagation (this machine's / is private), in every node's namespace.
 for n in $(seq "$NODES"); do
   enter=(); ((n > 1)) && enter=(nsenter "--mount=$CL_STATE/node$n.mntns" --)
-  "${enter[@]}" sh -ec 'mount --bind /var/lib/hostpath-csi /var/lib/hostpath-csi
+  # One mount, made shared (containerd checks the first mount it finds at
+  # the path, so a shared bind on top of a private one would not do).
+  "${enter[@]}" sh -ec 'mountpoint -q /var/lib/hostpath-csi ||
+      mount --bind /var/lib/hostpath-csi /var/lib/hostpath-csi
     mount --make-rshared /var/lib/hostpath-csi'
 done
 
