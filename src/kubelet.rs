@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use csi_proto::pluginregistration as reg;
@@ -231,7 +232,7 @@ pub async fn serve(
                 .add_service(reg::registration_server::RegistrationServer::new(
                     service.clone(),
                 ))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+                .serve_with_incoming_shutdown(rewriting(listener), signal);
             tokio::pin!(server);
             // A kubelet that keeps its connection open must not hold the
             // driver back: once the signal fired, calls get STOP_GRACE.
@@ -271,6 +272,27 @@ pub async fn serve(
         );
         socket = bind(&registration)?;
     }
+}
+
+/// The connections of `listener`, each passed through
+/// [`crate::uds_authority`] so that the kubelet's requests (whose
+/// `:authority` is the socket's path) are not refused by the HTTP/2 layer.
+fn rewriting(listener: UnixListener) -> impl Stream<Item = io::Result<tokio::io::DuplexStream>> {
+    UnixListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (conn_read, conn_write) = conn.into_split();
+        let (ours_read, ours_write) = tokio::io::split(ours);
+        tokio::spawn(async move {
+            let _ = crate::uds_authority::copy_rewriting(conn_read, ours_write).await;
+        });
+        tokio::spawn(async move {
+            let (mut from, mut to) = (ours_read, conn_write);
+            let _ = tokio::io::copy(&mut from, &mut to).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut to).await;
+        });
+        Ok(theirs)
+    })
 }
 
 /// How the registration socket stopped being ours.

@@ -37,5 +37,6 @@ pub mod kubelet;
 pub mod orphans;
 pub mod server;
 pub mod sys;
+mod uds_authority;
 pub mod validate;
 pub mod volume;
