@@ -168,6 +168,23 @@ pub struct ServeArgs {
     /// ready, 503 with the reason otherwise. Off when unset.
     #[arg(long, env = "HEALTHZ_ADDRESS", value_name = "ADDR")]
     pub healthz_address: Option<String>,
+
+    /// Serve Prometheus metrics (`GET /metrics`) here: `HOST:PORT`. Off
+    /// when unset. Only a loopback address unless --metrics-allow-remote:
+    /// the metrics name claims and namespaces, and the endpoint has no
+    /// authentication.
+    #[arg(long, env = "HOSTPATH_CSI_METRICS_ADDRESS", value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+
+    /// Allow --metrics-address to be a non-loopback address (a pod's own
+    /// IP or `0.0.0.0`, for a Prometheus that scrapes pods).
+    #[arg(long, env = "HOSTPATH_CSI_METRICS_ALLOW_REMOTE")]
+    pub metrics_allow_remote: bool,
+
+    /// Leave out the per-volume series (`hostpath_csi_volume_used_bytes`),
+    /// for nodes with very many volumes.
+    #[arg(long, env = "HOSTPATH_CSI_NO_VOLUME_METRICS")]
+    pub no_volume_metrics: bool,
 }
 
 impl ServeArgs {
@@ -224,6 +241,24 @@ impl ServeArgs {
             driver_name: config.driver_name.clone(),
             csi_endpoint,
         }))
+    }
+
+    /// The metrics endpoint's address, when `--metrics-address` is given;
+    /// an error naming the reason for a remote one not explicitly allowed.
+    pub fn metrics_address(&self) -> Result<Option<SocketAddr>, String> {
+        let Some(a) = &self.metrics_address else {
+            return Ok(None);
+        };
+        let addr = healthz::parse_address(a)
+            .ok_or_else(|| format!("--metrics-address {a:?} is not HOST:PORT"))?;
+        if !addr.ip().is_loopback() && !self.metrics_allow_remote {
+            return Err(format!(
+                "--metrics-address {addr} is not a loopback address; the metrics name claims \
+                 and namespaces and are served without authentication, so serving them beyond \
+                 this host needs --metrics-allow-remote"
+            ));
+        }
+        Ok(Some(addr))
     }
 
     /// The health endpoint's address, when `--healthz-address` is given.

@@ -34,6 +34,7 @@ pub mod endpoint;
 pub(crate) mod grpc;
 pub mod healthz;
 pub mod kubelet;
+pub mod metrics;
 pub mod orphans;
 pub mod server;
 pub mod sys;

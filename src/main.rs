@@ -91,9 +91,30 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = server::run(config, listener, async {
-        let _ = stopped.await;
-    });
+    let metrics = hostpath_csi::metrics::Metrics::new(!args.no_volume_metrics);
+    let metrics_listener = match args.metrics_address() {
+        Ok(None) => None,
+        Ok(Some(addr)) => match hostpath_csi::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            tracing::error!("configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = server::run_with_metrics(
+        config,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        metrics,
+        metrics_listener,
+    );
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r,

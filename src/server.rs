@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::endpoint::EndpointError;
 use crate::grpc::authority::AuthorityFix;
 use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
+use crate::metrics::{AsVolumes, Metrics, RpcLayer};
 use crate::volume::Volumes;
 use csi_proto as csi;
 
@@ -39,7 +40,31 @@ pub async fn run(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    run_with_metrics(config, listener, shutdown, Metrics::new(false), None).await
+}
+
+/// [`run`], counting every call in `metrics`, and serving them on
+/// `metrics_listener` (`GET /metrics`) when given.
+pub async fn run_with_metrics(
+    config: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+    metrics: Arc<Metrics>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), tonic::transport::Error> {
     let shared = Shared::new(config);
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(l) = metrics_listener {
+        let s = Arc::clone(&shared);
+        tokio::spawn(crate::metrics::serve(
+            l,
+            Arc::clone(&metrics),
+            move || Some(Arc::clone(&s) as Arc<dyn AsVolumes>),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+    }
     tokio::spawn(open_pools(Arc::clone(&shared)));
     tracing::info!(
         driver = %shared.config.driver_name,
@@ -50,7 +75,8 @@ pub async fn run(
         shared.config.socket.display()
     );
     let (reflection, reflection_alpha) = reflection();
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
+        .layer(RpcLayer(metrics))
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(csi::identity_server::IdentityServer::new(Identity::new(
@@ -68,7 +94,15 @@ pub async fn run(
             UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
             shutdown,
         )
-        .await
+        .await;
+    let _ = stop_metrics.send(());
+    served
+}
+
+impl AsVolumes for Shared {
+    fn volumes(&self) -> Option<&Volumes> {
+        self.volumes.get()
+    }
 }
 
 /// Opens the pools (retrying until it works), then sweeps leftovers of

@@ -161,6 +161,17 @@ impl Volumes {
     }
 }
 
+impl Volumes {
+    /// Size and free bytes of each pool's filesystem (one statfs each), by
+    /// pool name; `None` for a pool whose filesystem cannot be asked.
+    pub fn space(&self) -> std::collections::HashMap<String, Option<(u64, u64)>> {
+        self.pools
+            .iter()
+            .map(|p| (p.name().to_string(), p.fs_space().ok()))
+            .collect()
+    }
+}
+
 fn mount_table() -> Result<Vec<sys::mountinfo::MountEntry>> {
     sys::mountinfo::read().map_err(|e| VolumeError::io("reading the mount table", e))
 }

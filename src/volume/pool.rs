@@ -394,6 +394,12 @@ impl Pool {
             .flatten()
     }
 
+    /// Size and free bytes of the pool's filesystem (one statfs).
+    pub(crate) fn fs_space(&self) -> Result<(u64, u64)> {
+        let s = self.backend.space(&self.dir)?;
+        Ok((s.total_bytes, s.available_bytes))
+    }
+
     /// Bytes each of the volumes `tokens` holds, measured without changing
     /// anything; a volume that cannot be measured is left out.
     pub(crate) fn held(&self, tokens: &[&str]) -> Result<BTreeMap<String, u64>> {

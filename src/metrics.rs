@@ -1,0 +1,473 @@
+//! Prometheus metrics: per-RPC counts and latencies (a tower layer around
+//! the gRPC server), per pool space and volume counts, per volume used
+//! bytes, and orphan counts (filled by the orphan report), served as
+//! OpenMetrics text on `GET /metrics` when `--metrics-address` is given.
+//!
+//! The RPC figures are counted always (an atomic add per call); the pool
+//! and volume figures are read when scraped, from the read-only inventory
+//! (`volume::inventory`), so a scrape never changes anything and costs
+//! nothing between scrapes. Metric names follow the Prometheus
+//! conventions: a `hostpath_csi_` prefix, base units in the name
+//! (`_seconds`, `_bytes`), `_total` on counters.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::codegen::http;
+
+use crate::volume::Volumes;
+use crate::volume::inventory::{InventoryOptions, Origin};
+
+/// Upper bounds of the latency buckets, in seconds: from a Probe (well
+/// under a millisecond) to an image create with mkfs (hundreds of ms) and
+/// a slow btrfs delete (seconds).
+const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How long a scraper may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Labels of the RPC figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    /// The gRPC method, `Service/Method` (`Node/NodePublishVolume`).
+    method: String,
+    /// The gRPC status code's name (`OK`, `NotFound`, ...).
+    code: String,
+}
+
+/// Labels of the pool figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+    kind: String,
+}
+
+/// Labels of the per volume figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    pool: String,
+    volume: String,
+    namespace: String,
+    persistentvolumeclaim: String,
+}
+
+/// Labels of the orphan figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Orphans of one reason, as the orphan report counts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanCount {
+    /// Why they are orphans (`no-pv`, `released`, ...).
+    pub reason: String,
+    /// How many volumes.
+    pub volumes: u64,
+    /// How many bytes they hold.
+    pub bytes: u64,
+}
+
+/// The driver's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<RpcLabels, Histogram>,
+    pool_capacity: Family<PoolLabels, Gauge>,
+    pool_free: Family<PoolLabels, Gauge>,
+    pool_promised: Family<PoolLabels, Gauge>,
+    pool_used: Family<PoolLabels, Gauge>,
+    pool_volumes: Family<PoolLabels, Gauge>,
+    pool_trash: Family<PoolLabels, Gauge>,
+    volume_used: Family<VolumeLabels, Gauge>,
+    orphan_volumes: Family<ReasonLabels, Gauge>,
+    orphan_bytes: Family<ReasonLabels, Gauge>,
+    /// Whether scrapes carry one series per volume.
+    per_volume: bool,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+impl Metrics {
+    /// New metrics; `per_volume` adds one series per volume (turn it off
+    /// on nodes with very many volumes).
+    pub fn new(per_volume: bool) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            rpc_requests: Family::default(),
+            rpc_seconds: Family::new_with_constructor(histogram),
+            pool_capacity: Family::default(),
+            pool_free: Family::default(),
+            pool_promised: Family::default(),
+            pool_used: Family::default(),
+            pool_volumes: Family::default(),
+            pool_trash: Family::default(),
+            volume_used: Family::default(),
+            orphan_volumes: Family::default(),
+            orphan_bytes: Family::default(),
+            per_volume,
+            registry: Registry::default(),
+        };
+        registry.register(
+            "hostpath_csi_rpc_requests",
+            "CSI calls answered, by method and gRPC status code",
+            m.rpc_requests.clone(),
+        );
+        registry.register(
+            "hostpath_csi_rpc_duration_seconds",
+            "Time to answer a CSI call, by method and gRPC status code",
+            m.rpc_seconds.clone(),
+        );
+        for (name, help, family) in [
+            (
+                "hostpath_csi_pool_capacity_bytes",
+                "Size of the filesystem holding the pool",
+                &m.pool_capacity,
+            ),
+            (
+                "hostpath_csi_pool_free_bytes",
+                "Bytes free on the filesystem holding the pool",
+                &m.pool_free,
+            ),
+            (
+                "hostpath_csi_pool_promised_bytes",
+                "Sum of the sizes of the pool's volumes",
+                &m.pool_promised,
+            ),
+            (
+                "hostpath_csi_pool_used_bytes",
+                "Bytes the pool's volumes hold",
+                &m.pool_used,
+            ),
+            (
+                "hostpath_csi_pool_volumes",
+                "Volumes the driver made in the pool",
+                &m.pool_volumes,
+            ),
+            (
+                "hostpath_csi_pool_trash_bytes",
+                "Bytes in the pool's trash (archived volumes awaiting removal)",
+                &m.pool_trash,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "hostpath_csi_volume_used_bytes",
+            "Bytes a volume holds",
+            m.volume_used.clone(),
+        );
+        registry.register(
+            "hostpath_csi_orphan_volumes",
+            "Volumes the orphan report found, by reason",
+            m.orphan_volumes.clone(),
+        );
+        registry.register(
+            "hostpath_csi_orphan_bytes",
+            "Bytes held by the volumes the orphan report found, by reason",
+            m.orphan_bytes.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Counts one answered call.
+    fn observe(&self, method: &str, code: tonic::Code, took: Duration) {
+        // The names gRPC's own libraries print (Go's codes.Code), as
+        // other gRPC metrics use them: "OK", "NotFound", ...
+        let code = match code {
+            tonic::Code::Ok => "OK".to_string(),
+            other => format!("{other:?}"),
+        };
+        let labels = RpcLabels {
+            method: method.to_string(),
+            code,
+        };
+        self.rpc_requests.get_or_create(&labels).inc();
+        self.rpc_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Replaces the orphan figures (the orphan report calls this after
+    /// each run).
+    pub fn set_orphans(&self, counts: &[OrphanCount]) {
+        self.orphan_volumes.clear();
+        self.orphan_bytes.clear();
+        for c in counts {
+            let l = ReasonLabels {
+                reason: c.reason.clone(),
+            };
+            self.orphan_volumes.get_or_create(&l).set(gauge(c.volumes));
+            self.orphan_bytes.get_or_create(&l).set(gauge(c.bytes));
+        }
+    }
+
+    /// Reads the pools and sets the pool and volume figures. Blocks.
+    pub fn refresh(&self, volumes: &Volumes) {
+        let inventory = match volumes.inventory(InventoryOptions { measure: true }) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot read the pools");
+                return;
+            }
+        };
+        let space = volumes.space();
+        for f in [
+            &self.pool_capacity,
+            &self.pool_free,
+            &self.pool_promised,
+            &self.pool_used,
+            &self.pool_volumes,
+            &self.pool_trash,
+        ] {
+            f.clear();
+        }
+        self.volume_used.clear();
+        for p in &inventory {
+            let l = PoolLabels {
+                pool: p.name.clone(),
+                kind: p.kind.as_str().to_string(),
+            };
+            let mine = p.volumes.iter().filter(|v| v.origin == Origin::Driver);
+            let promised: u64 = mine.clone().filter_map(|v| v.capacity_bytes).sum();
+            let used: u64 = mine.clone().filter_map(|v| v.used_bytes).sum();
+            if let Some((total, free)) = space.get(&p.name).copied().flatten() {
+                self.pool_capacity.get_or_create(&l).set(gauge(total));
+                self.pool_free.get_or_create(&l).set(gauge(free));
+            }
+            self.pool_promised.get_or_create(&l).set(gauge(promised));
+            self.pool_used.get_or_create(&l).set(gauge(used));
+            self.pool_volumes
+                .get_or_create(&l)
+                .set(gauge(mine.clone().count() as u64));
+            // The trash arrives with the orphan report's archive mode.
+            self.pool_trash.get_or_create(&l).set(0);
+            if self.per_volume {
+                for v in mine {
+                    let Some(used) = v.used_bytes else { continue };
+                    let vl = VolumeLabels {
+                        pool: p.name.clone(),
+                        volume: v.id.clone(),
+                        namespace: v.claim_namespace.clone().unwrap_or_default(),
+                        persistentvolumeclaim: v.claim_name.clone().unwrap_or_default(),
+                    };
+                    self.volume_used.get_or_create(&vl).set(gauge(used));
+                }
+            }
+        }
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A byte count as a gauge value (gauges are signed).
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+// --- The tower layer --------------------------------------------------------
+
+/// Counts every gRPC call the server answers: method from the request
+/// path, code from the response's `grpc-status` (a unary call that fails
+/// answers "trailers only", with the status in the headers; one that
+/// succeeds sends it in the trailers, so no header means OK).
+#[derive(Debug, Clone)]
+pub struct RpcLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+    fn layer(&self, inner: S) -> RpcService<S> {
+        RpcService {
+            inner,
+            metrics: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// The service [`RpcLayer`] wraps around the server.
+#[derive(Debug, Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // "/csi.v1.Node/NodePublishVolume" -> "Node/NodePublishVolume".
+        let path = req.uri().path();
+        let method = path
+            .trim_start_matches('/')
+            .trim_start_matches("csi.v1.")
+            .to_string();
+        let metrics = Arc::clone(&self.metrics);
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let code = match &res {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                Err(_) => tonic::Code::Unknown,
+            };
+            metrics.observe(&method, code, start.elapsed());
+            res
+        })
+    }
+}
+
+// --- The HTTP endpoint ------------------------------------------------------
+
+/// Why the metrics could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address is not this host's, the port is taken, ...
+    #[error("cannot listen on metrics address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// Listens on `addr`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes;
+/// `volumes` gives the open pools (none yet: pool figures are left out).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    volumes: impl Fn() -> Option<Arc<dyn AsVolumes>> + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics");
+    }
+    let volumes = Arc::new(volumes);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (m, v) = (Arc::clone(&metrics), Arc::clone(&volumes));
+                    tokio::spawn(async move { answer(stream, m, v()).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Something that holds the open pools (the server's shared state).
+pub trait AsVolumes: Send + Sync {
+    /// The open pools, if they are open.
+    fn volumes(&self) -> Option<&Volumes>;
+}
+
+async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, volumes: Option<Arc<dyn AsVolumes>>) {
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+        .await
+        .ok()
+        .flatten();
+    let first = head.as_deref().and_then(|h| h.lines().next()).unwrap_or("");
+    let mut parts = first.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if head.is_none() {
+        ("400 Bad Request", "text/plain", "bad request\n".to_string())
+    } else if path != "/metrics" {
+        (
+            "404 Not Found",
+            "text/plain",
+            format!("no such path {path:?}; try /metrics\n"),
+        )
+    } else if method != "GET" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        )
+    } else {
+        let m = Arc::clone(&metrics);
+        let body = tokio::task::spawn_blocking(move || {
+            if let Some(v) = volumes.as_ref().and_then(|v| v.volumes()) {
+                m.refresh(v);
+            }
+            m.encode()
+        })
+        .await
+        .unwrap_or_default();
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        )
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() + n > 8192 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(buf).ok()
+}
