@@ -207,6 +207,24 @@ fn half_made(pool: &Path) -> Vec<String> {
     bad
 }
 
+/// Thaws a filesystem when dropped, before the work directory's cleanup
+/// unmounts it: a test failing while the driver had frozen an image volume
+/// would otherwise leave it frozen, and a frozen filesystem cannot go away,
+/// keeping its loop device (and the pool's) attached.
+struct Thaw(PathBuf);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        if !mounts_below(&self.0).is_empty() {
+            let _ = std::process::Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 async fn crash_snapshots(spec: PoolSpec, size: i64) {
     if !common::root_or_skip("snapshot crash tests mount filesystems") {
         return;
@@ -223,6 +241,7 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     std::fs::create_dir_all(&targets).unwrap();
     let driver = Driver::start(&root, &pools).await;
     let ch = connect_once(&driver.socket).await.unwrap();
+    let _thaw = Thaw(std::fs::canonicalize(&pool).unwrap().join("src"));
     let mut c = Ctx {
         root: root.clone(),
         pools,
