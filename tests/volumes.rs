@@ -103,17 +103,6 @@ async fn unknown_pool_and_unsupported_access_are_refused_with_reasons() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("MULTI_NODE"), "{}", e.message());
 
-    let mut block = create_request("v3", "hdd", MIB);
-    block.volume_capabilities = vec![csi::VolumeCapability {
-        access_mode: Some(csi::volume_capability::AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
-    }];
-    let e = h.controller().create_volume(block).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("block"), "{}", e.message());
-
     // With two pools and no `pool` parameter, the request must say which.
     let mut none = create_request("v4", "hdd", MIB);
     none.parameters.clear();

@@ -306,7 +306,7 @@ fn mounted_device(mnt: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Loop devices attached to `img`.
-fn devices_of(img: &Path) -> Result<Vec<PathBuf>> {
+pub(super) fn devices_of(img: &Path) -> Result<Vec<PathBuf>> {
     let out = cmd::run("losetup", ["-j".as_ref(), img.as_os_str()])?;
     Ok(out
         .stdout
@@ -342,7 +342,7 @@ fn autoclear(dev: &Path) -> bool {
 }
 
 /// `losetup -d`: detaches an idle device, marks a busy one auto-clear.
-fn detach(dev: &Path) {
+pub(super) fn detach(dev: &Path) {
     if let Ok(Err(f)) = cmd::run_raw("losetup", ["-d".as_ref(), dev.as_os_str()]) {
         tracing::debug!(error = %f, "detaching a loop device failed");
     }

@@ -6,6 +6,7 @@
 //! cope with the leftovers of an earlier attempt that was killed half-way,
 //! because that is exactly what a retried call after a crash looks like.
 
+pub(crate) mod block;
 mod btrfs;
 mod dir;
 mod image;
@@ -118,6 +119,12 @@ pub enum BackendError {
     #[error("the image {} of this volume is missing", path.display())]
     ImageMissing {
         /// The image file.
+        path: PathBuf,
+    },
+    /// A block volume's file is gone.
+    #[error("the file {} of this raw block volume is missing", path.display())]
+    BlockFileMissing {
+        /// The volume's file.
         path: PathBuf,
     },
     /// An image is still attached to loop devices that do not go away (it

@@ -97,10 +97,10 @@ impl csi::controller_server::Controller for Controller {
         request: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = validate::validate_volume_capabilities(request.get_ref())?;
-        let id = req.id;
-        blocking(&self.shared, move |v| v.check_exists(&id)).await?;
+        let id = req.id.clone();
+        let access = blocking(&self.shared, move |v| v.check_exists(&id)).await?;
         let r = request.into_inner();
-        Ok(Response::new(match req.declined {
+        Ok(Response::new(match req.verdict(access) {
             None => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
                     volume_context: r.volume_context,

@@ -63,16 +63,24 @@ impl csi::node_server::Node for Node {
         let req = validate::node_get_volume_stats(request.get_ref())?;
         let s = blocking(&self.shared, move |v| v.stats(&req)).await?;
         let u = s.usage;
+        let mut figures = vec![usage(
+            u.available_bytes,
+            u.total_bytes,
+            u.used_bytes,
+            Unit::Bytes,
+        )];
+        // A raw block volume has no inodes to count (the spec lets the
+        // figure be left out when it is not available).
+        if u.total_inodes != 0 {
+            figures.push(usage(
+                u.available_inodes,
+                u.total_inodes,
+                u.used_inodes,
+                Unit::Inodes,
+            ));
+        }
         Ok(Response::new(csi::NodeGetVolumeStatsResponse {
-            usage: vec![
-                usage(u.available_bytes, u.total_bytes, u.used_bytes, Unit::Bytes),
-                usage(
-                    u.available_inodes,
-                    u.total_inodes,
-                    u.used_inodes,
-                    Unit::Inodes,
-                ),
-            ],
+            usage: figures,
             volume_condition: Some(csi::VolumeCondition {
                 abnormal: s.abnormal.is_some(),
                 message: s.abnormal.unwrap_or_else(|| "volume is healthy".into()),

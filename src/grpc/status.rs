@@ -66,6 +66,8 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::Unsupported(_)
         | RequestError::BadPath { .. }
         | RequestError::EmptyContentSource
+        | RequestError::MixedAccess
+        | RequestError::ReadOnlyBlock
         | RequestError::MutableParameters
         | RequestError::NegativeMaxEntries
         | RequestError::OnDelete(_) => Code::InvalidArgument,
@@ -74,7 +76,9 @@ fn request_code(e: &RequestError) -> Code {
 
 fn volume_code(e: &VolumeError) -> Code {
     match e {
-        VolumeError::UnknownPool { .. } | VolumeError::PoolRequired { .. } => Code::InvalidArgument,
+        VolumeError::UnknownPool { .. }
+        | VolumeError::PoolRequired { .. }
+        | VolumeError::WrongAccess { .. } => Code::InvalidArgument,
         VolumeError::NoSuchPool(_)
         | VolumeError::NotFound(_)
         | VolumeError::Missing(_)
@@ -92,7 +96,8 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::PublishedOtherwise { .. }
         // CreateSnapshot: "snapshot already exists but is incompatible".
         | VolumeError::SnapshotNameTaken { .. }
-        | VolumeError::OtherSource { .. } => Code::AlreadyExists,
+        | VolumeError::OtherSource { .. }
+        | VolumeError::OtherAccess { .. } => Code::AlreadyExists,
         // A source in another pool: the StorageClass must change, which no
         // retry or rescheduling fixes.
         VolumeError::SourceInOtherPool { .. } => Code::InvalidArgument,
@@ -146,9 +151,10 @@ fn capacity_code(e: &CapacityError) -> Code {
 fn target_code(e: &TargetError) -> Code {
     match e {
         TargetError::Io { source, .. } => io_code(source),
-        TargetError::InsidePool { .. } | TargetError::Symlink(_) | TargetError::NotDirectory(_) => {
-            Code::InvalidArgument
-        }
+        TargetError::InsidePool { .. }
+        | TargetError::Symlink(_)
+        | TargetError::NotDirectory(_)
+        | TargetError::NotFile(_) => Code::InvalidArgument,
         TargetError::OtherMount(_) | TargetError::NotEmpty(_) => Code::FailedPrecondition,
     }
 }
@@ -165,6 +171,7 @@ fn backend_code(e: &BackendError) -> Code {
         | BackendError::NestedSubvolumes(_)
         | BackendError::NotSubvolume { .. }
         | BackendError::ImageMissing { .. }
+        | BackendError::BlockFileMissing { .. }
         | BackendError::ImageInUse { .. }
         | BackendError::Busy { .. }
         | BackendError::NeedsCapSysResource { .. } => Code::FailedPrecondition,

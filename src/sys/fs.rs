@@ -156,6 +156,18 @@ pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     .map_err(io::Error::from)
 }
 
+/// Opens a regular file (or device node) as an `O_PATH` handle without
+/// following a symlink in the last component: the target of a raw block
+/// volume's bind mount.
+pub(crate) fn open_file_path(path: &Path) -> io::Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)
+}
+
 /// The magic-link path of an open handle, valid while the handle lives.
 pub(crate) fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
     use std::os::fd::AsRawFd;

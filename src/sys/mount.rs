@@ -76,6 +76,22 @@ pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result
     Ok(())
 }
 
+/// Bind-mounts the device node `device` onto the file `target` (a raw
+/// block volume's publication). The target is opened with `O_NOFOLLOW`
+/// and mounted through its `/proc/self/fd` link, as for directories. The
+/// mount is not `nodev`: a pod opens the device through it.
+pub(crate) fn bind_file(device: &Path, target: &Path) -> io::Result<()> {
+    let dst = super::fs::open_file_path(target)?;
+    nix::mount::mount(
+        Some(device),
+        &fd_path(&dst),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Unmounts whatever is mounted at `target`, never following a symlink
 /// there.
 pub(crate) fn unmount(target: &Path) -> io::Result<()> {

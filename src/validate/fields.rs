@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use super::{RequestError, Result};
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
+use crate::volume::record::Access;
 use csi_proto as csi;
 use csi_proto::volume_capability::access_mode::Mode;
 
@@ -43,7 +44,7 @@ pub enum AccessType {
         /// Requested mount flags.
         flags: MountFlags,
     },
-    /// A raw block device (not offered yet).
+    /// A raw block device.
     Block,
 }
 
@@ -65,25 +66,40 @@ pub enum Unsupported {
          use a SINGLE_NODE_* mode (ReadWriteOnce, ReadOnlyMany on one node, ReadWriteOncePod)"
     )]
     MultiNode,
-    /// Block access (a raw device), not offered yet.
-    #[error("block access is not supported yet: request a filesystem (mount) volume")]
-    Block,
+    /// A capability of the other access type than the volume has (a
+    /// volume is made either for a filesystem or as a raw block device).
+    #[error(
+        "the volume is {}; ask for {} access",
+        if *.0 == Access::Block { "a raw block volume, not a filesystem" }
+        else { "a filesystem volume, not a raw block device" },
+        if *.0 == Access::Block { "block" } else { "mount (filesystem)" }
+    )]
+    OtherAccess(Access),
 }
 
 impl Capability {
-    /// The mount flags of a capability this driver can serve, or why it
-    /// cannot serve it.
-    pub fn servable_mount(&self) -> Result<MountFlags, Unsupported> {
-        match (&self.mode, &self.access) {
-            (AccessMode::MultiNode, _) => Err(Unsupported::MultiNode),
-            (_, AccessType::Block) => Err(Unsupported::Block),
-            (_, AccessType::Mount { flags, .. }) => Ok(*flags),
+    /// Why this driver cannot serve the capability, if it cannot.
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        match self.mode {
+            AccessMode::MultiNode => Some(Unsupported::MultiNode),
+            _ => None,
         }
     }
 
-    /// Why this driver cannot serve the capability, if it cannot.
-    pub fn unsupported(&self) -> Option<Unsupported> {
-        self.servable_mount().err()
+    /// The access a volume needs to serve the capability.
+    pub fn access(&self) -> Access {
+        match self.access {
+            AccessType::Mount { .. } => Access::Mount,
+            AccessType::Block => Access::Block,
+        }
+    }
+
+    /// The mount flags asked for (none for block access).
+    pub fn mount_flags(&self) -> MountFlags {
+        match &self.access {
+            AccessType::Mount { flags, .. } => *flags,
+            AccessType::Block => MountFlags::default(),
+        }
     }
 }
 

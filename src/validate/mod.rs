@@ -22,6 +22,7 @@ use csi_proto as csi;
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
 use crate::volume::snapshot::SnapshotId;
+use crate::volume::record::Access;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
     capability, capacity_range, mount_flags, node_path, volume_name,
@@ -101,6 +102,20 @@ pub enum RequestError {
     /// as the spec asks for unknown ids).
     #[error("snapshot {0:?} does not exist")]
     UnknownSnapshot(String),
+    /// CreateVolume capabilities asking for both a filesystem and a raw
+    /// block device: a volume is one or the other.
+    #[error(
+        "volume_capabilities ask for both mount and block access; a volume is either a \
+         filesystem or a raw block device"
+    )]
+    MixedAccess,
+    /// A read-only publication of a raw block volume: a read-only mount
+    /// of a device node does not stop writes to the device.
+    #[error(
+        "raw block volumes cannot be published read-only: a read-only bind of a device node \
+         does not stop writes to the device"
+    )]
+    ReadOnlyBlock,
     /// Mutable parameters (MODIFY_VOLUME is not offered).
     #[error("mutable_parameters are not supported: this driver does not offer MODIFY_VOLUME")]
     MutableParameters,
@@ -136,6 +151,8 @@ pub(crate) struct CreateVolume {
     pub(crate) requisite: Vec<Segments>,
     /// What the volume is made from, if anything.
     pub(crate) source: Option<ContentSource>,
+    /// A filesystem or a raw block device.
+    pub(crate) access: Access,
 }
 
 /// The source of a new volume's data.
@@ -164,6 +181,10 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
     if let Some(why) = caps.iter().find_map(Capability::unsupported) {
         return Err(why.into());
     }
+    let access = caps[0].access();
+    if caps.iter().any(|c| c.access() != access) {
+        return Err(RequestError::MixedAccess);
+    }
     let requisite = r
         .accessibility_requirements
         .as_ref()
@@ -179,6 +200,7 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
         parameters,
         requisite,
         source,
+        access,
     })
 }
 
@@ -289,9 +311,24 @@ pub(crate) fn delete_volume(r: &csi::DeleteVolumeRequest) -> Result<Option<Volum
 pub(crate) struct ValidateVolume {
     /// The volume asked about.
     pub(crate) id: VolumeId,
-    /// Why the capabilities are declined, if they are (the answer carries
-    /// it; it is not an error).
+    /// Why the capabilities are declined whatever the volume, if they are
+    /// (the answer carries it; it is not an error).
     pub(crate) declined: Option<Unsupported>,
+    /// The access types asked for.
+    pub(crate) accesses: Vec<Access>,
+}
+
+impl ValidateVolume {
+    /// Why the capabilities are declined for a volume of `access`, if
+    /// they are.
+    pub(crate) fn verdict(&self, access: Access) -> Option<Unsupported> {
+        self.declined.or_else(|| {
+            self.accesses
+                .iter()
+                .any(|a| *a != access)
+                .then_some(Unsupported::OtherAccess(access))
+        })
+    }
 }
 
 /// ValidateVolumeCapabilities: the volume and the verdict on the
@@ -304,6 +341,7 @@ pub(crate) fn validate_volume_capabilities(
     Ok(ValidateVolume {
         id: parse_volume_id(raw)?,
         declined: caps.iter().find_map(Capability::unsupported),
+        accesses: caps.iter().map(Capability::access).collect(),
     })
 }
 
@@ -401,6 +439,8 @@ pub(crate) struct PublishVolume {
     pub(crate) flags: MountFlags,
     /// SINGLE_NODE_SINGLE_WRITER: one publication at a time.
     pub(crate) single_writer: bool,
+    /// A filesystem or a raw block device.
+    pub(crate) access: Access,
 }
 
 /// NodePublishVolume: the volume, a target path, and a capability this
@@ -414,17 +454,22 @@ pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<P
             .ok_or(RequestError::Missing("volume_capability"))?,
     )?;
     let id = parse_volume_id(raw)?;
-    let flags = capability.servable_mount()?;
+    if let Some(why) = capability.unsupported() {
+        return Err(why.into());
+    }
+    let flags = capability.mount_flags();
+    let read_only =
+        r.readonly || flags.read_only || capability.mode == AccessMode::SingleNodeReaderOnly;
+    let access = capability.access();
+    if access == Access::Block && read_only {
+        return Err(RequestError::ReadOnlyBlock);
+    }
     Ok(PublishVolume {
         id,
         target,
-        flags: MountFlags {
-            read_only: r.readonly
-                || flags.read_only
-                || capability.mode == AccessMode::SingleNodeReaderOnly,
-            ..flags
-        },
+        flags: MountFlags { read_only, ..flags },
         single_writer: capability.mode == AccessMode::SingleNodeSingleWriter,
+        access,
     })
 }
 

@@ -8,7 +8,7 @@ use std::ops::Bound;
 use super::capacity::{self, Capacity};
 use super::id::VolumeId;
 use super::pool::Pool;
-use super::record::Record;
+use super::record::{Access, Record};
 use super::{OnDelete, Result, Volume, VolumeError, Volumes};
 use crate::sys;
 use crate::validate::{CapacityRange, CreateVolume, ExpandVolume, GetCapacity, ListVolumes};
@@ -44,10 +44,12 @@ impl Volumes {
             None => {
                 let capacity = capacity::decide(pool, req.capacity)?;
                 let reservation = capacity::reserve(pool, id.token(), capacity, None)?;
-                let record = Record::new(&req.name, pool.kind(), capacity, req.parameters.clone());
+                let mut record =
+                    Record::new(&req.name, pool.kind(), capacity, req.parameters.clone());
+                record.access = req.access;
                 pool.create(id.token(), &record)?;
                 reservation.commit();
-                tracing::info!(volume_id = %id, capacity, pool = %pool.name(), "volume created");
+                tracing::info!(volume_id = %id, capacity, pool = %pool.name(), access = ?req.access, "volume created");
                 record
             }
         };
@@ -85,7 +87,16 @@ impl Volumes {
         };
         let table =
             sys::mountinfo::read().map_err(|e| VolumeError::io("reading the mount table", e))?;
-        let binds = sys::mountinfo::binds_of(&table, &pool.volume_path(id.token()));
+        // A block volume is shown through its loop device's node, a
+        // filesystem volume through binds of its directory.
+        let shown = match record.access {
+            Access::Mount => pool.volume_path(id.token()),
+            Access::Block => match pool.block_device(id.token())? {
+                Some(dev) => dev,
+                None => pool.volume_path(id.token()),
+            },
+        };
+        let binds = sys::mountinfo::binds_of(&table, &shown);
         if let Some(at) = binds.first() {
             return Err(VolumeError::StillMounted {
                 id: id.clone(),
@@ -94,7 +105,7 @@ impl Volumes {
         }
         match OnDelete::of_record(&record) {
             OnDelete::Delete => {
-                pool.remove(id.token())?;
+                pool.remove(id.token(), record.access)?;
                 tracing::info!(volume_id = %id, "volume deleted");
             }
             OnDelete::Archive { retention } => {
@@ -110,15 +121,16 @@ impl Volumes {
     }
 
     /// ValidateVolumeCapabilities' question to the volume layer: does the
-    /// volume exist? Volumes with a record do, and so do static
-    /// directories an administrator made in a pool; NOT_FOUND otherwise.
-    pub(crate) fn check_exists(&self, id: &VolumeId) -> Result<()> {
+    /// volume exist, and how is it accessed? Volumes with a record do, and
+    /// so do static directories an administrator made in a pool (mount
+    /// access); NOT_FOUND otherwise.
+    pub(crate) fn check_exists(&self, id: &VolumeId) -> Result<Access> {
         let pool = self.pool_of(id)?;
-        if pool.record(id.token())?.is_some() {
-            return Ok(());
+        if let Some(rec) = pool.record(id.token())? {
+            return Ok(rec.access);
         }
         match std::fs::symlink_metadata(pool.volume_path(id.token())) {
-            Ok(m) if m.is_dir() => Ok(()),
+            Ok(m) if m.is_dir() => Ok(Access::Mount),
             _ => Err(VolumeError::NotFound(id.clone())),
         }
     }
@@ -196,7 +208,7 @@ impl Volumes {
         grow(id, pool, &mut rec, req.capacity)?;
         Ok(Expanded {
             capacity_bytes: rec.capacity_bytes,
-            node_expansion_required: pool.needs_node_expand(),
+            node_expansion_required: pool.needs_node_expand() || rec.access == Access::Block,
         })
     }
 }
@@ -238,6 +250,12 @@ fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Resu
             capacity: rec.capacity_bytes,
         });
     }
+    if rec.access != req.access {
+        return Err(VolumeError::OtherAccess {
+            name: req.name.clone(),
+            access: rec.access,
+        });
+    }
     let source = req.source.as_ref().map(ToString::to_string);
     if rec.content_source != source {
         return Err(VolumeError::OtherSource {
@@ -246,7 +264,7 @@ fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Resu
         });
     }
     if rec.content_source.is_none() {
-        pool.ensure_storage(id.token(), rec.capacity_bytes)?;
+        pool.ensure_storage(id.token(), &rec)?;
     }
     Ok(rec)
 }

@@ -37,10 +37,11 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::config::PoolConfig;
+use crate::sys;
 use id::VolumeId;
 use inflight::InFlight;
 use pool::Pool;
-use record::Record;
+use record::{Access, Record};
 
 pub use capacity::CapacityError;
 pub use inflight::LockError;
@@ -128,6 +129,31 @@ pub enum VolumeError {
         name: String,
         /// Its size.
         capacity: u64,
+    },
+    /// The volume exists with the other access type (filesystem or raw
+    /// block).
+    #[error(
+        "volume {name:?} already exists as a {} volume",
+        if *.access == Access::Block { "raw block" } else { "filesystem" }
+    )]
+    OtherAccess {
+        /// The CreateVolume name.
+        name: String,
+        /// Its access type.
+        access: Access,
+    },
+    /// A publication with the other access type than the volume has.
+    #[error(
+        "volume {id} is {}; publish it with {} access",
+        if *.access == Access::Block { "a raw block volume, not a filesystem" }
+        else { "a filesystem volume, not a raw block device" },
+        if *.access == Access::Block { "block" } else { "mount" }
+    )]
+    WrongAccess {
+        /// The volume.
+        id: VolumeId,
+        /// Its access type.
+        access: Access,
     },
     /// DeleteVolume of a volume that is still bind-mounted.
     #[error("volume {id} is still mounted at {}; unpublish it first", at.display())]
@@ -388,6 +414,20 @@ impl Volumes {
                     n += 1;
                 }
             }
+            // Loop devices of block volumes that no target shows: left by
+            // a publish killed before it bound the device, or by an
+            // unpublish killed before it released it.
+            for (token, dev) in pool.attached_blocks() {
+                let Ok(_guard) = self.inflight.claim(&token) else {
+                    continue;
+                };
+                let table = sys::mountinfo::read()
+                    .map_err(|e| VolumeError::io("reading the mount table", e))?;
+                if pool.release_block_device(&dev, &table) {
+                    tracing::info!(pool = %pool.name(), volume = %token, device = %dev.display(), "released the loop device of a block volume that no target shows");
+                    n += 1;
+                }
+            }
         }
         Ok(n + self.sweep_snapshots()?)
     }
@@ -437,10 +477,13 @@ impl Volumes {
 
     /// A volume as the CO sees it: its id, capacity and volume context.
     fn describe(&self, id: &VolumeId, pool: &Pool, record: &Record) -> Volume {
+        // A block volume's size is enforced by its loop device, whatever
+        // the pool's kind.
+        let enforced = pool.enforces_size() || record.access == Access::Block;
         let mut context = BTreeMap::from([
             ("pool".to_string(), pool.name().to_string()),
             ("kind".to_string(), record.kind.as_str().to_string()),
-            ("sizeEnforced".to_string(), pool.enforces_size().to_string()),
+            ("sizeEnforced".to_string(), enforced.to_string()),
         ]);
         if let Some(ns) = record.parameters.get("csi.storage.k8s.io/pvc/namespace") {
             context.insert("pvcNamespace".into(), ns.clone());

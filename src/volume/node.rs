@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use super::id::VolumeId;
 use super::pool::Pool;
-use super::record::Use;
-use super::target::{self, Inspection, MountTable, TargetDir};
+use super::record::{Access, Use};
+use super::target::{self, Inspection, MountTable, TargetDir, TargetFile};
 use super::{Result, VolumeError, Volumes};
 use crate::backend::VolumeUsage;
 use crate::sys;
@@ -32,6 +32,17 @@ impl Volumes {
         let target = self.resolve_target(&req.target)?;
         let _guard = self.inflight.claim(id.token())?;
 
+        // Static volumes (no record) are directories.
+        let access = pool.record(id.token())?.map_or(Access::Mount, |r| r.access);
+        if access != req.access {
+            return Err(VolumeError::WrongAccess {
+                id: id.clone(),
+                access,
+            });
+        }
+        if access == Access::Block {
+            return publish_block(req, pool, &target);
+        }
         let source = available_source(id, pool)?;
         let mut mounts = MountTable::default();
         let dir = match target::inspect(&target, &source, &mut mounts)? {
@@ -68,32 +79,48 @@ impl Volumes {
         let id = &req.id;
         let pool = self.pool_of(id)?;
         let _guard = self.inflight.claim(id.token())?;
+        let access = pool.record(id.token())?.map_or(Access::Mount, |r| r.access);
+        // A block volume's device is released whenever nothing shows it
+        // any more, also when an earlier unpublish was killed after it
+        // removed the target.
+        let release = || -> Result<()> {
+            if access == Access::Block {
+                pool.release_block(id.token(), &target::read_mounts()?)?;
+            }
+            Ok(())
+        };
         let Some(target) = target::resolve(&req.target, &self.pools)? else {
-            return Ok(());
+            return release();
         };
         if !target::exists_unfollowed(&target)? {
-            return Ok(());
+            return release();
         }
         // A target may carry the same bind twice after a crash between
         // mount and reply followed by a retry; take them all off. One read
         // of the mount table covers them all.
         let table = target::read_mounts()?;
         let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
-        if let Some(foreign) = stacked
-            .iter()
-            .find(|e| !target::is_ours(&self.pools, &table, e))
-        {
-            return Err(VolumeError::ForeignMount {
-                target,
-                from: foreign.source.clone(),
-            });
+        for e in &stacked {
+            let ours = match access {
+                Access::Mount => target::is_ours(&self.pools, &table, e),
+                Access::Block => pool.block_shown_by(id.token(), e)?,
+            };
+            if !ours {
+                return Err(VolumeError::ForeignMount {
+                    target,
+                    from: e.source.clone(),
+                });
+            }
         }
         for _ in &stacked {
             sys::mount::unmount(&target)
                 .map_err(|e| VolumeError::io(format!("unmounting {}", target.display()), e))?;
         }
         target::remove_if_empty(&target)?;
-        pool.unpublished(id.token())?;
+        match access {
+            Access::Mount => pool.unpublished(id.token())?,
+            Access::Block => release()?,
+        }
         if !stacked.is_empty() {
             note_use(pool, id, Use::Unpublished);
         }
@@ -113,6 +140,9 @@ impl Volumes {
             _ => VolumeError::io(format!("inspecting {}", path.display()), e),
         })?;
         let record = pool.record(id.token())?;
+        if record.as_ref().is_some_and(|r| r.access == Access::Block) {
+            return block_stats(id, pool, &path, path_ident);
+        }
         let data = pool.volume_path(id.token());
         let data_ident = match sys::fs::identity(&data) {
             Ok(i) => i,
@@ -175,6 +205,16 @@ impl Volumes {
             .ok()
             .flatten()
             .ok_or_else(not_here)?;
+        if rec.access == Access::Block {
+            let dev = pool.block_device(id.token())?.ok_or_else(not_here)?;
+            let here = sys::fs::identity(&path).map_err(|_| not_here())?;
+            if here != target::identity(&dev)? {
+                return Err(not_here());
+            }
+            pool.refresh_block(id.token())?;
+            tracing::info!(volume_id = %id, capacity = rec.capacity_bytes, "block volume expanded on the node");
+            return Ok(rec.capacity_bytes);
+        }
         let source = pool.make_available(id.token())?;
         let here = sys::fs::identity(&path).map_err(|_| not_here())?;
         if here != target::identity(&source)? || path == source {
@@ -208,6 +248,60 @@ fn note_use(pool: &Pool, id: &VolumeId, what: Use) {
     if let Err(e) = pool.mark(id.token(), what) {
         tracing::warn!(volume_id = %id, error = %e, "cannot record the time of this use");
     }
+}
+
+/// NodePublishVolume of a raw block volume: its loop device (attached now
+/// if it is not) bound onto the target file. A device attached here for a
+/// publication that then fails is released again.
+fn publish_block(req: &PublishVolume, pool: &Pool, target: &std::path::Path) -> Result<()> {
+    let id = &req.id;
+    let dev = pool.attach_block(id.token())?;
+    let publish = || -> Result<()> {
+        let mut mounts = MountTable::default();
+        let file = match target::inspect_file(target, &dev, &mut mounts)? {
+            Inspection::Shows { .. } => return Ok(()),
+            Inspection::Missing => TargetFile::create(target)?,
+            Inspection::Empty => TargetFile::existing(target),
+        };
+        if req.single_writer
+            && let Some(at) = sys::mountinfo::binds_of(mounts.get()?, &dev)
+                .into_iter()
+                .find(|m| m != target)
+        {
+            return Err(VolumeError::SingleWriter { id: id.clone(), at });
+        }
+        file.bind(&dev)?;
+        note_use(pool, id, Use::Published);
+        tracing::info!(volume_id = %id, target = %target.display(), device = %dev.display(), "block volume published");
+        Ok(())
+    };
+    publish().inspect_err(|_| {
+        if let Ok(table) = target::read_mounts() {
+            let _ = pool.release_block(id.token(), &table);
+        }
+    })
+}
+
+/// NodeGetVolumeStats of a raw block volume published at `path`: its size
+/// (and what its sparse file holds on the pool's disk).
+fn block_stats(
+    id: &VolumeId,
+    pool: &Pool,
+    path: &std::path::Path,
+    path_ident: (u64, u64),
+) -> Result<Stats> {
+    let not_here = || VolumeError::NotPublishedAt {
+        id: id.clone(),
+        path: path.to_path_buf(),
+    };
+    let dev = pool.block_device(id.token())?.ok_or_else(not_here)?;
+    if target::identity(&dev)? != path_ident {
+        return Err(not_here());
+    }
+    Ok(Stats {
+        usage: pool.block_usage(id.token())?,
+        abnormal: None,
+    })
 }
 
 /// The directory a volume is bind-mounted from, made available (an image

@@ -14,7 +14,8 @@
 //! .<token>.meta.tmp     a record being replaced (expansion), or a new one
 //!                       where nameless files cannot be linked
 //! .<token><scratch>     the backend's half-made or half-removed storage
-//!                       (`.deleting` for dir, `.img.new` for image)
+//!                       (`.deleting` for dir, `.img.new` for image,
+//!                       `.blk.new` for a raw block volume of any kind)
 //! .trash/               archived volumes (`trash`), removed after their
 //!                       retention
 //! ```
@@ -40,8 +41,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::backend::{self, Backend, BackendError, VolumeUsage};
 use crate::config::{Overcommit, PoolConfig, PoolKind};
 use crate::sys;
+use crate::sys::mountinfo::MountEntry;
 use crate::volume::id::valid_token;
-use crate::volume::record::{self, Record, Use};
+use crate::volume::record::{self, Access, Record, Use};
 
 mod trash;
 pub use trash::{OnDelete, OnDeleteError, TrashMeta, parse_duration};
@@ -427,13 +429,12 @@ impl Pool {
     /// storage was made takes it back, so nothing is left that no record
     /// explains. Called only while no record exists for `token`.
     pub(crate) fn create(&self, token: &str, record: &Record) -> Result<()> {
-        self.backend
-            .create(&self.dir, token, record.capacity_bytes)?;
+        self.make_storage(token, record.access, record.capacity_bytes)?;
         if let Err(e) = self.create_record(token, record).and_then(|()| self.sync()) {
             // Not acknowledged, so not a volume: take the storage back
             // rather than leave a directory no record explains.
             let _ = self.remove_record(token);
-            if let Err(undo) = self.backend.delete(&self.dir, token) {
+            if let Err(undo) = self.delete_storage(token, record.access) {
                 tracing::warn!(pool = %self.name, token, error = %undo, "cannot undo a failed create");
             }
             let _ = self.sync();
@@ -449,19 +450,34 @@ impl Pool {
     /// an earlier CreateVolume was killed between writing the record and
     /// flushing it, and its retry must not hand out a volume that cannot
     /// be published.
-    pub(crate) fn ensure_storage(&self, token: &str, capacity: u64) -> Result<()> {
+    pub(crate) fn ensure_storage(&self, token: &str, record: &Record) -> Result<()> {
         if std::fs::symlink_metadata(self.volume_path(token)).is_ok() {
             return Ok(());
         }
-        self.backend.create(&self.dir, token, capacity)?;
+        self.make_storage(token, record.access, record.capacity_bytes)?;
         self.sync()
+    }
+
+    fn make_storage(&self, token: &str, access: Access, capacity: u64) -> Result<()> {
+        match access {
+            Access::Mount => self.backend.create(&self.dir, token, capacity)?,
+            Access::Block => backend::block::create(&self.dir, token, capacity)?,
+        }
+        Ok(())
+    }
+
+    fn delete_storage(&self, token: &str, access: Access) -> Result<(), BackendError> {
+        match access {
+            Access::Mount => self.backend.delete(&self.dir, token),
+            Access::Block => backend::block::delete(&self.dir, token),
+        }
     }
 
     /// Removes a volume: its storage, then its record (last, so a delete
     /// killed half-way is finished by its retry), then one flush; it leaves
     /// the listing and gives its promise back.
-    pub(crate) fn remove(&self, token: &str) -> Result<()> {
-        self.backend.delete(&self.dir, token)?;
+    pub(crate) fn remove(&self, token: &str, access: Access) -> Result<()> {
+        self.delete_storage(token, access)?;
         for what in [Use::Published, Use::Unpublished] {
             sys::fs::remove_if_present(&self.dir, &record::marker_name(token, what))
                 .map_err(|e| PoolError::io(format!("removing the use markers of {token}"), e))?;
@@ -480,7 +496,10 @@ impl Pool {
     /// Grows a volume to `capacity` bytes (the controller half: raise the
     /// limit, grow the image) and records the new size.
     pub(crate) fn expand(&self, token: &str, record: &mut Record, capacity: u64) -> Result<()> {
-        self.backend.expand(&self.dir, token, capacity)?;
+        match record.access {
+            Access::Mount => self.backend.expand(&self.dir, token, capacity)?,
+            Access::Block => backend::block::expand(&self.dir, token, capacity)?,
+        }
         record.capacity_bytes = capacity;
         sys::fs::write_atomic(
             &self.dir,
@@ -511,6 +530,52 @@ impl Pool {
     /// The node half of an expansion: grows the mounted filesystem.
     pub(crate) fn node_expand(&self, token: &str) -> Result<()> {
         Ok(self.backend.node_expand(&self.dir, token)?)
+    }
+
+    // --- Raw block volumes (`backend::block`) -------------------------------
+
+    /// The loop device of block volume `token`, attached now if it is not.
+    pub(crate) fn attach_block(&self, token: &str) -> Result<PathBuf> {
+        Ok(backend::block::attach(&self.dir, token)?)
+    }
+
+    /// The loop device of block volume `token`, if one is attached.
+    pub(crate) fn block_device(&self, token: &str) -> Result<Option<PathBuf>> {
+        Ok(backend::block::attached(&self.dir, token)?)
+    }
+
+    /// Detaches the loop devices of block volume `token` that no target
+    /// shows any more.
+    pub(crate) fn release_block(&self, token: &str, table: &[MountEntry]) -> Result<()> {
+        Ok(backend::block::release_unused(&self.dir, token, table)?)
+    }
+
+    /// Block volumes with a loop device attached now, as (token, device).
+    pub(crate) fn attached_blocks(&self) -> Vec<(String, PathBuf)> {
+        backend::block::attached_in(&self.dir)
+    }
+
+    /// Detaches a block volume's loop device if nothing shows it; returns
+    /// whether it did. The caller holds the volume's token.
+    pub(crate) fn release_block_device(&self, device: &Path, table: &[MountEntry]) -> bool {
+        backend::block::release_device(device, table)
+    }
+
+    /// Whether a mount shows block volume `token` (or a detached loop
+    /// device, which hides nothing).
+    pub(crate) fn block_shown_by(&self, token: &str, entry: &MountEntry) -> Result<bool> {
+        Ok(backend::block::shows_volume(&self.dir, token, entry)?)
+    }
+
+    /// The node half of a block volume's expansion: the loop device takes
+    /// the file's new size.
+    pub(crate) fn refresh_block(&self, token: &str) -> Result<()> {
+        Ok(backend::block::refresh(&self.dir, token)?)
+    }
+
+    /// A block volume's size and what its file holds.
+    pub(crate) fn block_usage(&self, token: &str) -> Result<VolumeUsage> {
+        Ok(backend::block::usage(&self.dir, token)?)
     }
 
     // --- Promises ----------------------------------------------------------
@@ -614,12 +679,15 @@ impl Pool {
             let Some(rest) = name.strip_prefix('.') else {
                 continue;
             };
-            let token = rest.strip_suffix(record::TEMP_SUFFIX).or_else(|| {
-                self.backend
-                    .scratch_suffixes()
-                    .iter()
-                    .find_map(|s| rest.strip_suffix(s))
-            });
+            let token = rest
+                .strip_suffix(record::TEMP_SUFFIX)
+                .or_else(|| rest.strip_suffix(backend::block::SCRATCH_SUFFIX))
+                .or_else(|| {
+                    self.backend
+                        .scratch_suffixes()
+                        .iter()
+                        .find_map(|s| rest.strip_suffix(s))
+                });
             if let Some(token) = token
                 && valid_token(token)
             {

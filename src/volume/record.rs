@@ -50,6 +50,28 @@ pub struct Record {
     /// if it was made from a source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_source: Option<String>,
+    /// How the volume is accessed: a filesystem (a directory, the default
+    /// for records of older drivers) or a raw block device.
+    #[serde(default, skip_serializing_if = "Access::is_mount")]
+    pub access: Access,
+}
+
+/// How a volume is accessed, fixed at CreateVolume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// A filesystem: the volume is a directory that is bind-mounted.
+    #[default]
+    Mount,
+    /// A raw block device: the volume is a sparse file behind a loop
+    /// device, whose device node is bind-mounted onto the target file.
+    Block,
+}
+
+impl Access {
+    fn is_mount(&self) -> bool {
+        *self == Access::Mount
+    }
 }
 
 impl Record {
@@ -70,6 +92,7 @@ impl Record {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             content_source: None,
+            access: Access::Mount,
         }
     }
 

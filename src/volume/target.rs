@@ -48,6 +48,13 @@ pub enum TargetError {
     /// The target is a file or other non-directory.
     #[error("target_path {} exists and is not a directory", .0.display())]
     NotDirectory(PathBuf),
+    /// The target of a raw block volume is a directory: the device node
+    /// is bound onto a file.
+    #[error(
+        "target_path {} is a directory; a raw block volume is published at a file",
+        .0.display()
+    )]
+    NotFile(PathBuf),
     /// Something else is mounted at the target.
     #[error("target_path {} already has another mount; unpublish it first", .0.display())]
     OtherMount(PathBuf),
@@ -177,6 +184,100 @@ pub(super) fn inspect(target: &Path, source: &Path, mounts: &mut MountTable) -> 
     Ok(Inspection::Empty)
 }
 
+/// [`inspect`] for a raw block volume, whose target is a file that shows
+/// the loop device node `device` once published.
+pub(super) fn inspect_file(
+    target: &Path,
+    device: &Path,
+    mounts: &mut MountTable,
+) -> Result<Inspection> {
+    let meta = match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Inspection::Missing),
+        Err(e) => {
+            return Err(TargetError::io(
+                format!("inspecting {}", target.display()),
+                e,
+            ));
+        }
+        Ok(m) => m,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(TargetError::Symlink(target.to_path_buf()));
+    }
+    if identity(target)? == identity(device)? {
+        // Block volumes are never published read-only (validate refuses).
+        return Ok(Inspection::Shows { read_only: false });
+    }
+    if meta.is_dir() {
+        return Err(TargetError::NotFile(target.to_path_buf()));
+    }
+    if sys::mountinfo::mounted_at(mounts.get()?, target).is_some() {
+        return Err(TargetError::OtherMount(target.to_path_buf()));
+    }
+    if !meta.is_file() || meta.len() != 0 {
+        return Err(TargetError::NotEmpty(target.to_path_buf()));
+    }
+    Ok(Inspection::Empty)
+}
+
+/// A raw block volume's target file, owning the undo like [`TargetDir`].
+#[derive(Debug)]
+pub(super) struct TargetFile<'a> {
+    path: &'a Path,
+    created: bool,
+}
+
+impl<'a> TargetFile<'a> {
+    /// Makes the target file (its parent exists), never following or
+    /// replacing anything there.
+    pub(super) fn create(path: &'a Path) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| TargetError::io(format!("creating target {}", path.display()), e))?;
+        Ok(TargetFile {
+            path,
+            created: true,
+        })
+    }
+
+    /// An empty target file that was there already (it stays either way).
+    pub(super) fn existing(path: &'a Path) -> Self {
+        TargetFile {
+            path,
+            created: false,
+        }
+    }
+
+    /// Bind-mounts the device node `device` here; the file is kept from
+    /// then on.
+    pub(super) fn bind(mut self, device: &Path) -> Result<()> {
+        sys::mount::bind_file(device, self.path).map_err(|e| {
+            TargetError::io(
+                format!(
+                    "bind-mounting {} at {}",
+                    device.display(),
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
+        self.created = false;
+        Ok(())
+    }
+}
+
+impl Drop for TargetFile<'_> {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
+}
+
 /// Device and inode of a directory, not following a symlink.
 pub(super) fn identity(path: &Path) -> Result<(u64, u64)> {
     sys::fs::identity(path)
@@ -251,9 +352,25 @@ pub(super) fn exists_unfollowed(target: &Path) -> Result<bool> {
     }
 }
 
-/// Removes an unpublished target directory if it is empty; one that still
-/// holds files (it was never a mount) is left in place, with a warning.
+/// Removes an unpublished target directory (or a raw block volume's
+/// target file) if it is empty; one that still holds data (it was never a
+/// mount) is left in place, with a warning.
 pub(super) fn remove_if_empty(target: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_file() && m.len() == 0 => {
+            return match std::fs::remove_file(target) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(TargetError::io(format!("removing {}", target.display()), e))
+                }
+                _ => Ok(()),
+            };
+        }
+        Ok(m) if !m.is_dir() => {
+            tracing::warn!(target = %target.display(), "target is not a mount and not empty; left in place");
+            return Ok(());
+        }
+        _ => {}
+    }
     match std::fs::remove_dir(target) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -101,10 +101,10 @@ fn capabilities() -> Vec<Case> {
             &["MULTI_NODE"],
         ),
         row(
-            "block",
-            with_caps(vec![sw(block())]),
+            "mount and block",
+            with_caps(vec![sw(mount()), sw(block())]),
             InvalidArgument,
-            &["block"],
+            &["both mount and block"],
         ),
         row(
             "no access type",

@@ -66,6 +66,7 @@ pub async fn sweep_scenario() -> Vec<String> {
             parameters: BTreeMap::from([("pool".to_string(), "a".to_string())]),
             created_unix: 0,
             content_source: None,
+            access: Default::default(),
         };
         std::fs::write(
             pool.join(format!(".{name}.meta")),
