@@ -3,7 +3,9 @@
 # driver binary with real mounts, once per pool kind given.
 #
 #   scripts/conformance.sh BINARY KIND [KIND...]
-#     KIND: dir | btrfs | btrfs-qgroup | image-xfs | image-ext4
+#     KIND: dir | btrfs | btrfs-qgroup | image-xfs | image-ext4, each
+#     optionally with the suffix -block: the same pool, every spec run with
+#     raw block volumes (--csi.testvolumeaccesstype block)
 #     (btrfs: quotas left to the driver, which turns on simple quotas where
 #     the kernel has them; btrfs-qgroup: full qgroups turned on first, which
 #     the driver keeps)
@@ -42,7 +44,8 @@ cleanup() {
 trap cleanup EXIT
 
 run_kind() {
-  local kind=$1
+  local label=$1 kind=$1 access=mount
+  if [[ $kind == *-block ]]; then kind=${kind%-block} access=block; fi
   WORK=$(mktemp -d /tmp/hostpath-csi-conformance.XXXXXX)
   local pool="$WORK/pool" extra=() kind_line fs_line=""
   # Volume sizes per kind: image pools have a floor (what mkfs can make).
@@ -77,13 +80,14 @@ TOML
   DRIVER_PID=$!
   for _ in $(seq 100); do [[ -S $WORK/csi.sock ]] && break; sleep 0.05; done
   if [[ $kind != dir ]]; then extra+=(--csi.testvolumeexpandsize "$expand"); fi
+  extra+=(--csi.testvolumeaccesstype "$access")
   local out="$WORK/sanity.out" rc=0
   "$SANITY" --csi.endpoint "$WORK/csi.sock" --csi.mountdir "$WORK/mnt" \
     --csi.stagingdir "$WORK/stage" --csi.testvolumesize "$size" \
     --csi.testvolumeparameters "$WORK/params.yaml" "${extra[@]}" \
     -ginkgo.no-color -ginkgo.v >"$out" 2>&1 || rc=$?
   # Why specs were skipped (capabilities the driver does not claim).
-  grep -E '^\s*\[SKIPPED\] [A-Za-z]' "$out" | grep -v '\[SKIPPED\] in \[' | sed -E 's/^\s*\[SKIPPED\] //' | sort | uniq -c | sed "s/^/  skipped[$kind]: /" || true
+  grep -E '^\s*\[SKIPPED\] [A-Za-z]' "$out" | grep -v '\[SKIPPED\] in \[' | sed -E 's/^\s*\[SKIPPED\] //' | sort | uniq -c | sed "s/^/  skipped[$label]: /" || true
   local line
   line=$(grep -E '^(SUCCESS|FAIL)!' "$out" | tail -1 || true)
   local p f s
@@ -97,7 +101,7 @@ TOML
     grep -A3 -E '^\s*\[FAIL\]' "$out" | head -60 || tail -40 "$out"
     echo "--- driver log"; tail -20 "$WORK/driver.log"
   fi
-  echo "conformance[$kind]: $p passed, $f failed, $s skipped"
+  echo "conformance[$label]: $p passed, $f failed, $s skipped"
   total_pass=$((total_pass + p)); total_fail=$((total_fail + f)); total_skip=$((total_skip + s))
   cleanup
 }
