@@ -384,3 +384,99 @@ async fn block_refusals_are_clear() {
         "{no:?}"
     );
 }
+
+/// A snapshot of a block volume holds what was written before it; a
+/// block volume restored from it (and a clone) holds the same, at the
+/// size asked; a filesystem volume cannot be made from it.
+#[tokio::test]
+async fn block_snapshot_restore_and_clone_keep_the_data() {
+    if !tools() {
+        return;
+    }
+    let (root, _cleanup) = root();
+    let pool = PoolConfig::of_kind("d", root.path().join("pools/d"), PoolKind::Dir);
+    let h = Harness::with_pool_configs(root, vec![pool]).await;
+    let mut c = h.controller();
+    let v = c
+        .create_volume(create_block("src", "d", 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let t = h.target("src");
+    publish(&h, &v.volume_id, &t).await.unwrap();
+    let data = pattern(5, 65536);
+    write_at(&t, MIB as u64, &data).unwrap();
+    let snap = c
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: "snap".into(),
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.size_bytes, 8 * MIB);
+    // Written after the snapshot: not in it.
+    write_at(&t, MIB as u64, &pattern(6, 65536)).unwrap();
+
+    let from = |name: &str, source: csi::volume_content_source::Type, bytes: i64| {
+        let mut r = create_block(name, "d", bytes);
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        });
+        r
+    };
+    let snap_src =
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        });
+    let restored = c
+        .create_volume(from("restored", snap_src.clone(), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let rt = h.target("restored");
+    publish(&h, &restored.volume_id, &rt).await.unwrap();
+    assert_eq!(device_size(&rt), (16 * MIB) as u64);
+    assert_eq!(read_at(&rt, MIB as u64, data.len()), data);
+
+    let clone = c
+        .create_volume(from(
+            "clone",
+            csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+                volume_id: v.volume_id.clone(),
+            }),
+            8 * MIB,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let ct = h.target("clone");
+    publish(&h, &clone.volume_id, &ct).await.unwrap();
+    assert_eq!(read_at(&ct, MIB as u64, 65536), pattern(6, 65536));
+
+    let mut as_fs = common::create_request("fs", "d", 8 * MIB);
+    as_fs.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(snap_src),
+    });
+    let e = c.create_volume(as_fs).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("raw block"), "{}", e.message());
+
+    for (id, t) in [
+        (&v.volume_id, &t),
+        (&restored.volume_id, &rt),
+        (&clone.volume_id, &ct),
+    ] {
+        h.unpublish(id, t).await.unwrap();
+    }
+    assert!(loops_below(h.root.path()).is_empty());
+}

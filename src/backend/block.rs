@@ -34,7 +34,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::image::{detach, devices_of};
+use super::image::{autoclear, detach, devices_of};
 use super::{BackendError, Result, VolumeUsage};
 use crate::sys;
 use crate::sys::cmd;
@@ -116,6 +116,7 @@ pub(crate) fn delete(pool_dir: &Path, token: &str) -> Result<()> {
     if path.exists() {
         for dev in devices_of(&path)? {
             detach(&dev);
+            gone(&dev);
         }
     }
     for p in [path, scratch(pool_dir, token)] {
@@ -134,7 +135,18 @@ pub(crate) fn delete(pool_dir: &Path, token: &str) -> Result<()> {
 pub(crate) fn attach(pool_dir: &Path, token: &str) -> Result<PathBuf> {
     let path = file(pool_dir, token);
     if let Some(dev) = attached(pool_dir, token)? {
-        return Ok(dev);
+        if !autoclear(&dev) {
+            return Ok(dev);
+        }
+        // Released while something still had it open (udev probing it,
+        // a pod that outlived its unpublish): it goes at that last close,
+        // and must not be bound again. Wait for it, then attach anew.
+        if !gone(&dev) {
+            return Err(BackendError::ImageInUse {
+                image: path,
+                devices: dev.display().to_string(),
+            });
+        }
     }
     if !path.is_file() {
         return Err(BackendError::BlockFileMissing { path });
@@ -281,7 +293,101 @@ pub(crate) fn attached_in(pool_dir: &Path) -> Vec<(String, PathBuf)> {
 pub(crate) fn release_device(device: &Path, table: &[MountEntry]) -> bool {
     if sys::mountinfo::binds_of(table, device).is_empty() {
         detach(device);
+        gone(device);
         return true;
     }
     false
+}
+
+/// Waits (at most a second) until loop device `dev` has nothing attached:
+/// `losetup -d` on a device that udev is still probing only marks it
+/// auto-clear. Returns whether it went.
+fn gone(dev: &Path) -> bool {
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let backing = format!("/sys/block/{name}/loop/backing_file");
+    for _ in 0..50 {
+        if !Path::new(&backing).exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+/// Copies block volume `token`'s file to `dest` (a snapshot), with shared
+/// extents where the filesystem can and holes kept, and flushes it;
+/// returns its size. What a pod wrote through the device and the kernel
+/// still buffers for it is flushed first. A raw device cannot be frozen
+/// like a filesystem: the copy is what a power cut at that moment would
+/// have left (crash-consistent) only while nothing writes during it.
+pub(crate) fn snapshot(pool_dir: &Path, token: &str, dest: &Path) -> Result<u64> {
+    let path = file(pool_dir, token);
+    if let Some(dev) = attached(pool_dir, token)? {
+        std::fs::File::open(&dev)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| BackendError::io(format!("flushing {}", dev.display()), e))?;
+    }
+    sys::copy::copy_file(&path, dest)?;
+    let f = std::fs::File::open(dest)
+        .map_err(|e| BackendError::io(format!("opening {}", dest.display()), e))?;
+    f.sync_all()
+        .and_then(|()| f.metadata())
+        .map(|m| m.len())
+        .map_err(|e| BackendError::io(format!("flushing {}", dest.display()), e))
+}
+
+/// Makes block volume `token`, `capacity` bytes, holding a copy of
+/// `source` (a block snapshot's file, or another block volume): copied
+/// under `.<token>.restore`, grown to the volume's size, flushed, then
+/// renamed into place.
+pub(crate) fn create_from(
+    pool_dir: &Path,
+    token: &str,
+    capacity: u64,
+    source: super::Source<'_>,
+) -> Result<()> {
+    let from = match source {
+        super::Source::Snapshot(p) => p.to_path_buf(),
+        super::Source::Volume(t) => {
+            if let Some(dev) = attached(pool_dir, t)? {
+                std::fs::File::open(&dev)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| BackendError::io(format!("flushing {}", dev.display()), e))?;
+            }
+            file(pool_dir, t)
+        }
+    };
+    let tmp = pool_dir.join(format!(".{token}{}", super::RESTORE));
+    let _ = std::fs::remove_file(&tmp);
+    let build = || -> Result<()> {
+        sys::copy::copy_file(&from, &tmp)?;
+        let len = capacity.div_ceil(SECTOR) * SECTOR;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| BackendError::io(format!("opening {}", tmp.display()), e))?;
+        let now = f
+            .metadata()
+            .map_err(|e| BackendError::io(format!("inspecting {}", tmp.display()), e))?
+            .len();
+        if now < len {
+            f.set_len(len)
+                .map_err(|e| BackendError::io(format!("growing {}", tmp.display()), e))?;
+        }
+        f.sync_all()
+            .map_err(|e| BackendError::io(format!("flushing {}", tmp.display()), e))?;
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &tmp,
+            nix::fcntl::AT_FDCWD,
+            &file(pool_dir, token),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| BackendError::io(format!("renaming {}", tmp.display()), e.into()))
+    };
+    build().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

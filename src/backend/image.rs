@@ -329,7 +329,7 @@ fn detach_others(img: &Path, keep: &Path) -> Result<()> {
 
 /// Whether a loop device is set to detach itself at its last close (read
 /// from sysfs; anything unreadable counts as set, so nothing is touched).
-fn autoclear(dev: &Path) -> bool {
+pub(super) fn autoclear(dev: &Path) -> bool {
     let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
         return true;
     };

@@ -78,7 +78,8 @@ fn volume_code(e: &VolumeError) -> Code {
     match e {
         VolumeError::UnknownPool { .. }
         | VolumeError::PoolRequired { .. }
-        | VolumeError::WrongAccess { .. } => Code::InvalidArgument,
+        | VolumeError::WrongAccess { .. }
+        | VolumeError::SourceAccess { .. } => Code::InvalidArgument,
         VolumeError::NoSuchPool(_)
         | VolumeError::NotFound(_)
         | VolumeError::Missing(_)

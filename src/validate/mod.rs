@@ -21,8 +21,8 @@ use csi_proto as csi;
 
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
-use crate::volume::snapshot::SnapshotId;
 use crate::volume::record::Access;
+use crate::volume::snapshot::SnapshotId;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
     capability, capacity_range, mount_flags, node_path, volume_name,

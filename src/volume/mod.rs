@@ -155,6 +155,19 @@ pub enum VolumeError {
         /// Its access type.
         access: Access,
     },
+    /// A volume from a source of the other access type (a raw block
+    /// volume from a filesystem volume or its snapshot, or the reverse).
+    #[error(
+        "{from} holds {}; make a {} volume from it",
+        if *.access == Access::Block { "a raw block volume's data" } else { "a filesystem" },
+        if *.access == Access::Block { "raw block" } else { "filesystem (mount)" }
+    )]
+    SourceAccess {
+        /// The source.
+        from: String,
+        /// The source's access type.
+        access: Access,
+    },
     /// DeleteVolume of a volume that is still bind-mounted.
     #[error("volume {id} is still mounted at {}; unpublish it first", at.display())]
     StillMounted {

@@ -113,8 +113,7 @@ impl Volumes {
             }
         }
         for _ in &stacked {
-            sys::mount::unmount(&target)
-                .map_err(|e| VolumeError::io(format!("unmounting {}", target.display()), e))?;
+            unmount_target(&target, access)?;
         }
         target::remove_if_empty(&target)?;
         match access {
@@ -247,6 +246,29 @@ impl Volumes {
 fn note_use(pool: &Pool, id: &VolumeId, what: Use) {
     if let Err(e) = pool.mark(id.token(), what) {
         tracing::warn!(volume_id = %id, error = %e, "cannot record the time of this use");
+    }
+}
+
+/// Unmounts the volume at a target. A raw block volume's target can be
+/// busy for a moment after its last user closed it (udev probes a loop
+/// device after every change, through any node of it), so a busy one is
+/// tried again for up to half a second before the CO hears of it.
+fn unmount_target(target: &std::path::Path, access: Access) -> Result<()> {
+    let mut tries = if access == Access::Block { 25 } else { 1 };
+    loop {
+        match sys::mount::unmount(target) {
+            Ok(()) => return Ok(()),
+            Err(e) if tries > 1 && e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
+                tries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(VolumeError::io(
+                    format!("unmounting {}", target.display()),
+                    e,
+                ));
+            }
+        }
     }
 }
 

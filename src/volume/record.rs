@@ -69,7 +69,7 @@ pub enum Access {
 }
 
 impl Access {
-    fn is_mount(&self) -> bool {
+    pub(crate) fn is_mount(&self) -> bool {
         *self == Access::Mount
     }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::capacity;
 use super::id::{MAX_POOL_LEN, VolumeId, valid_pool_name, valid_token};
 use super::pool::Pool;
-use super::record::Record;
+use super::record::{Access, Record};
 use super::{Result, VolumeError, Volumes};
 use crate::backend::Source;
 use crate::config::PoolKind;
@@ -124,6 +124,10 @@ pub struct SnapshotRecord {
     /// Creation time, nanoseconds within the second.
     #[serde(default)]
     pub created_nanos: u32,
+    /// The source volume's access type: a raw block volume's snapshot is
+    /// a copy of its file, and restores only into a raw block volume.
+    #[serde(default, skip_serializing_if = "Access::is_mount")]
+    pub access: Access,
 }
 
 impl SnapshotRecord {
@@ -200,6 +204,7 @@ impl Volumes {
             size_bytes: 0,
             created_unix: now.as_secs(),
             created_nanos: now.subsec_nanos(),
+            access: vol.access,
         };
         pool.take_snapshot(&token, source.token(), &mut rec)?;
         tracing::info!(snapshot_id = %id, volume_id = %source, size = rec.size_bytes, "snapshot created");
@@ -319,18 +324,28 @@ impl Volumes {
             });
         }
         let _source = self.inflight.claim(&key)?;
-        let need = match source {
+        let (need, access) = match source {
             ContentSource::Snapshot(s) => {
-                pool.snapshot_record(s.token())?
-                    .ok_or_else(|| self.source_missing(source))?
-                    .size_bytes
+                let rec = pool
+                    .snapshot_record(s.token())?
+                    .ok_or_else(|| self.source_missing(source))?;
+                (rec.size_bytes, rec.access)
             }
             ContentSource::Volume(v) => {
-                pool.record(v.token())?
-                    .ok_or_else(|| self.source_missing(source))?
-                    .capacity_bytes
+                let rec = pool
+                    .record(v.token())?
+                    .ok_or_else(|| self.source_missing(source))?;
+                (rec.capacity_bytes, rec.access)
             }
         };
+        // A raw block volume's data is a device image, a filesystem
+        // volume's a tree of files: neither can become the other.
+        if access != req.access {
+            return Err(VolumeError::SourceAccess {
+                from: source.to_string(),
+                access,
+            });
+        }
         if req.capacity.limit != 0 && req.capacity.limit < need {
             return Err(VolumeError::SmallerThanSource {
                 from: source.to_string(),
@@ -344,6 +359,7 @@ impl Volumes {
         let reservation = capacity::reserve(pool, id.token(), capacity, None)?;
         let mut record = Record::new(&req.name, pool.kind(), capacity, req.parameters.clone());
         record.content_source = Some(source.to_string());
+        record.access = req.access;
         let snapshot_path;
         let from = match source {
             ContentSource::Snapshot(s) => {

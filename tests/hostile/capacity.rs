@@ -71,7 +71,12 @@ pub fn cases(_: &Fixture) -> Vec<Case> {
             Ok,
             &[],
         ),
-        row("block is 0", capacity(hdd, vec![cap(1, block())]), Ok, &[]),
+        row(
+            "block is served",
+            capacity(hdd, vec![cap(1, block())]),
+            Ok,
+            &[],
+        ),
         row(
             "another node is 0",
             csi::GetCapacityRequest {

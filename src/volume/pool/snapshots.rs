@@ -26,7 +26,7 @@ use super::{Pool, PoolError, Result, lock};
 use crate::backend::Source;
 use crate::sys;
 use crate::volume::id::valid_token;
-use crate::volume::record::{self, Record};
+use crate::volume::record::{self, Access, Record};
 use crate::volume::snapshot::SnapshotRecord;
 
 /// The directory of a pool's snapshots.
@@ -106,8 +106,12 @@ impl Pool {
         let dest = self.snapshot_path(token);
         self.backend.discard(&dest)?;
         let mut made = || -> Result<()> {
-            self.backend.snapshot(&self.dir, volume, &dest)?;
-            record.size_bytes = self.backend.snapshot_size(&dest)?;
+            if record.access == Access::Block {
+                record.size_bytes = crate::backend::block::snapshot(&self.dir, volume, &dest)?;
+            } else {
+                self.backend.snapshot(&self.dir, volume, &dest)?;
+                record.size_bytes = self.backend.snapshot_size(&dest)?;
+            }
             sys::fs::create_durably(
                 &dir,
                 &record::file_name(token),
@@ -218,12 +222,18 @@ impl Pool {
         std::fs::write(&marker, b"")
             .map_err(|e| PoolError::io(format!("creating {}", marker.display()), e))?;
         self.sync()?;
-        let made = self
-            .backend
-            .create_from(&self.dir, token, record.capacity_bytes, source)
-            .map_err(PoolError::from)
-            .and_then(|()| self.create_record(token, record))
-            .and_then(|()| self.sync());
+        let made = match record.access {
+            Access::Mount => {
+                self.backend
+                    .create_from(&self.dir, token, record.capacity_bytes, source)
+            }
+            Access::Block => {
+                crate::backend::block::create_from(&self.dir, token, record.capacity_bytes, source)
+            }
+        }
+        .map_err(PoolError::from)
+        .and_then(|()| self.create_record(token, record))
+        .and_then(|()| self.sync());
         if let Err(e) = made {
             let _ = std::fs::remove_file(self.dir.join(record::file_name(token)));
             let _ = self.undo_restore(token);
@@ -268,7 +278,13 @@ impl Pool {
         }
         let undone = self.record(token)?.is_none();
         if undone {
-            self.backend.delete(&self.dir, token)?;
+            // A raw block volume's copy is a file; anything else is the
+            // backend's kind of storage.
+            if self.volume_path(token).is_file() {
+                crate::backend::block::delete(&self.dir, token)?;
+            } else {
+                self.backend.delete(&self.dir, token)?;
+            }
         }
         std::fs::remove_file(&marker)
             .map_err(|e| PoolError::io(format!("removing {}", marker.display()), e))?;
