@@ -81,7 +81,8 @@ step "cargo test" cargo test --workspace --all-targets
 # Growing a mounted ext4 needs CAP_SYS_RESOURCE (bit 24 of CapEff); some
 # test VMs' root lacks it, so the ext4 image pool is checked only where the
 # kernel would let any driver pass its expansion tests.
-kinds=(dir btrfs btrfs-qgroup image-xfs)
+# The -block kinds run every spec again with raw block volumes.
+kinds=(dir btrfs btrfs-qgroup image-xfs dir-block btrfs-block image-ext4-block)
 capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
 if (( (16#$capeff >> 24) & 1 )); then
   kinds+=(image-ext4)
