@@ -26,7 +26,9 @@ use crate::robust_support::{self, Rng, mounts_below};
 pub struct Client {
     pub shared: Arc<Shared>,
     pub rng: Rng,
-    pub channel: Option<(u64, Channel)>,
+    /// The generation it was opened in, the socket file's inode just
+    /// before it was opened, and the channel.
+    pub channel: Option<(u64, u64, Channel)>,
     pub slots: Vec<Slot>,
     pub deleted: Vec<(String, String)>,
 }
@@ -51,14 +53,19 @@ impl Client {
                 "{what}: no success within 120 s"
             );
             let generation = sh.generation.load(SeqCst);
-            let ch = match &self.channel {
-                Some((g, ch)) if *g == generation => ch.clone(),
-                _ => match robust_support::connect_once(&sh.socket).await {
-                    Ok(ch) => {
-                        self.channel = Some((generation, ch.clone()));
-                        ch
+            let (socket, ch) = match &self.channel {
+                Some((g, i, ch)) if *g == generation => (*i, ch.clone()),
+                // Looked at before connecting: a connect that races a new
+                // driver's bind counts as made to the old socket.
+                _ => match (
+                    socket_inode(&sh.socket),
+                    robust_support::connect_once(&sh.socket).await,
+                ) {
+                    (i, Ok(ch)) => {
+                        self.channel = Some((generation, i, ch.clone()));
+                        (i, ch)
                     }
-                    Err(_) => {
+                    (_, Err(_)) => {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         continue;
                     }
@@ -81,7 +88,13 @@ impl Client {
                     self.channel = None;
                     // Odd: a kill is under way (see `Shared::generation`).
                     let now = sh.generation.load(SeqCst);
-                    let crashed = now != generation || now % 2 == 1;
+                    // Or the connection went to the socket of a driver that
+                    // was already dead (the socket file has been replaced
+                    // since): a process the killed driver had just forked
+                    // keeps its listening socket until it execs, so a
+                    // connect can land there and is reset when it does.
+                    let to_dead_driver = socket_inode(&sh.socket) != socket;
+                    let crashed = now != generation || now % 2 == 1 || to_dead_driver;
                     let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
                     // A connection that broke under the call with no kill
                     // around it is a violation too: a kubelet would see a
@@ -89,6 +102,11 @@ impl Client {
                     // caught at the next kill).
                     let transport =
                         s.code() == Code::Unknown && s.message().starts_with("transport error");
+                    if transport && to_dead_driver && now == generation && now.is_multiple_of(2) {
+                        eprintln!(
+                            "{what}: transport error on a connection made to a dead driver's socket"
+                        );
+                    }
                     if transport && !crashed {
                         sh.counts.transport_errors.fetch_add(1, SeqCst);
                     }
@@ -438,4 +456,10 @@ impl Client {
 pub fn identity(p: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The inode of the socket file now (0 if there is none): it changes each
+/// time a driver binds.
+fn socket_inode(socket: &std::path::Path) -> u64 {
+    std::fs::metadata(socket).map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m))
 }
