@@ -31,12 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use csi_proto::pluginregistration as reg;
+
+use crate::grpc::authority::AuthorityFix;
 
 /// The plugin type the kubelet hands CSI drivers to.
 pub const CSI_PLUGIN_TYPE: &str = "CSIPlugin";
@@ -275,24 +277,11 @@ pub async fn serve(
 }
 
 /// The connections of `listener`, each passed through
-/// [`crate::uds_authority`] so that the kubelet's requests (whose
-/// `:authority` is the socket's path) are not refused by the HTTP/2 layer.
-fn rewriting(listener: UnixListener) -> impl Stream<Item = io::Result<tokio::io::DuplexStream>> {
-    UnixListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        let (conn_read, conn_write) = conn.into_split();
-        let (ours_read, ours_write) = tokio::io::split(ours);
-        tokio::spawn(async move {
-            let _ = crate::uds_authority::copy_rewriting(conn_read, ours_write).await;
-        });
-        tokio::spawn(async move {
-            let (mut from, mut to) = (ours_read, conn_write);
-            let _ = tokio::io::copy(&mut from, &mut to).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut to).await;
-        });
-        Ok(theirs)
-    })
+/// [`AuthorityFix`] so that the kubelet's requests (whose `:authority` is
+/// the socket's path) are not refused by the HTTP/2 layer: the same
+/// filter as on the CSI socket.
+fn rewriting(listener: UnixListener) -> impl Stream<Item = io::Result<AuthorityFix<UnixStream>>> {
+    UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new))
 }
 
 /// How the registration socket stopped being ours.

@@ -38,6 +38,5 @@ pub mod metrics;
 pub mod orphans;
 pub mod server;
 pub mod sys;
-mod uds_authority;
 pub mod validate;
 pub mod volume;
