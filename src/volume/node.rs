@@ -77,7 +77,9 @@ impl Volumes {
     /// or not mounted is success.
     pub(crate) fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
         let id = &req.id;
-        let pool = self.pool_of(id)?;
+        let Ok(pool) = self.pool_of(id) else {
+            return self.unpublish_without_pool(req);
+        };
         let _guard = self.inflight.claim(id.token())?;
         let access = pool.record(id.token())?.map_or(Access::Mount, |r| r.access);
         // A block volume's device is released whenever nothing shows it
@@ -124,6 +126,40 @@ impl Volumes {
             note_use(pool, id, Use::Unpublished);
         }
         tracing::info!(volume_id = %id, target = %target.display(), "volume unpublished");
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume for a volume whose pool is no longer configured
+    /// (removed from the config while the volume was still published): the
+    /// kubelet would retry a NOT_FOUND forever. A bind at the target is
+    /// taken off only when the mount table shows it is ours: its source is
+    /// a directory named after the volume's token that sits beside the
+    /// volume's record file (what every pool kind keeps in its pool
+    /// directory). A foreign mount at the target is refused as usual.
+    fn unpublish_without_pool(&self, req: &UnpublishVolume) -> Result<()> {
+        let id = &req.id;
+        let _guard = self.inflight.claim(id.token())?;
+        let Some(target) = target::resolve(&req.target, &self.pools)? else {
+            return Ok(());
+        };
+        if !target::exists_unfollowed(&target)? {
+            return Ok(());
+        }
+        let table = target::read_mounts()?;
+        let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
+        for e in &stacked {
+            if !target::is_volume_bind(&table, e, id.token()) {
+                return Err(VolumeError::ForeignMount {
+                    target,
+                    from: e.source.clone(),
+                });
+            }
+        }
+        for _ in &stacked {
+            unmount_target(&target, Access::Mount)?;
+        }
+        target::remove_if_empty(&target)?;
+        tracing::warn!(volume_id = %id, target = %target.display(), "volume unpublished although its pool is no longer configured");
         Ok(())
     }
 

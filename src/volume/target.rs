@@ -395,3 +395,24 @@ pub(super) fn is_ours(pools: &[Pool], table: &[MountEntry], m: &MountEntry) -> b
         })
     })
 }
+
+/// True when the bind `m` shows a volume called `token` of a pool this
+/// driver has (or had) configured: somewhere the mount table makes visible
+/// (other than through `m` itself), the bound directory is `<dir>/<token>`
+/// and `<dir>` holds the volume's record file. Used when the pool is gone
+/// from the configuration, so the pool list cannot say it.
+pub(super) fn is_volume_bind(table: &[MountEntry], m: &MountEntry, token: &str) -> bool {
+    table
+        .iter()
+        .filter(|e| e.device == m.device && e.mount_point != m.mount_point)
+        .filter_map(|e| {
+            let rel = m.root.strip_prefix(&e.root).ok()?;
+            Some(e.mount_point.join(rel))
+        })
+        .any(|seen| {
+            seen.file_name() == Some(std::ffi::OsStr::new(token))
+                && seen.parent().is_some_and(|dir| {
+                    exists_unfollowed(&dir.join(super::record::file_name(token))).unwrap_or(false)
+                })
+        })
+}
