@@ -112,6 +112,14 @@ async fn open_pools(shared: Arc<Shared>) {
     // logged at debug: once at error says it, every 3 s would bury the log.
     let mut last = String::new();
     loop {
+        if let Some(why) = crate::sys::caps::mount_privilege_missing() {
+            if why != last {
+                tracing::error!("{why}; not ready");
+                last = why;
+            }
+            tokio::time::sleep(OPEN_RETRY).await;
+            continue;
+        }
         let s = Arc::clone(&shared);
         let res =
             tokio::task::spawn_blocking(move || Volumes::open(&s.config.pools, &s.config.node_id))

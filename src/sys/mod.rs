@@ -6,6 +6,7 @@
 //! `tokio::task::spawn_blocking`.
 
 pub mod btrfs;
+pub(crate) mod caps;
 pub mod cmd;
 pub(crate) mod copy;
 pub(crate) mod fs;
