@@ -22,17 +22,12 @@ use tonic::Code;
 const MI: i64 = 1 << 20;
 
 fn can_run(tools: &[&str]) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
-            "node expansion tests need root (HOSTPATH_CSI_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: node expansion tests need root (loop devices, mounts)");
+    if !common::root_or_skip("loop devices and mounts") {
         return false;
     }
     let missing: Vec<_> = tools.iter().filter(|t| !common::have(t)).collect();
     if !missing.is_empty() {
-        eprintln!("skipped: {missing:?} not installed");
+        common::skip(&format!("{missing:?} not installed"));
         return false;
     }
     true

@@ -32,6 +32,9 @@ fn listed(h: &Harness) -> BTreeMap<String, VolumeInfo> {
 
 #[tokio::test]
 async fn volumes_carry_their_claim_origin_mounts_and_use_times() {
+    if !common::root_or_skip("bind mounts") {
+        return;
+    }
     let h = Harness::start().await;
     let mut req = create_request("pvc-1", "hdd", MIB);
     for (k, v) in [
@@ -155,6 +158,9 @@ async fn volumes_carry_their_claim_origin_mounts_and_use_times() {
 
 #[tokio::test]
 async fn a_record_whose_storage_is_gone_is_listed_with_the_problem() {
+    if !common::root_or_skip("bind mounts") {
+        return;
+    }
     let h = Harness::start().await;
     h.create("lost", "hdd", MIB).await;
     std::fs::remove_dir(h.pool_dir("hdd").join("lost")).unwrap();
