@@ -98,6 +98,8 @@ if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
   fi
   e2e_build_pid=""
   step "kubernetes e2e" tests/e2e/run.sh
+  # Real pods under real kubelets (two nodes): the story of issue 9.
+  step "kubernetes pods" tests/e2e/pods.sh
 fi
 
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} == 1 ]]; then
