@@ -120,6 +120,26 @@ impl SocketFile {
     }
 }
 
+/// How long a socket must keep answering to count as served by a live
+/// driver. A process that forks (to run mount, losetup...) copies every
+/// descriptor into the child until the child's exec closes it, so a
+/// listener its owner has just closed can still accept connections for a
+/// moment; a live driver answers throughout.
+const LIVE_FOR: Duration = Duration::from_secs(1);
+
+/// [`socket::listener`], except that an answer is believed only if the
+/// socket keeps answering for [`LIVE_FOR`].
+fn listener_settled(path: &Path) -> io::Result<Listener> {
+    let deadline = Instant::now() + LIVE_FOR;
+    loop {
+        let seen = socket::listener(path)?;
+        if !matches!(seen, Listener::Alive(_)) || Instant::now() >= deadline {
+            return Ok(seen);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Binds the CSI socket at `path`: creates its directory, refuses a socket
 /// that a live process serves, replaces a dead one (but never another kind
 /// of file), and restricts it to owner and group (mode 0660).
@@ -140,7 +160,7 @@ pub fn bind(path: &Path) -> Result<Socket, EndpointError> {
     let _dir_lock = lock_dir(&dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            match socket::listener(path).map_err(io_err("connecting to", path))? {
+            match listener_settled(path).map_err(io_err("connecting to", path))? {
                 Listener::Alive(holder) => {
                     return Err(EndpointError::InUse {
                         path: path.to_path_buf(),
