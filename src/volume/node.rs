@@ -77,8 +77,19 @@ impl Volumes {
     /// or not mounted is success.
     pub(crate) fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
         let id = &req.id;
-        let Ok(pool) = self.pool_of(id) else {
-            return self.unpublish_without_pool(req);
+        let pool = match self.pool_of(id) {
+            Ok(pool) => pool,
+            // A volume that a configured pool holds, asked for under another
+            // pool's name, is not this volume: its binds are not taken off.
+            Err(e)
+                if self
+                    .pools
+                    .iter()
+                    .any(|p| p.dir().join(format!(".{}.meta", id.token())).exists()) =>
+            {
+                return Err(e);
+            }
+            Err(_) => return self.unpublish_without_pool(req),
         };
         let _guard = self.inflight.claim(id.token())?;
         let access = pool.record(id.token())?.map_or(Access::Mount, |r| r.access);
