@@ -45,7 +45,7 @@ mod robust_support;
 mod sweep;
 mod workload;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -253,6 +253,8 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         in_flight: Mutex::new(BTreeMap::new()),
         interrupted: Mutex::new(BTreeMap::new()),
         unexpected: Mutex::new(Vec::new()),
+        killed: Mutex::new(BTreeSet::new()),
+        transport: Mutex::new(BTreeMap::new()),
     });
     shared.counts.runs.fetch_add(1, SeqCst);
 
@@ -275,7 +277,7 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         let client = Client {
             shared: Arc::clone(&shared),
             rng: Rng::new(seed ^ (c as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1)),
-            channel: None,
+            conn: None,
             slots,
             deleted: Vec::new(),
         };
@@ -324,6 +326,7 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         if let Some(status) = driver.exited() {
             shared.unexpected(format!("the driver exited by itself: {status}"));
         }
+        shared.killed.lock().unwrap().insert(driver.pid());
         driver.kill();
         shared.generation.fetch_add(1, SeqCst);
         shared.counts.kills.fetch_add(1, SeqCst);
@@ -373,7 +376,8 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
     let interrupted = shared.interrupted.lock().unwrap().clone();
     eprintln!(
         "crash test {kinds:?}: {} runs, {} kills ({aimed} aimed at a call), {} calls, \
-         {} calls retried ({} failed attempts, {} with a broken connection no kill explains); \
+         {} calls retried ({} failed attempts, {} with a broken connection, {} of them \
+         accepted by a killed driver before the next one replaced the socket file); \
          acknowledged: {} creates, {} deletes, \
          {} publishes, {} unpublishes, {} controller expands, {} node expands, {} reads; \
          {alive_at_end} volumes alive at the end; attempts under way at a kill: {interrupted:?}; \
@@ -384,6 +388,7 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         c.calls_retried.load(SeqCst),
         c.failed_attempts.load(SeqCst),
         c.transport_errors.load(SeqCst),
+        c.to_killed_same_file.load(SeqCst),
         c.creates.load(SeqCst),
         c.deletes.load(SeqCst),
         c.publishes.load(SeqCst),
@@ -393,6 +398,9 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         c.reads.load(SeqCst),
         started.elapsed().as_secs_f64(),
     );
+    for (why, n) in shared.transport.lock().unwrap().iter() {
+        eprintln!("  transport errors, {n:>4}: {why}");
+    }
     let unexpected = shared.unexpected.lock().unwrap().clone();
     assert!(
         unexpected.is_empty(),

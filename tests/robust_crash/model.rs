@@ -1,9 +1,10 @@
 //! What the clients and the killer share, and the model of the volumes
 //! the clients work through.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use hostpath_csi::config::PoolKind;
@@ -17,8 +18,13 @@ pub struct Counts {
     pub calls: AtomicU64,
     pub calls_retried: AtomicU64,
     pub failed_attempts: AtomicU64,
-    /// Failed attempts with a broken connection that no kill explains.
+    /// Failed attempts whose connection broke (explained or not).
     pub transport_errors: AtomicU64,
+    /// ... of which the connection had been accepted by a driver killed
+    /// before the attempt began, and the socket file was still that
+    /// driver's when it broke: the errors the test once could not explain
+    /// (it looked only at the socket file; see [`Shared::kill_explains`]).
+    pub to_killed_same_file: AtomicU64,
     pub creates: AtomicU64,
     pub deletes: AtomicU64,
     pub publishes: AtomicU64,
@@ -65,12 +71,79 @@ pub struct Shared {
     pub interrupted: Mutex<BTreeMap<String, u64>>,
     /// Answers the driver gave that no crash explains.
     pub unexpected: Mutex<Vec<String>>,
+    /// Pids of the drivers the killer killed (noted before the kill).
+    pub killed: Mutex<BTreeSet<u32>>,
+    /// Transport errors by what explains them and their chain of causes.
+    pub transport: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What explains a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// A kill happened while the attempt ran.
+    DuringAttempt,
+    /// Its connection was accepted by a driver killed before the attempt
+    /// began: a listener a killed driver left in a child it had just
+    /// forked (the socket file may or may not have been replaced since).
+    OfItsDriver,
 }
 
 impl Shared {
     pub fn unexpected(&self, what: String) {
         eprintln!("UNEXPECTED: {what}");
         self.unexpected.lock().unwrap().push(what);
+    }
+
+    /// Whether a kill explains an attempt made in `generation` on a
+    /// connection that process `peer` accepted. Either the killer ran
+    /// during the attempt (the generation moved or is odd), or the
+    /// connection was accepted by a driver the killer had killed: the
+    /// kernel names the listener's owner (SO_PEERCRED) however the
+    /// connection got there. The socket file's inode alone (the rule
+    /// before) missed a listener that a killed driver's child held until
+    /// its exec, when the reset came before the next driver replaced the
+    /// file; and it would excuse a connect that raced the new driver's
+    /// bind and reached the live one.
+    pub fn kill_explains(&self, generation: u64, peer: Option<u32>) -> Option<Kill> {
+        let now = self.generation.load(SeqCst);
+        if now != generation || now % 2 == 1 {
+            Some(Kill::DuringAttempt)
+        } else if peer.is_some_and(|p| self.killed.lock().unwrap().contains(&p)) {
+            Some(Kill::OfItsDriver)
+        } else {
+            None
+        }
+    }
+
+    /// Counts a transport error by what explains it and its causes;
+    /// `file_replaced`: the socket file changed since the connect.
+    pub fn transport_error(
+        &self,
+        what: &str,
+        kill: Option<Kill>,
+        file_replaced: bool,
+        s: &tonic::Status,
+    ) {
+        self.counts.transport_errors.fetch_add(1, SeqCst);
+        let chain = crate::robust_support::error_chain(s);
+        if kill == Some(Kill::OfItsDriver) && !file_replaced {
+            self.counts.to_killed_same_file.fetch_add(1, SeqCst);
+            eprintln!(
+                "{what}: transport error on a connection a killed driver's listener accepted, \
+                 socket file not replaced yet: {chain}"
+            );
+        }
+        let why = match kill {
+            Some(Kill::DuringAttempt) => "kill during the attempt",
+            Some(Kill::OfItsDriver) => "accepted by a killed driver",
+            None => "NO KILL EXPLAINS IT",
+        };
+        *self
+            .transport
+            .lock()
+            .unwrap()
+            .entry(format!("{why}: {chain}"))
+            .or_default() += 1;
     }
 
     pub fn pool(&self, name: &str) -> &PoolInfo {

@@ -4,44 +4,52 @@
 //! driver acknowledged.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use csi_proto as csi;
-use csi_proto::controller_client::ControllerClient;
-use csi_proto::identity_client::IdentityClient;
-use csi_proto::node_client::NodeClient;
 use csi_proto::volume_capability::access_mode::Mode;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
 
 use crate::MIB;
 use crate::common::mount_cap;
 use crate::model::*;
-use crate::robust_support::{self, Rng, mounts_below};
+use crate::robust_support::{
+    self, PeerPid, Rng, Rpc, error_chain, is_transport_error, mounts_below,
+};
 
 pub struct Client {
     pub shared: Arc<Shared>,
     pub rng: Rng,
-    /// The generation it was opened in, the socket file's inode just
-    /// before it was opened, and the channel.
-    pub channel: Option<(u64, u64, Channel)>,
+    /// The connection calls go through until one fails or a kill passes.
+    pub conn: Option<Conn>,
     pub slots: Vec<Slot>,
     pub deleted: Vec<(String, String)>,
+}
+
+/// A client's connection, and what the explanation of its failures needs.
+#[derive(Clone)]
+pub struct Conn {
+    /// The generation it was opened in.
+    generation: u64,
+    /// The socket file's inode just before it was opened.
+    inode: u64,
+    /// Which driver process accepted it.
+    peer: PeerPid,
+    channel: Channel,
 }
 
 impl Client {
     /// Runs one call until it succeeds, reconnecting after crashes.
     /// Errors that no crash explains are recorded and retried too (a CO
     /// would), but a call that keeps failing that way fails the test.
-    async fn call<T, F, Fut>(&mut self, what: &str, mut f: F) -> T
-    where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
+    /// `subject` (the volume, if any) goes into messages.
+    async fn call<R: Rpc>(&mut self, subject: &str, req: R) -> R::Reply {
+        let what = format!("{} {subject}", R::NAME);
+        let what = what.trim_end();
         let sh = Arc::clone(&self.shared);
         sh.counts.calls.fetch_add(1, SeqCst);
         let started = Instant::now();
@@ -53,73 +61,65 @@ impl Client {
                 "{what}: no success within 120 s"
             );
             let generation = sh.generation.load(SeqCst);
-            let (socket, ch) = match &self.channel {
-                Some((g, i, ch)) if *g == generation => (*i, ch.clone()),
-                // Looked at before connecting: a connect that races a new
-                // driver's bind counts as made to the old socket.
-                _ => match (
-                    socket_inode(&sh.socket),
-                    robust_support::connect_once(&sh.socket).await,
-                ) {
-                    (i, Ok(ch)) => {
-                        self.channel = Some((generation, i, ch.clone()));
-                        (i, ch)
-                    }
-                    (_, Err(_)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                },
+            let Some(conn) = self.connection(generation).await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
             };
-            let rpc = what.split(' ').next().unwrap_or(what);
-            sh.attempt(rpc, 1);
-            let result = f(ch).await;
-            sh.attempt(rpc, -1);
-            match result {
+            sh.attempt(R::NAME, 1);
+            let result = req.clone().send(conn.channel.clone()).await;
+            sh.attempt(R::NAME, -1);
+            let s = match result {
                 Ok(r) => {
                     if failed > 0 {
                         sh.counts.calls_retried.fetch_add(1, SeqCst);
                     }
                     return r.into_inner();
                 }
-                Err(s) => {
-                    failed += 1;
-                    sh.counts.failed_attempts.fetch_add(1, SeqCst);
-                    self.channel = None;
-                    // Odd: a kill is under way (see `Shared::generation`).
-                    let now = sh.generation.load(SeqCst);
-                    // Or the connection went to the socket of a driver that
-                    // was already dead (the socket file has been replaced
-                    // since): a process the killed driver had just forked
-                    // keeps its listening socket until it execs, so a
-                    // connect can land there and is reset when it does.
-                    let to_dead_driver = socket_inode(&sh.socket) != socket;
-                    let crashed = now != generation || now % 2 == 1 || to_dead_driver;
-                    let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
-                    // A connection that broke under the call with no kill
-                    // around it is a violation too: a kubelet would see a
-                    // failed mount (a driver that died by itself is also
-                    // caught at the next kill).
-                    let transport =
-                        s.code() == Code::Unknown && s.message().starts_with("transport error");
-                    if transport && to_dead_driver && now == generation && now.is_multiple_of(2) {
-                        eprintln!(
-                            "{what}: transport error on a connection made to a dead driver's socket"
-                        );
-                    }
-                    if transport && !crashed {
-                        sh.counts.transport_errors.fetch_add(1, SeqCst);
-                    }
-                    if !crashed && !retryable {
-                        unexplained += 1;
-                        sh.unexpected(format!("{what}: {:?}: {}", s.code(), s.message()));
-                        assert!(unexplained < 20, "{what} keeps failing: {s:?}");
-                    }
-                    let pause = 2 + self.rng.below(15);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
+                Err(s) => s,
+            };
+            failed += 1;
+            sh.counts.failed_attempts.fetch_add(1, SeqCst);
+            self.conn = None;
+            let kill = sh.kill_explains(generation, conn.peer.get());
+            if is_transport_error(&s) {
+                // A connection that broke under the call with no kill
+                // behind it is a violation: a kubelet would see a failed
+                // mount (a driver that died by itself is also caught at
+                // the next kill).
+                let file_replaced = socket_inode(&sh.socket) != conn.inode;
+                sh.transport_error(what, kill, file_replaced, &s);
             }
+            let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
+            if kill.is_none() && (!retryable || is_transport_error(&s)) {
+                unexplained += 1;
+                sh.unexpected(format!("{what}: {}", error_chain(&s)));
+                assert!(unexplained < 20, "{what} keeps failing: {s:?}");
+            }
+            let pause = 2 + self.rng.below(15);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
+    }
+
+    /// The connection to use in `generation`: the client's own if it was
+    /// opened in it, else a new one (`None` while nobody serves).
+    async fn connection(&mut self, generation: u64) -> Option<Conn> {
+        if let Some(c) = self.conn.as_ref().filter(|c| c.generation == generation) {
+            return Some(c.clone());
+        }
+        // Only for the summary: whether the socket file changed between
+        // this connect and a failure (the rule before the peer's pid).
+        let inode = socket_inode(&self.shared.socket);
+        let (channel, peer) = robust_support::connect_traced(&self.shared.socket)
+            .await
+            .ok()?;
+        let c = Conn {
+            generation,
+            inode,
+            peer,
+            channel,
+        };
+        self.conn = Some(c.clone());
+        Some(c)
     }
 
     pub async fn run(mut self) -> Model {
@@ -169,12 +169,7 @@ impl Client {
             parameters: HashMap::from([("pool".to_string(), pool.to_string())]),
             ..Default::default()
         };
-        let r = self
-            .call(&format!("CreateVolume {name}"), |ch| {
-                let req = req.clone();
-                async move { ControllerClient::new(ch).create_volume(req).await }
-            })
-            .await;
+        let r = self.call(&name, req).await;
         let v = r.volume.expect("CreateVolume answered without a volume");
         let slot = &mut self.slots[i];
         if v.volume_id != slot.volume_id() || v.capacity_bytes < capacity || v.capacity_bytes > most
@@ -201,11 +196,7 @@ impl Client {
             volume_id: id.clone(),
             secrets: Default::default(),
         };
-        self.call(&format!("DeleteVolume {id}"), |ch| {
-            let req = req.clone();
-            async move { ControllerClient::new(ch).delete_volume(req).await }
-        })
-        .await;
+        self.call(&id, req).await;
         let slot = &mut self.slots[i];
         self.deleted.push((slot.pool.to_string(), slot.name()));
         slot.generation += 1;
@@ -231,11 +222,7 @@ impl Client {
             volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
             ..Default::default()
         };
-        self.call(&format!("NodePublishVolume {id}"), |ch| {
-            let req = req.clone();
-            async move { NodeClient::new(ch).node_publish_volume(req).await }
-        })
-        .await;
+        self.call(&id, req).await;
         self.shared.counts.publishes.fetch_add(1, SeqCst);
         let slot = &mut self.slots[i];
         slot.state = State::Published;
@@ -276,11 +263,7 @@ impl Client {
             volume_id: id.clone(),
             target_path: target.display().to_string(),
         };
-        self.call(&format!("NodeUnpublishVolume {id}"), |ch| {
-            let req = req.clone();
-            async move { NodeClient::new(ch).node_unpublish_volume(req).await }
-        })
-        .await;
+        self.call(&id, req).await;
         self.shared.counts.unpublishes.fetch_add(1, SeqCst);
         if !mounts_below(&target).is_empty() || std::fs::symlink_metadata(&target).is_ok() {
             self.shared.unexpected(format!(
@@ -301,12 +284,7 @@ impl Client {
             volume_path: slot.target.as_ref().unwrap().display().to_string(),
             staging_target_path: String::new(),
         };
-        let r = self
-            .call(&format!("NodeGetVolumeStats {id}"), |ch| {
-                let req = req.clone();
-                async move { NodeClient::new(ch).node_get_volume_stats(req).await }
-            })
-            .await;
+        let r = self.call(&id, req).await;
         if r.usage.is_empty() || r.volume_condition.is_some_and(|c| c.abnormal) {
             self.shared
                 .unexpected(format!("NodeGetVolumeStats {id}: bad answer"));
@@ -324,16 +302,7 @@ impl Client {
             volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
             ..Default::default()
         };
-        let r = self
-            .call(&format!("ValidateVolumeCapabilities {id}"), |ch| {
-                let req = req.clone();
-                async move {
-                    ControllerClient::new(ch)
-                        .validate_volume_capabilities(req)
-                        .await
-                }
-            })
-            .await;
+        let r = self.call(&id, req).await;
         if r.confirmed.is_none() {
             self.shared.unexpected(format!(
                 "ValidateVolumeCapabilities {id}: not confirmed: {}",
@@ -358,16 +327,7 @@ impl Client {
             volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
             ..Default::default()
         };
-        let r = self
-            .call(&format!("ControllerExpandVolume {id}"), |ch| {
-                let req = req.clone();
-                async move {
-                    ControllerClient::new(ch)
-                        .controller_expand_volume(req)
-                        .await
-                }
-            })
-            .await;
+        let r = self.call(&id, req).await;
         if r.capacity_bytes < want {
             self.shared.unexpected(format!(
                 "ControllerExpandVolume {id}: {} bytes < {want}",
@@ -399,12 +359,7 @@ impl Client {
             volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
             ..Default::default()
         };
-        let r = self
-            .call(&format!("NodeExpandVolume {id}"), |ch| {
-                let req = req.clone();
-                async move { NodeClient::new(ch).node_expand_volume(req).await }
-            })
-            .await;
+        let r = self.call(&id, req).await;
         if r.capacity_bytes != 0 && r.capacity_bytes < want {
             self.shared.unexpected(format!(
                 "NodeExpandVolume {id}: {} bytes < {want}",
@@ -419,34 +374,22 @@ impl Client {
         let pools: Vec<&'static str> = self.shared.pools.iter().map(|p| p.name).collect();
         match self.rng.below(3) {
             0 => {
-                let max_entries = self.rng.below(5) as i32;
-                self.call("ListVolumes", |ch| async move {
-                    ControllerClient::new(ch)
-                        .list_volumes(csi::ListVolumesRequest {
-                            max_entries,
-                            starting_token: String::new(),
-                        })
-                        .await
-                })
-                .await;
+                let req = csi::ListVolumesRequest {
+                    max_entries: self.rng.below(5) as i32,
+                    starting_token: String::new(),
+                };
+                self.call("", req).await;
             }
             1 => {
                 let pool = pools[self.rng.below(pools.len() as u64) as usize];
-                self.call("GetCapacity", |ch| async move {
-                    ControllerClient::new(ch)
-                        .get_capacity(csi::GetCapacityRequest {
-                            parameters: HashMap::from([("pool".into(), pool.into())]),
-                            ..Default::default()
-                        })
-                        .await
-                })
-                .await;
+                let req = csi::GetCapacityRequest {
+                    parameters: HashMap::from([("pool".into(), pool.into())]),
+                    ..Default::default()
+                };
+                self.call(pool, req).await;
             }
             _ => {
-                self.call("Probe", |ch| async move {
-                    IdentityClient::new(ch).probe(csi::ProbeRequest {}).await
-                })
-                .await;
+                self.call("", csi::ProbeRequest {}).await;
             }
         }
         self.shared.counts.reads.fetch_add(1, SeqCst);

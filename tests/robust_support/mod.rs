@@ -13,12 +13,18 @@
 
 #[allow(unused_imports)]
 pub use crate::common::{have, loops_below, mounts_below, run, unmount_below};
+#[allow(unused_imports)]
+pub use rpc::Rpc;
+
+pub mod rpc;
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use csi_proto as csi;
@@ -424,6 +430,94 @@ impl Drop for Driver {
 /// One connection attempt to a CSI socket.
 pub async fn connect_once(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     csi_proto::connect(socket).await
+}
+
+/// The process that served a [`connect_traced`] channel's connection: the
+/// pid the kernel recorded when the listening socket was made
+/// (`SO_PEERCRED`). A connection that lands on a listener a killed driver
+/// left behind (a copy held by a child it had just forked, until that
+/// child's exec closes it) names the killed driver, whichever socket file
+/// is at the path by then: the only exact way to tell whether a broken
+/// connection was ever served by a live driver.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPid(Arc<AtomicI32>);
+
+impl PeerPid {
+    /// The pid of the last connection made, if one was made.
+    pub fn get(&self) -> Option<u32> {
+        u32::try_from(self.0.load(Ordering::SeqCst))
+            .ok()
+            .filter(|p| *p > 0)
+    }
+}
+
+/// [`connect_once`], also telling which process accepted the connection
+/// (see [`PeerPid`]; tonic reconnects through the same connector, so it
+/// always names the latest connection).
+pub async fn connect_traced(socket: &Path) -> Result<(Channel, PeerPid), tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    let peer = PeerPid::default();
+    let record = peer.clone();
+    let ch = tonic::transport::Endpoint::from_static("http://[::1]:1")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let (path, record) = (path.clone(), record.clone());
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                let pid = s.peer_cred()?.pid().unwrap_or(0);
+                record.0.store(pid, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await?;
+    Ok((ch, peer))
+}
+
+/// Whether a failed call failed in the client's transport (the connection
+/// broke, was reset or refused the stream) rather than being answered by
+/// the driver. A status the driver sent comes off the wire with no cause
+/// attached; one the client made up from a hyper or h2 error carries it.
+/// tonic maps those to several codes (`Unknown: transport error`,
+/// `Cancelled: operation was canceled`, `Internal: h2 protocol error`,
+/// `Unavailable` for a refused stream), so the code alone cannot tell:
+/// an `Unavailable` the client made up would otherwise pass for the
+/// driver's "not ready" and be retried unseen.
+pub fn is_transport_error(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some()
+        || s.code() == tonic::Code::Unknown && s.message().starts_with("transport error")
+}
+
+/// A status with its whole chain of causes (hyper, h2, the socket's
+/// errno), which `Status`'s own message leaves out: `transport error`
+/// alone does not tell a reset from a GOAWAY or a refused connect.
+pub fn error_chain(s: &tonic::Status) -> String {
+    let mut out = format!("{:?}: {}", s.code(), s.message());
+    if let Some(c) = std::error::Error::source(s) {
+        out.push_str(" <- ");
+        out.push_str(&causes(c));
+    }
+    out
+}
+
+/// An error and its causes, outermost first.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(" <- {c}"));
+        cause = c.source();
+    }
+    out
+}
+
+/// A single-node-writer capability with raw block access.
+pub fn block_cap() -> csi::VolumeCapability {
+    use csi::volume_capability::{AccessMode, AccessType, access_mode::Mode};
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(Default::default())),
+    }
 }
 
 /// Creates a tree of files, directories and a symlink that nothing in the
