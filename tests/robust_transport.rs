@@ -1,0 +1,375 @@
+//! No kill, only load: a live driver must never drop a connection or a
+//! call. Many concurrent clients work through whole volume lives (create,
+//! publish, write through the target, stats, unpublish, delete) with real
+//! mounts on a dir pool, raw block volumes on loop devices (losetup at
+//! publish and unpublish) and image volumes (mkfs, losetup, mount), so the
+//! driver forks tools all the time while it accepts connections; half of
+//! the clients open a new connection for every call, the others keep one,
+//! and a few more only open connections and ask Probe, ListVolumes and
+//! GetCapacity. Every failed call fails the test, printed with its whole
+//! chain of causes (reset, GOAWAY, refused stream...), and so does a
+//! refusal or a panic in the driver's log.
+//!
+//! Why: the crash tests saw calls fail with `transport error` with no kill
+//! to explain them. A client that sees one from a live driver is a
+//! kubelet seeing a failed mount; this test would catch a driver that
+//! drops connections under load, a listener lost to a forked tool, or the
+//! authority filter (src/grpc/authority.rs) corrupting a busy connection,
+//! without any kill to blame.
+//!
+//! Needs root (mounts, loop devices), losetup and mkfs.ext4. Tunables:
+//! `HOSTPATH_CSI_TRANSPORT_SECS` (default 15), `HOSTPATH_CSI_TRANSPORT_CLIENTS`
+//! (default 24 working clients, plus 4 that only connect).
+
+mod common;
+mod robust_support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csi_proto as csi;
+use robust_support::{
+    Driver, LoopFs, PoolSpec, Rpc, Workdir, block_cap, connect_traced, env_u64, error_chain, have,
+    is_transport_error, loops_below, mounts_below,
+};
+use tonic::transport::Channel;
+
+const MIB: i64 = 1 << 20;
+
+/// What a volume's life exercises in the driver.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// A directory, bind-mounted: no tool runs.
+    Dir,
+    /// A raw block volume on the dir pool: losetup at publish and
+    /// unpublish.
+    Block,
+    /// An image volume: mkfs at create, losetup and mount at publish.
+    Image,
+}
+
+impl Kind {
+    fn pool(self) -> &'static str {
+        match self {
+            Kind::Dir | Kind::Block => "d",
+            Kind::Image => "i",
+        }
+    }
+}
+
+/// What all clients did.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Answered calls per RPC.
+    answered: BTreeMap<&'static str, u64>,
+    /// Connections opened.
+    connections: u64,
+    /// Volume lives completed, per kind.
+    lives: BTreeMap<String, u64>,
+    /// Every failure, with its causes.
+    failures: Vec<String>,
+    /// ... of which the transport failed (the driver never answered).
+    transport: u64,
+}
+
+/// One client's way of calling: a connection kept for every call, or a
+/// new one for each.
+struct Caller {
+    who: String,
+    socket: PathBuf,
+    fresh_each_call: bool,
+    ch: Option<Channel>,
+    tally: Arc<Mutex<Tally>>,
+}
+
+impl Caller {
+    /// Sends `req` once; a failure is recorded (never retried: a live
+    /// driver has no excuse).
+    async fn call<R: Rpc>(&mut self, subject: &str, req: R) -> Option<R::Reply> {
+        let ch = match self.ch.clone() {
+            Some(ch) => ch,
+            None => match connect_traced(&self.socket).await {
+                Ok((ch, _)) => {
+                    self.tally.lock().unwrap().connections += 1;
+                    if !self.fresh_each_call {
+                        self.ch = Some(ch.clone());
+                    }
+                    ch
+                }
+                Err(e) => {
+                    let mut t = self.tally.lock().unwrap();
+                    t.transport += 1;
+                    t.failures.push(format!(
+                        "{}: connecting for {} {subject}: {}",
+                        self.who,
+                        R::NAME,
+                        robust_support::causes(&e)
+                    ));
+                    return None;
+                }
+            },
+        };
+        let res = req.send(ch).await;
+        let mut t = self.tally.lock().unwrap();
+        match res {
+            Ok(r) => {
+                *t.answered.entry(R::NAME).or_default() += 1;
+                Some(r.into_inner())
+            }
+            Err(s) => {
+                t.transport += u64::from(is_transport_error(&s));
+                t.failures.push(format!(
+                    "{}: {} {subject}: {}",
+                    self.who,
+                    R::NAME,
+                    error_chain(&s)
+                ));
+                self.ch = None;
+                None
+            }
+        }
+    }
+}
+
+/// One volume's whole life; `None` at the first failed step (recorded).
+async fn life(c: &mut Caller, kind: Kind, name: &str, targets: &Path) -> Option<()> {
+    let mut create = common::create_request(name, kind.pool(), 16 * MIB);
+    let cap = match kind {
+        Kind::Block => block_cap(),
+        Kind::Dir | Kind::Image => {
+            common::mount_cap(csi::volume_capability::access_mode::Mode::SingleNodeWriter)
+        }
+    };
+    create.volume_capabilities = vec![cap.clone()];
+    let id = c.call(name, create).await?.volume?.volume_id;
+    let target = targets.join(name);
+    let publish = csi::NodePublishVolumeRequest {
+        volume_capability: Some(cap),
+        ..common::publish_request(&id, &target, false)
+    };
+    c.call(&id, publish).await?;
+    let (t, data) = (target.clone(), format!("{name} was here").into_bytes());
+    let wrote = tokio::task::spawn_blocking(move || write_and_read_back(kind, &t, &data))
+        .await
+        .unwrap();
+    if let Err(e) = wrote {
+        let mut t = c.tally.lock().unwrap();
+        t.failures.push(format!(
+            "{}: writing through {}: {e}",
+            c.who,
+            target.display()
+        ));
+        return None;
+    }
+    let stats = csi::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    c.call(&id, stats).await?;
+    let unpublish = csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    };
+    c.call(&id, unpublish).await?;
+    let delete = csi::DeleteVolumeRequest {
+        volume_id: id.clone(),
+        secrets: Default::default(),
+    };
+    c.call(&id, delete).await?;
+    *c.tally
+        .lock()
+        .unwrap()
+        .lives
+        .entry(format!("{kind:?}"))
+        .or_default() += 1;
+    Some(())
+}
+
+/// Writes `data` through the published target (a file in a mounted
+/// volume, or the start of a block device) and reads it back.
+fn write_and_read_back(kind: Kind, target: &Path, data: &[u8]) -> std::io::Result<()> {
+    let path = match kind {
+        Kind::Block => target.to_path_buf(),
+        Kind::Dir | Kind::Image => target.join("data"),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(!matches!(kind, Kind::Block))
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut back = vec![0; data.len()];
+    f.read_exact(&mut back)?;
+    if back != data {
+        return Err(std::io::Error::other("read back something else"));
+    }
+    Ok(())
+}
+
+/// A working client: volume lives of every kind until `until`.
+async fn worker(mut c: Caller, id: usize, targets: PathBuf, until: Instant) {
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        // Image volumes cost a mkfs each: one life in four.
+        let kind = match (id + n) % 4 {
+            0 => Kind::Image,
+            1 => Kind::Block,
+            _ => Kind::Dir,
+        };
+        if life(&mut c, kind, &format!("w{id}-{n}"), &targets)
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}
+
+/// A client that only connects and asks what needs no volume, each call
+/// on a new connection: the accept path under load.
+async fn connector(mut c: Caller, until: Instant) {
+    while Instant::now() < until {
+        let list = csi::ListVolumesRequest {
+            max_entries: 0,
+            starting_token: String::new(),
+        };
+        let capacity = csi::GetCapacityRequest {
+            parameters: [("pool".to_string(), "d".to_string())].into(),
+            ..Default::default()
+        };
+        if c.call("", csi::ProbeRequest {}).await.is_none()
+            || c.call("", list).await.is_none()
+            || c.call("d", capacity).await.is_none()
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
+    if !common::root_or_skip("the clients publish volumes with bind mounts and loop devices") {
+        return;
+    }
+    for tool in ["losetup", "mkfs.ext4"] {
+        if !have(tool) {
+            common::skip(&format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let secs = env_u64("HOSTPATH_CSI_TRANSPORT_SECS", 15);
+    let workers = env_u64("HOSTPATH_CSI_TRANSPORT_CLIENTS", 24) as usize;
+    let work = Workdir::new("hostpath-csi-transport");
+    let root = work.path().to_path_buf();
+    let targets = root.join("targets");
+    std::fs::create_dir_all(&targets).unwrap();
+    let pools = [PoolSpec::dir("d"), PoolSpec::image("i", "ext4")];
+    let _fs: Vec<LoopFs> = pools
+        .iter()
+        .filter_map(|p| {
+            p.own_fs()
+                .map(|(kind, bytes)| LoopFs::new(&root, p.name, kind, bytes))
+        })
+        .collect();
+    // Every tool the driver runs is logged (cmd.rs, at debug): the test
+    // counts them, to show the forks really happened under the load.
+    let mut driver = Driver::spawn_logging(&root, &pools, "warn,hostpath_csi::sys::cmd=debug");
+    driver.wait_ready(Duration::from_secs(30)).await;
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let caller = |who: String, fresh_each_call: bool| Caller {
+        who,
+        socket: driver.socket.clone(),
+        fresh_each_call,
+        ch: None,
+        tally: Arc::clone(&tally),
+    };
+    let mut tasks = Vec::new();
+    for id in 0..workers {
+        let c = caller(format!("worker {id}"), id % 2 == 0);
+        tasks.push(tokio::spawn(worker(c, id, targets.clone(), until)));
+    }
+    for id in 0..4 {
+        let c = caller(format!("connector {id}"), true);
+        tasks.push(tokio::spawn(connector(c, until)));
+    }
+    for t in tasks {
+        t.await.expect("client panicked");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    if let Some(status) = driver.exited() {
+        panic!(
+            "the driver exited under load: {status}; log:\n{}",
+            driver.log_tail()
+        );
+    }
+    let log = std::fs::read_to_string(&driver.log).unwrap();
+    let tools = log
+        .lines()
+        .filter(|l| l.contains("hostpath_csi::sys::cmd") && l.contains("running"))
+        .count();
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("panicked") || l.contains("refused a"))
+        .collect();
+    let t = Arc::try_unwrap(tally).unwrap().into_inner().unwrap();
+    let calls: u64 = t.answered.values().sum();
+    eprintln!(
+        "transport load: {workers} working clients + 4 connecting, {wall:.1} s: {calls} calls \
+         answered on {} connections, volume lives {:?}, {} tools forked by the driver; \
+         {} failed calls ({} in the transport)",
+        t.connections,
+        t.lives,
+        tools,
+        t.failures.len(),
+        t.transport
+    );
+    assert!(
+        t.failures.is_empty(),
+        "{} calls failed with no kill ({} in the transport):\n{}\ndriver log:\n{}",
+        t.failures.len(),
+        t.transport,
+        t.failures.join("\n"),
+        driver.log_tail()
+    );
+    assert!(
+        complaints.is_empty(),
+        "the driver's log has panics or refused calls:\n{}",
+        complaints.join("\n")
+    );
+    // The load was what the test claims: every kind lived, many
+    // connections were made, and the driver forked tools meanwhile.
+    for kind in ["Dir", "Block", "Image"] {
+        assert!(
+            t.lives.get(kind).is_some_and(|n| *n > 0),
+            "no {kind} volume lived"
+        );
+    }
+    assert!(t.connections > 100, "only {} connections", t.connections);
+    assert!(tools > 10, "the driver ran only {tools} tools");
+    drop(driver);
+    // Nothing of the volumes is left mounted or attached.
+    let pool_dirs = pools.map(|p| p.dir_in(&root));
+    for dir in pool_dirs.iter().chain([&targets]) {
+        assert!(
+            mounts_below(dir).is_empty(),
+            "left mounted: {:?}",
+            mounts_below(dir)
+        );
+        assert!(
+            loops_below(dir).is_empty(),
+            "left attached: {:?}",
+            loops_below(dir)
+        );
+    }
+}
