@@ -4,11 +4,14 @@
 //! mounts on a dir pool, raw block volumes on loop devices (losetup at
 //! publish and unpublish) and image volumes (mkfs, losetup, mount), so the
 //! driver forks tools all the time while it accepts connections; half of
-//! the clients open a new connection for every call, the others keep one,
-//! and a few more only open connections and ask Probe, ListVolumes and
-//! GetCapacity. Every failed call fails the test, printed with its whole
-//! chain of causes (reset, GOAWAY, refused stream...), and so does a
-//! refusal or a panic in the driver's log.
+//! the clients open a new connection for every call, the others keep one.
+//! A few more only open connections and ask Probe, ListVolumes and
+//! GetCapacity, and two Python grpcio clients (which send the socket path
+//! as `:authority`, so the driver's authority filter rewrites every header
+//! block of their connections) ask the same all along. Every failed call
+//! fails the test, printed with its whole chain of causes (reset, GOAWAY,
+//! refused stream...), and so does a refusal or a panic in the driver's
+//! log.
 //!
 //! Why: the crash tests saw calls fail with `transport error` with no kill
 //! to explain them. A client that sees one from a live driver is a
@@ -233,6 +236,27 @@ async fn worker(mut c: Caller, id: usize, targets: PathBuf, until: Instant) {
     }
 }
 
+/// The Python of scripts/setup.sh's grpcio venv; `None` (with a note)
+/// where it is missing, a failure under HOSTPATH_CSI_REQUIRE_TOOLS.
+fn grpcio_python() -> Option<PathBuf> {
+    let cache = std::env::var_os("HOSTPATH_CSI_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/hostpath-csi"), PathBuf::from);
+    let python = cache.join("grpcio-1.85.1/bin/python");
+    if python.exists() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "{} is missing (HOSTPATH_CSI_REQUIRE_TOOLS is set): run scripts/setup.sh",
+        python.display()
+    );
+    common::skip(&format!(
+        "the grpcio clients are left out: {} is missing (scripts/setup.sh installs it)",
+        python.display()
+    ));
+    None
+}
+
 /// A client that only connects and asks what needs no volume, each call
 /// on a new connection: the accept path under load.
 async fn connector(mut c: Caller, until: Instant) {
@@ -252,6 +276,65 @@ async fn connector(mut c: Caller, until: Instant) {
             return;
         }
     }
+}
+
+/// Python's grpcio (the real library, installed by scripts/setup.sh) on
+/// one channel, calling in lockstep until `until`. It sends the socket's
+/// path as `:authority`, so every header block of its connection is
+/// rewritten by the driver's authority filter (src/grpc/authority.rs)
+/// while the driver is busy with the other clients.
+fn grpcio_client(python: &Path, socket: &Path, until: Instant, who: &str, tally: &Mutex<Tally>) {
+    use prost::Message;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/grpcio_client.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut replies = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let capacity = csi::GetCapacityRequest {
+        parameters: [("pool".to_string(), "d".to_string())].into(),
+        ..Default::default()
+    };
+    let calls = [
+        (
+            "grpcio Probe",
+            "/csi.v1.Identity/Probe",
+            csi::ProbeRequest {}.encode_to_vec(),
+        ),
+        (
+            "grpcio GetCapacity",
+            "/csi.v1.Controller/GetCapacity",
+            capacity.encode_to_vec(),
+        ),
+        (
+            "grpcio ListVolumes",
+            "/csi.v1.Controller/ListVolumes",
+            csi::ListVolumesRequest::default().encode_to_vec(),
+        ),
+    ];
+    for (name, method, req) in calls.iter().cycle() {
+        if Instant::now() >= until {
+            break;
+        }
+        writeln!(stdin, "{method} {}", hex::encode(req)).unwrap();
+        let reply = replies.next().and_then(Result::ok);
+        let mut t = tally.lock().unwrap();
+        match reply {
+            Some(r) if r.starts_with("OK ") => *t.answered.entry(name).or_default() += 1,
+            other => {
+                t.failures.push(format!("{who}: {name}: {other:?}"));
+                break;
+            }
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -303,8 +386,20 @@ async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
         let c = caller(format!("connector {id}"), true);
         tasks.push(tokio::spawn(connector(c, until)));
     }
+    let grpcio = grpcio_python();
+    let mut blocking = Vec::new();
+    for id in 0..2 {
+        let Some(python) = grpcio.clone() else { break };
+        let (socket, tally) = (driver.socket.clone(), Arc::clone(&tally));
+        blocking.push(tokio::task::spawn_blocking(move || {
+            grpcio_client(&python, &socket, until, &format!("grpcio {id}"), &tally)
+        }));
+    }
     for t in tasks {
         t.await.expect("client panicked");
+    }
+    for t in blocking {
+        t.await.expect("grpcio client panicked");
     }
     let wall = started.elapsed().as_secs_f64();
     if let Some(status) = driver.exited() {
@@ -324,10 +419,13 @@ async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
         .collect();
     let t = Arc::try_unwrap(tally).unwrap().into_inner().unwrap();
     let calls: u64 = t.answered.values().sum();
+    eprintln!("answered: {:?}", t.answered);
     eprintln!(
-        "transport load: {workers} working clients + 4 connecting, {wall:.1} s: {calls} calls \
+        "transport load: {workers} working clients + 4 connecting + {} grpcio, {wall:.1} s: \
+         {calls} calls \
          answered on {} connections, volume lives {:?}, {} tools forked by the driver; \
          {} failed calls ({} in the transport)",
+        if grpcio.is_some() { 2 } else { 0 },
         t.connections,
         t.lives,
         tools,
@@ -356,6 +454,12 @@ async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
         );
     }
     assert!(t.connections > 100, "only {} connections", t.connections);
+    if grpcio.is_some() {
+        assert!(
+            t.answered.get("grpcio Probe").is_some_and(|n| *n > 0),
+            "grpcio got no answer"
+        );
+    }
     assert!(tools > 10, "the driver ran only {tools} tools");
     drop(driver);
     // Nothing of the volumes is left mounted or attached.
