@@ -9,41 +9,22 @@
 //! socket is gone, fails the check just as one that is not ready does.
 //!
 //! The answer is 200 `ok` when Probe says ready, and 503 with the reason
-//! otherwise. The HTTP is the least a probe needs (a request line,
-//! headers, one answer, connection closed), written here rather than
-//! pulling in an HTTP server for one path.
+//! otherwise, served by the minimal HTTP of [`crate::http`].
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
+use crate::http::{self, Request, Response};
 use csi_proto as csi;
 
 /// How long a Probe may take before the check fails (the livenessprobe
 /// sidecar's default `--probe-timeout`).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a client may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest request head read; a probe's is a few hundred bytes.
-const MAX_HEAD: usize = 8 * 1024;
-
-/// Why the health endpoint could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum HealthzError {
-    /// The address cannot be listened on (not an address of this host, a
-    /// port in use, a privileged port without the right).
-    #[error("cannot listen on health address {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The failure.
-        source: std::io::Error,
-    },
-}
 
 /// Parses a health address: `HOST:PORT`, `[V6]:PORT`, or `:PORT` for every
 /// interface (as the upstream sidecars write it).
@@ -58,10 +39,8 @@ pub fn parse_address(s: &str) -> Option<SocketAddr> {
 }
 
 /// Listens on `addr`.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HealthzError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HealthzError::Bind { addr, source })
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, http::BindError> {
+    http::bind("health", addr).await
 }
 
 /// Serves `/healthz` on `listener` until `shutdown` completes, checking
@@ -71,88 +50,31 @@ pub async fn serve(
     csi_socket: PathBuf,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /healthz");
-    }
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, csi_socket.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!(error = %e, "healthz: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-}
-
-/// Reads one request and answers it.
-async fn answer(mut stream: TcpStream, csi_socket: PathBuf) {
-    let (status, body) = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Some(head)) => route(&head, &csi_socket).await,
-        Ok(None) => (400, "bad request\n".to_string()),
-        Err(_) => (408, "request timed out\n".to_string()),
+    let csi_socket = Arc::new(csi_socket);
+    let handler = move |request: Request| {
+        let csi_socket = Arc::clone(&csi_socket);
+        async move { route(&request, &csi_socket).await }
     };
-    if status != 200 {
-        tracing::debug!(status, reason = %body.trim_end(), "healthz");
-    }
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        _ => "Service Unavailable",
-    };
-    let reply = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(reply.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    http::serve(listener, "/healthz", handler, shutdown).await;
 }
 
-/// Reads the request head (up to the blank line); None when it is too
-/// long, not text, or the client hung up first.
-async fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() + n > MAX_HEAD {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// The answer to a request.
+async fn route(request: &Request, csi_socket: &Path) -> Response {
+    if request.path != "/healthz" {
+        return Response::not_found(&request.path, "/healthz");
     }
-    String::from_utf8(buf).ok()
-}
-
-/// The status and body for a request head.
-async fn route(head: &str, csi_socket: &std::path::Path) -> (u16, String) {
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/healthz" {
-        return (404, format!("no such path {path:?}; try /healthz\n"));
-    }
-    if method != "GET" && method != "HEAD" {
-        return (405, "only GET and HEAD\n".to_string());
+    if request.method != "GET" && request.method != "HEAD" {
+        return Response::text(405, "only GET and HEAD\n");
     }
     match probe(csi_socket).await {
-        Ok(()) => (200, "ok\n".to_string()),
-        Err(why) => (503, format!("{why}\n")),
+        Ok(()) => Response::text(200, "ok\n"),
+        Err(why) => Response::text(503, format!("{why}\n")),
     }
 }
 
 /// Calls the driver's Probe through its socket; the reason when it is
 /// not ready.
-pub async fn probe(csi_socket: &std::path::Path) -> Result<(), String> {
+pub async fn probe(csi_socket: &Path) -> Result<(), String> {
     let call = async {
         let channel = csi::connect(csi_socket).await.map_err(|e| {
             format!(

@@ -10,6 +10,8 @@
 //!   driver (no node-driver-registrar sidecar needed).
 //! - `healthz`: `GET /healthz` for a livenessProbe, answered from the
 //!   driver's own Probe (no livenessprobe sidecar needed).
+//! - `metrics`: Prometheus metrics on `GET /metrics`.
+//! - `http`: the minimal HTTP/1.1 serving both of those.
 //! - `grpc`: thin CSI Identity, Controller and Node adapters.
 //! - `validate`: request fields into typed, checked values.
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
@@ -33,6 +35,7 @@ pub mod config;
 pub mod endpoint;
 pub(crate) mod grpc;
 pub mod healthz;
+pub mod http;
 pub mod kubelet;
 pub mod metrics;
 pub mod orphans;

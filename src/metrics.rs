@@ -23,10 +23,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::codegen::http;
 
+use crate::http::{Request, Response};
 use crate::volume::Volumes;
 use crate::volume::inventory::{InventoryOptions, Origin};
 
@@ -36,9 +36,6 @@ use crate::volume::inventory::{InventoryOptions, Origin};
 const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// How long a scraper may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Labels of the RPC figures.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -356,24 +353,9 @@ where
 
 // --- The HTTP endpoint ------------------------------------------------------
 
-/// Why the metrics could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    /// The address is not this host's, the port is taken, ...
-    #[error("cannot listen on metrics address {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The failure.
-        source: std::io::Error,
-    },
-}
-
 /// Listens on `addr`.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::http::BindError> {
+    crate::http::bind("metrics", addr).await
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes;
@@ -384,26 +366,11 @@ pub async fn serve(
     volumes: impl Fn() -> Option<Arc<dyn AsVolumes>> + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /metrics");
-    }
-    let volumes = Arc::new(volumes);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (m, v) = (Arc::clone(&metrics), Arc::clone(&volumes));
-                    tokio::spawn(async move { answer(stream, m, v()).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
+    let handler = move |request: Request| {
+        let (metrics, volumes) = (Arc::clone(&metrics), volumes());
+        async move { answer(&request, metrics, volumes).await }
+    };
+    crate::http::serve(listener, "/metrics", handler, shutdown).await;
 }
 
 /// Something that holds the open pools (the server's shared state).
@@ -412,62 +379,30 @@ pub trait AsVolumes: Send + Sync {
     fn volumes(&self) -> Option<&Volumes>;
 }
 
-async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>, volumes: Option<Arc<dyn AsVolumes>>) {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
-        .await
-        .ok()
-        .flatten();
-    let first = head.as_deref().and_then(|h| h.lines().next()).unwrap_or("");
-    let mut parts = first.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if head.is_none() {
-        ("400 Bad Request", "text/plain", "bad request\n".to_string())
-    } else if path != "/metrics" {
-        (
-            "404 Not Found",
-            "text/plain",
-            format!("no such path {path:?}; try /metrics\n"),
-        )
-    } else if method != "GET" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        )
-    } else {
-        let m = Arc::clone(&metrics);
-        let body = tokio::task::spawn_blocking(move || {
-            if let Some(v) = volumes.as_ref().and_then(|v| v.volumes()) {
-                m.refresh(v);
-            }
-            m.encode()
-        })
-        .await
-        .unwrap_or_default();
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body,
-        )
-    };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(reply.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
-async fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() + n > 8192 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// The answer to a request: the scrape, read from the pools now.
+async fn answer(
+    request: &Request,
+    metrics: Arc<Metrics>,
+    volumes: Option<Arc<dyn AsVolumes>>,
+) -> Response {
+    if request.path != "/metrics" {
+        return Response::not_found(&request.path, "/metrics");
     }
-    String::from_utf8(buf).ok()
+    if request.method != "GET" {
+        return Response::text(405, "only GET\n");
+    }
+    // Reading the pools walks directories and runs btrfs tools: blocking.
+    let body = tokio::task::spawn_blocking(move || {
+        if let Some(v) = volumes.as_ref().and_then(|v| v.volumes()) {
+            metrics.refresh(v);
+        }
+        metrics.encode()
+    })
+    .await
+    .unwrap_or_default();
+    Response {
+        status: 200,
+        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        body,
+    }
 }

@@ -274,28 +274,9 @@ impl Backend for BtrfsBackend {
     }
 
     fn purge(&self, path: &Path) -> Result<()> {
-        match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io(
-                format!("inspecting {}", path.display()),
-                e,
-            )),
-            // An archived subvolume goes the way DeleteVolume removes one.
-            Ok(m) if is_subvolume(&m) => {
-                cmd::run(
-                    "btrfs",
-                    [
-                        "subvolume".as_ref(),
-                        "delete".as_ref(),
-                        "--commit-after".as_ref(),
-                        path.as_os_str(),
-                    ],
-                )?;
-                Ok(())
-            }
-            Ok(_) => sys::fs::remove_tree(path)
-                .map_err(|e| BackendError::io(format!("removing {}", path.display()), e)),
-        }
+        // An archived subvolume goes the way a snapshot or scratch copy
+        // does: `btrfs subvolume delete`, or a tree removal for anything else.
+        self.discard(path)
     }
 
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {
