@@ -4,7 +4,8 @@
 //! mounts on a dir pool, raw block volumes on loop devices (losetup at
 //! publish and unpublish) and image volumes (mkfs, losetup, mount), so the
 //! driver forks tools all the time while it accepts connections; half of
-//! the clients open a new connection for every call, the others keep one.
+//! the clients open a new connection for every call, the others share one
+//! (concurrent streams on one connection, as a sidecar's workers make).
 //! A few more only open connections and ask Probe, ListVolumes and
 //! GetCapacity, and two Python grpcio clients (which send the socket path
 //! as `:authority`, so the driver's authority filter rewrites every header
@@ -78,8 +79,8 @@ struct Tally {
     transport: u64,
 }
 
-/// One client's way of calling: a connection kept for every call, or a
-/// new one for each.
+/// One client's way of calling: a connection kept for every call (shared
+/// with other clients), or a new one for each.
 struct Caller {
     who: String,
     socket: PathBuf,
@@ -370,20 +371,29 @@ async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
-    let caller = |who: String, fresh_each_call: bool| Caller {
+    let caller = |who: String, fresh_each_call: bool, ch: Option<Channel>| Caller {
         who,
         socket: driver.socket.clone(),
         fresh_each_call,
-        ch: None,
+        ch,
         tally: Arc::clone(&tally),
     };
+    // One connection that half of the workers share, as a sidecar's
+    // workers share its one connection: their calls are concurrent
+    // streams, whose frames interleave through the authority filter.
+    let (shared_ch, _) = connect_traced(&driver.socket).await.unwrap();
+    tally.lock().unwrap().connections += 1;
     let mut tasks = Vec::new();
     for id in 0..workers {
-        let c = caller(format!("worker {id}"), id % 2 == 0);
+        let c = if id % 2 == 0 {
+            caller(format!("worker {id}"), true, None)
+        } else {
+            caller(format!("worker {id}"), false, Some(shared_ch.clone()))
+        };
         tasks.push(tokio::spawn(worker(c, id, targets.clone(), until)));
     }
     for id in 0..4 {
-        let c = caller(format!("connector {id}"), true);
+        let c = caller(format!("connector {id}"), true, None);
         tasks.push(tokio::spawn(connector(c, until)));
     }
     let grpcio = grpcio_python();
