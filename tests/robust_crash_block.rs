@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use csi_proto as csi;
 use robust_support::{
-    Driver, PoolSpec, Rng, Rpc, Workdir, block_cap, connect_once, env_u64, error_chain, have,
-    loops_below, mounts_below,
+    Driver, PoolSpec, Rng, Rpc, Workdir, block_cap, children, connect_once, env_u64, error_chain,
+    have, loops_below, mounts_below,
 };
 use tonic::Code;
 
@@ -306,17 +306,6 @@ fn read_start(target: &Path, len: usize) -> Vec<u8> {
     buf
 }
 
-/// Whether process `pid` has a child now (a tool it forked, such as
-/// losetup, still running).
-fn has_child(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("children")).is_ok_and(|c| !c.trim().is_empty())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volumes_survive_sigkill_at_random_points() {
     if !common::root_or_skip("block volumes are loop devices bound onto targets") {
@@ -360,10 +349,13 @@ async fn block_volumes_survive_sigkill_at_random_points() {
             // Aimed: strike while the driver runs a tool for the call.
             aimed += 1;
             let until = Instant::now() + Duration::from_millis(500);
-            while !has_child(t.driver.pid()) && Instant::now() < until && !call.is_finished() {
+            while children(t.driver.pid()).is_empty()
+                && Instant::now() < until
+                && !call.is_finished()
+            {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
-            during_tool += u64::from(has_child(t.driver.pid()));
+            during_tool += u64::from(!children(t.driver.pid()).is_empty());
             tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
         } else {
             tokio::time::sleep(Duration::from_millis(rng.below(40))).await;

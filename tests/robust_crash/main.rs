@@ -45,7 +45,7 @@ mod robust_support;
 mod sweep;
 mod workload;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -253,7 +253,7 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         in_flight: Mutex::new(BTreeMap::new()),
         interrupted: Mutex::new(BTreeMap::new()),
         unexpected: Mutex::new(Vec::new()),
-        killed: Mutex::new(BTreeSet::new()),
+        killed: Mutex::new(BTreeMap::new()),
         transport: Mutex::new(BTreeMap::new()),
     });
     shared.counts.runs.fetch_add(1, SeqCst);
@@ -326,7 +326,8 @@ async fn crash_test(pools: &[PoolSpec], default_rounds: u64) {
         if let Some(status) = driver.exited() {
             shared.unexpected(format!("the driver exited by itself: {status}"));
         }
-        shared.killed.lock().unwrap().insert(driver.pid());
+        let children = robust_support::children(driver.pid());
+        shared.killed.lock().unwrap().insert(driver.pid(), children);
         driver.kill();
         shared.generation.fetch_add(1, SeqCst);
         shared.counts.kills.fetch_add(1, SeqCst);

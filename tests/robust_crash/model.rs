@@ -1,7 +1,7 @@
 //! What the clients and the killer share, and the model of the volumes
 //! the clients work through.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::SeqCst;
@@ -71,8 +71,9 @@ pub struct Shared {
     pub interrupted: Mutex<BTreeMap<String, u64>>,
     /// Answers the driver gave that no crash explains.
     pub unexpected: Mutex<Vec<String>>,
-    /// Pids of the drivers the killer killed (noted before the kill).
-    pub killed: Mutex<BTreeSet<u32>>,
+    /// Pids of the drivers the killer killed, with the children each had
+    /// just before its kill (pid, command name).
+    pub killed: Mutex<BTreeMap<u32, Vec<(u32, String)>>>,
     /// Transport errors by what explains them and their chain of causes.
     pub transport: Mutex<BTreeMap<String, u64>>,
 }
@@ -108,7 +109,7 @@ impl Shared {
         let now = self.generation.load(SeqCst);
         if now != generation || now % 2 == 1 {
             Some(Kill::DuringAttempt)
-        } else if peer.is_some_and(|p| self.killed.lock().unwrap().contains(&p)) {
+        } else if peer.is_some_and(|p| self.killed.lock().unwrap().contains_key(&p)) {
             Some(Kill::OfItsDriver)
         } else {
             None
@@ -121,16 +122,22 @@ impl Shared {
         &self,
         what: &str,
         kill: Option<Kill>,
+        peer: Option<u32>,
         file_replaced: bool,
         s: &tonic::Status,
     ) {
         self.counts.transport_errors.fetch_add(1, SeqCst);
         let chain = crate::robust_support::error_chain(s);
-        if kill == Some(Kill::OfItsDriver) && !file_replaced {
-            self.counts.to_killed_same_file.fetch_add(1, SeqCst);
+        if kill == Some(Kill::OfItsDriver) {
+            let pid = peer.unwrap_or_default();
+            let children = self.killed.lock().unwrap().get(&pid).cloned();
+            if !file_replaced {
+                self.counts.to_killed_same_file.fetch_add(1, SeqCst);
+            }
             eprintln!(
-                "{what}: transport error on a connection a killed driver's listener accepted, \
-                 socket file not replaced yet: {chain}"
+                "{what}: transport error on a connection that driver {pid}'s listener accepted \
+                 after its kill (socket file replaced since: {file_replaced}; its children \
+                 just before the kill: {children:?}): {chain}"
             );
         }
         let why = match kill {

@@ -87,7 +87,7 @@ impl Client {
                 // mount (a driver that died by itself is also caught at
                 // the next kill).
                 let file_replaced = socket_inode(&sh.socket) != conn.inode;
-                sh.transport_error(what, kill, file_replaced, &s);
+                sh.transport_error(what, kill, conn.peer.get(), file_replaced, &s);
             }
             let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
             if kill.is_none() && (!retryable || is_transport_error(&s)) {

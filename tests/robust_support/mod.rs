@@ -520,6 +520,30 @@ pub fn block_cap() -> csi::VolumeCapability {
     }
 }
 
+/// The children of process `pid` now, with their command names: a child
+/// that still has its parent's name has not exec'd yet (it is between
+/// fork and exec, holding copies of all the parent's descriptors).
+pub fn children(pid: u32) -> Vec<(u32, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let Ok(list) = std::fs::read_to_string(t.path().join("children")) else {
+            continue;
+        };
+        for child in list
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm"))
+                .map_or_else(|_| "(gone)".to_string(), |c| c.trim().to_string());
+            out.push((child, comm));
+        }
+    }
+    out
+}
+
 /// Creates a tree of files, directories and a symlink that nothing in the
 /// driver should ever touch.
 pub fn make_canary(dir: &Path) {
