@@ -16,7 +16,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Harness;
+use common::{Harness, assert_refused};
 use csi_proto as csi;
 use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::{PoolConfig, PoolKind};
@@ -83,8 +83,11 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 fn tools() -> bool {
-    if !nix::unistd::Uid::effective().is_root() || !have("losetup") {
-        eprintln!("skipped: raw block volumes need root and losetup (util-linux)");
+    if !common::root_or_skip("loop devices and mounts") {
+        return false;
+    }
+    if !have("losetup") {
+        common::skip("losetup (util-linux) is not installed");
         return false;
     }
     true
@@ -121,13 +124,8 @@ async fn block_volume_life_on_every_kind() {
     for pool in &names {
         let size = 16 * MIB;
         let v = h
-            .controller()
             .create_volume(create_block(&format!("blk-{pool}"), pool, size))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+            .await;
         assert_eq!(v.capacity_bytes, size);
         assert_eq!(v.volume_context["sizeEnforced"], "true", "pool {pool}");
         let file = h.pool_dir(pool).join(format!("blk-{pool}"));
@@ -207,14 +205,7 @@ async fn block_volume_expands_online() {
     let (root, _cleanup) = root();
     let pool = PoolConfig::of_kind("i", root.path().join("pools/i"), PoolKind::Image);
     let h = Harness::with_pool_configs(root, vec![pool]).await;
-    let v = h
-        .controller()
-        .create_volume(create_block("grow", "i", 16 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = h.create_volume(create_block("grow", "i", 16 * MIB)).await;
     let t = h.target("t");
     publish(&h, &v.volume_id, &t).await.unwrap();
     let data = pattern(3, 4096);
@@ -246,14 +237,7 @@ async fn block_volume_survives_restart_and_reboot_and_leaks_nothing() {
     let (root, _cleanup) = root();
     let pool = PoolConfig::of_kind("d", root.path().join("pools/d"), PoolKind::Dir);
     let mut h = Harness::with_pool_configs(root, vec![pool]).await;
-    let v = h
-        .controller()
-        .create_volume(create_block("keep", "d", 8 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = h.create_volume(create_block("keep", "d", 8 * MIB)).await;
     let file = h.pool_dir("d").join("keep");
     let t = h.target("t");
     publish(&h, &v.volume_id, &t).await.unwrap();
@@ -314,45 +298,29 @@ async fn block_refusals_are_clear() {
         .volume_capabilities
         .push(common::mount_cap(Mode::SingleNodeWriter));
     let e = c.create_volume(mixed).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("both mount and block"),
-        "{}",
-        e.message()
-    );
+    assert_refused(&e, Code::InvalidArgument, "both mount and block");
 
-    let b = c
-        .create_volume(create_block("b", "d", MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let b = h.create_volume(create_block("b", "d", MIB)).await;
     let m = h.create("m", "d", MIB).await;
     // The same name with the other access type is another volume.
     let e = c
         .create_volume(common::create_request("b", "d", MIB))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    assert!(e.message().contains("raw block"), "{}", e.message());
+    assert_refused(&e, Code::AlreadyExists, "raw block");
 
     let t = h.target("t");
     let e = h.publish(&b.volume_id, &t, false).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("block access"), "{}", e.message());
+    assert_refused(&e, Code::InvalidArgument, "block access");
     let e = publish(&h, &m.volume_id, &t).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("mount access"), "{}", e.message());
+    assert_refused(&e, Code::InvalidArgument, "mount access");
     let mut ro = publish_block(&b.volume_id, &t);
     ro.readonly = true;
     let e = h.node().node_publish_volume(ro).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("read-only"), "{}", e.message());
+    assert_refused(&e, Code::InvalidArgument, "read-only");
     std::fs::create_dir(&t).unwrap();
     let e = publish(&h, &b.volume_id, &t).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("directory"), "{}", e.message());
+    assert_refused(&e, Code::InvalidArgument, "directory");
     assert!(t.is_dir(), "the CO's directory is left alone");
     std::fs::remove_dir(&t).unwrap();
     assert!(
@@ -397,13 +365,7 @@ async fn block_snapshot_restore_and_clone_keep_the_data() {
     let pool = PoolConfig::of_kind("d", root.path().join("pools/d"), PoolKind::Dir);
     let h = Harness::with_pool_configs(root, vec![pool]).await;
     let mut c = h.controller();
-    let v = c
-        .create_volume(create_block("src", "d", 8 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = h.create_volume(create_block("src", "d", 8 * MIB)).await;
     let t = h.target("src");
     publish(&h, &v.volume_id, &t).await.unwrap();
     let data = pattern(5, 65536);
@@ -434,19 +396,15 @@ async fn block_snapshot_restore_and_clone_keep_the_data() {
         csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
             snapshot_id: snap.snapshot_id.clone(),
         });
-    let restored = c
+    let restored = h
         .create_volume(from("restored", snap_src.clone(), 16 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        .await;
     let rt = h.target("restored");
     publish(&h, &restored.volume_id, &rt).await.unwrap();
     assert_eq!(device_size(&rt), (16 * MIB) as u64);
     assert_eq!(read_at(&rt, MIB as u64, data.len()), data);
 
-    let clone = c
+    let clone = h
         .create_volume(from(
             "clone",
             csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
@@ -454,11 +412,7 @@ async fn block_snapshot_restore_and_clone_keep_the_data() {
             }),
             8 * MIB,
         ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        .await;
     let ct = h.target("clone");
     publish(&h, &clone.volume_id, &ct).await.unwrap();
     assert_eq!(read_at(&ct, MIB as u64, 65536), pattern(6, 65536));
@@ -468,8 +422,7 @@ async fn block_snapshot_restore_and_clone_keep_the_data() {
         r#type: Some(snap_src),
     });
     let e = c.create_volume(as_fs).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("raw block"), "{}", e.message());
+    assert_refused(&e, Code::InvalidArgument, "raw block");
 
     for (id, t) in [
         (&v.volume_id, &t),

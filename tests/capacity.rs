@@ -170,9 +170,9 @@ async fn dir_pools_do_not_enforce_and_cannot_expand() {
     assert!(avail > 0 && max == avail && min == 0, "{avail} {max} {min}");
 
     // Only dir pools: no expansion capabilities are advertised.
-    let caps = controller_caps(&h).await;
+    let caps = h.controller_caps().await;
     assert!(!caps.contains(&CtrlCap::ExpandVolume), "{caps:?}");
-    assert!(!node_caps(&h).await.contains(&NodeCap::ExpandVolume));
+    assert!(!h.node_caps().await.contains(&NodeCap::ExpandVolume));
     assert!(!plugin_online_expansion(&h).await);
 }
 
@@ -187,41 +187,9 @@ async fn expansion_capabilities_are_advertised_with_an_expandable_pool() {
         PoolConfig::of_kind("img", root.path().join("img"), PoolKind::Image),
     ];
     let h = Harness::with_pool_configs(root, pools).await;
-    assert!(controller_caps(&h).await.contains(&CtrlCap::ExpandVolume));
-    assert!(node_caps(&h).await.contains(&NodeCap::ExpandVolume));
+    assert!(h.controller_caps().await.contains(&CtrlCap::ExpandVolume));
+    assert!(h.node_caps().await.contains(&NodeCap::ExpandVolume));
     assert!(plugin_online_expansion(&h).await);
-}
-
-async fn controller_caps(h: &Harness) -> Vec<CtrlCap> {
-    use csi::controller_service_capability::Type;
-    h.controller()
-        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities
-        .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(Type::Rpc(r)) => CtrlCap::try_from(r.r#type).ok(),
-            _ => None,
-        })
-        .collect()
-}
-
-async fn node_caps(h: &Harness) -> Vec<NodeCap> {
-    use csi::node_service_capability::Type;
-    h.node()
-        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities
-        .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(Type::Rpc(r)) => NodeCap::try_from(r.r#type).ok(),
-            _ => None,
-        })
-        .collect()
 }
 
 async fn plugin_online_expansion(h: &Harness) -> bool {

@@ -15,11 +15,11 @@ mod pools;
 
 use common::Harness;
 use csi_proto as csi;
+use csi_proto::controller_service_capability::rpc::Type as CtrlCap;
+use csi_proto::node_service_capability::rpc::Type as NodeCap;
 use hostpath_csi::config::{ByteSize, Expansion, Filesystem, PoolConfig, PoolKind};
 use pools::*;
 use tonic::Code;
-
-const MI: i64 = 1 << 20;
 
 fn can_run(tools: &[&str]) -> bool {
     if !common::root_or_skip("loop devices and mounts") {
@@ -37,39 +37,6 @@ async fn node_harness(pools: Vec<PoolConfig>, root: tempfile::TempDir) -> Harnes
     Harness::with_config(root, pools, |c| c.expansion = Expansion::Node).await
 }
 
-async fn controller_caps(h: &Harness) -> Vec<i32> {
-    h.controller()
-        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities
-        .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect()
-}
-
-async fn node_caps(h: &Harness) -> Vec<i32> {
-    h.node()
-        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities
-        .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect()
-}
-
-const CTRL_EXPAND: i32 = csi::controller_service_capability::rpc::Type::ExpandVolume as i32;
-const NODE_EXPAND: i32 = csi::node_service_capability::rpc::Type::ExpandVolume as i32;
-
 #[tokio::test]
 async fn node_mode_advertises_node_expansion_only_even_with_dir_pools() {
     // csi-resizer exits when a driver offers neither controller nor node
@@ -78,19 +45,18 @@ async fn node_mode_advertises_node_expansion_only_even_with_dir_pools() {
     let root = tempfile::tempdir().unwrap();
     let pools = vec![PoolConfig::dir("hdd", root.path().join("hdd"))];
     let h = node_harness(pools, root).await;
-    assert!(!controller_caps(&h).await.contains(&CTRL_EXPAND));
-    assert!(node_caps(&h).await.contains(&NODE_EXPAND));
+    assert!(!h.controller_caps().await.contains(&CtrlCap::ExpandVolume));
+    assert!(h.node_caps().await.contains(&NodeCap::ExpandVolume));
 
-    let v = h.create("pvc-dir", "hdd", MI).await;
+    let v = h.create("pvc-dir", "hdd", MIB).await;
     // ControllerExpandVolume is not offered in this mode: a CO that calls it
     // anyway learns where expansion happens.
-    let e = expand(&h, &v.volume_id, 2 * MI).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    assert!(e.message().contains("--expansion=node"), "{}", e.message());
+    let e = expand(&h, &v.volume_id, 2 * MIB).await.unwrap_err();
+    common::assert_refused(&e, Code::Unimplemented, "--expansion=node");
     // A dir volume cannot grow on the node either.
     let target = h.target("t");
     h.publish(&v.volume_id, &target, false).await.unwrap();
-    let e = node_expand(&h, &v.volume_id, &target, 2 * MI)
+    let e = node_expand(&h, &v.volume_id, &target, 2 * MIB)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
@@ -102,8 +68,8 @@ async fn node_mode_advertises_node_expansion_only_even_with_dir_pools() {
 async fn grows_on_the_node(pool: PoolConfig, root: tempfile::TempDir, size: i64, grown: i64) {
     let name = pool.name.clone();
     let h = node_harness(vec![pool], root).await;
-    assert!(!controller_caps(&h).await.contains(&CTRL_EXPAND));
-    assert!(node_caps(&h).await.contains(&NODE_EXPAND));
+    assert!(!h.controller_caps().await.contains(&CtrlCap::ExpandVolume));
+    assert!(h.node_caps().await.contains(&NodeCap::ExpandVolume));
 
     let v = h.create("pvc-grow", &name, size).await;
     let target = h.target("t");
@@ -211,7 +177,7 @@ async fn image_volumes_grow_on_their_node() {
     // machine's root lacks (ext4 needs it; the pools_image tests say so).
     let (root, _cleanup) = root();
     let pool = image_pool(root.path());
-    grows_on_the_node(pool, root, 300 * MI, 400 * MI).await;
+    grows_on_the_node(pool, root, 300 * MIB, 400 * MIB).await;
 }
 
 #[tokio::test]
@@ -225,7 +191,7 @@ async fn btrfs_volumes_grow_on_their_node() {
         max_volume_size: Some(ByteSize(512 << 20)),
         ..PoolConfig::of_kind("fast", mnt.join("vols"), PoolKind::Btrfs)
     };
-    grows_on_the_node(pool, root, 16 * MI, 48 * MI).await;
+    grows_on_the_node(pool, root, 16 * MIB, 48 * MIB).await;
 }
 
 #[tokio::test]
@@ -239,7 +205,7 @@ async fn an_expansion_killed_half_way_is_finished_by_the_retry() {
     let (root, _cleanup) = root();
     let pool = image_pool(root.path());
     let mut h = node_harness(vec![pool], root).await;
-    let v = h.create("pvc-crash", "img", 300 * MI).await;
+    let v = h.create("pvc-crash", "img", 300 * MIB).await;
     let target = h.target("t");
     h.publish(&v.volume_id, &target, false).await.unwrap();
     let (cap0, _, _) = capacity(&h, "img").await;
@@ -248,19 +214,19 @@ async fn an_expansion_killed_half_way_is_finished_by_the_retry() {
         .write(true)
         .open(&image)
         .unwrap()
-        .set_len(400 * MI as u64)
+        .set_len(400 * MIB as u64)
         .unwrap();
     h.restart().await;
     assert_eq!(
-        node_expand(&h, &v.volume_id, &target, 400 * MI)
+        node_expand(&h, &v.volume_id, &target, 400 * MIB)
             .await
             .unwrap(),
-        400 * MI
+        400 * MIB
     );
-    assert!(stats(&h, &v.volume_id, &target).await.2 > 300 * MI);
+    assert!(stats(&h, &v.volume_id, &target).await.2 > 300 * MIB);
     let (cap1, _, _) = capacity(&h, "img").await;
     assert!(
-        cap1 <= cap0 - 100 * MI && cap1 > cap0 - 200 * MI,
+        cap1 <= cap0 - 100 * MIB && cap1 > cap0 - 200 * MIB,
         "promised once: {cap0} -> {cap1}"
     );
     h.unpublish(&v.volume_id, &target).await.unwrap();

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Harness, create_request};
+use common::{Harness, create_request, for_claim};
 use hostpath_csi::volume::inventory::{InventoryOptions, Origin, VolumeInfo, inventory};
 
 const MIB: i64 = 1 << 20;
@@ -36,22 +36,9 @@ async fn volumes_carry_their_claim_origin_mounts_and_use_times() {
         return;
     }
     let h = Harness::start().await;
-    let mut req = create_request("pvc-1", "hdd", MIB);
-    for (k, v) in [
-        ("csi.storage.k8s.io/pvc/name", "db"),
-        ("csi.storage.k8s.io/pvc/namespace", "shop"),
-        ("csi.storage.k8s.io/pv/name", "pvc-1"),
-    ] {
-        req.parameters.insert(k.into(), v.into());
-    }
     let v = h
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        .create_volume(for_claim(create_request("pvc-1", "hdd", MIB), "shop", "db"))
+        .await;
     let plain = h.create("plain", "ssd", 2 * MIB).await;
     std::fs::write(h.pool_dir("hdd").join("pvc-1/data"), vec![7u8; 64 << 10]).unwrap();
 
@@ -146,12 +133,10 @@ async fn volumes_carry_their_claim_origin_mounts_and_use_times() {
             .await
             .unwrap();
     }
-    let mut left: Vec<String> = std::fs::read_dir(h.pool_dir("hdd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    left.sort();
-    assert_eq!(left, ["static-data"]);
+    assert_eq!(
+        common::entries(&h.pool_dir("hdd")),
+        ["static-data".to_string()].into()
+    );
     let ids: Vec<String> = listed(&h).into_keys().collect();
     assert_eq!(ids, ["hdd:static-data", "ssd:etc-link", "ssd:notes.txt"]);
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Harness, create_request};
+use common::{Harness, create_request, for_claim};
 use sha2::{Digest, Sha256};
 
 const MIB: i64 = 1 << 20;
@@ -74,22 +74,13 @@ async fn lists_every_volume_and_changes_nothing_with_the_driver_running_or_stopp
         return;
     }
     let mut h = Harness::start().await;
-    let mut req = create_request("pvc-77", "ssd", 3 * MIB);
-    for (k, v) in [
-        ("csi.storage.k8s.io/pvc/name", "cache"),
-        ("csi.storage.k8s.io/pvc/namespace", "web"),
-        ("csi.storage.k8s.io/pv/name", "pvc-77"),
-    ] {
-        req.parameters.insert(k.into(), v.into());
-    }
     let v = h
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+        .create_volume(for_claim(
+            create_request("pvc-77", "ssd", 3 * MIB),
+            "web",
+            "cache",
+        ))
+        .await;
     h.create("pvc-10", "hdd", 5 * MIB).await;
     std::fs::write(h.pool_dir("ssd").join("pvc-77/f"), vec![1u8; 2 << 20]).unwrap();
     std::fs::create_dir(h.pool_dir("hdd").join("admin-data")).unwrap();

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use csi_proto as csi;
 use csi_proto::controller_client::ControllerClient;
+use csi_proto::controller_service_capability::rpc::Type as CtrlCap;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::node_client::NodeClient;
+use csi_proto::node_service_capability::rpc::Type as NodeCap;
 use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::{Config, PoolConfig, PoolKind};
 use tempfile::TempDir;
@@ -204,6 +206,53 @@ impl Harness {
             .unwrap()
     }
 
+    /// Creates a volume as `req` asks and returns it (panics, naming the
+    /// request, if the driver refuses).
+    pub async fn create_volume(&self, req: csi::CreateVolumeRequest) -> csi::Volume {
+        let name = req.name.clone();
+        self.controller()
+            .create_volume(req)
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    /// The RPC capabilities the Controller service advertises.
+    pub async fn controller_caps(&self) -> Vec<CtrlCap> {
+        use csi::controller_service_capability::Type;
+        self.controller()
+            .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(Type::Rpc(r)) => CtrlCap::try_from(r.r#type).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The RPC capabilities the Node service advertises.
+    pub async fn node_caps(&self) -> Vec<NodeCap> {
+        use csi::node_service_capability::Type;
+        self.node()
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(Type::Rpc(r)) => NodeCap::try_from(r.r#type).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Publishes a volume read-write at `target`.
     pub async fn publish(
         &self,
@@ -318,6 +367,37 @@ pub fn create_request(name: &str, pool: &str, bytes: i64) -> csi::CreateVolumeRe
         parameters: HashMap::from([("pool".to_string(), pool.to_string())]),
         ..Default::default()
     }
+}
+
+/// `req` with the claim and PV names the external-provisioner adds
+/// (`--extra-create-metadata`): claim `namespace/claim`, PV named after
+/// the volume.
+pub fn for_claim(
+    mut req: csi::CreateVolumeRequest,
+    namespace: &str,
+    claim: &str,
+) -> csi::CreateVolumeRequest {
+    let pv = req.name.clone();
+    for (k, v) in [
+        ("csi.storage.k8s.io/pvc/name", claim),
+        ("csi.storage.k8s.io/pvc/namespace", namespace),
+        ("csi.storage.k8s.io/pv/name", &pv),
+    ] {
+        req.parameters.insert(k.into(), v.into());
+    }
+    req
+}
+
+/// Asserts that a call was refused with `code` and a message that says
+/// `says` (the reason a user reads).
+#[track_caller]
+pub fn assert_refused(e: &tonic::Status, code: tonic::Code, says: &str) {
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(
+        e.message().contains(says),
+        "{:?} does not say {says:?}",
+        e.message()
+    );
 }
 
 /// A NodePublishVolume request.
