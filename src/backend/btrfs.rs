@@ -223,12 +223,8 @@ impl Backend for BtrfsBackend {
                 false
             }
         };
-        let finish = || -> Result<()> {
-            limit(&path, capacity)?;
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
-        };
-        if let Err(e) = finish() {
+        // The root's mode and owner are the pool's to set (`Pool::set_root`).
+        if let Err(e) = limit(&path, capacity) {
             if made {
                 let _ = self.delete(pool_dir, token);
             }
@@ -386,12 +382,9 @@ impl Backend for BtrfsBackend {
                 ],
             )?;
             limit(&scratch, capacity)?;
-            std::fs::set_permissions(
-                &scratch,
-                std::os::unix::fs::PermissionsExt::from_mode(0o777),
-            )
-            .and_then(|()| std::fs::rename(&scratch, pool_dir.join(token)))
-            .map_err(|e| BackendError::io(format!("moving {} into place", scratch.display()), e))
+            std::fs::rename(&scratch, pool_dir.join(token)).map_err(|e| {
+                BackendError::io(format!("moving {} into place", scratch.display()), e)
+            })
         };
         build().inspect_err(|_| {
             let _ = self.discard(&scratch);

@@ -29,7 +29,9 @@ impl Backend for DirBackend {
 
     fn create(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<()> {
         let path = pool_dir.join(token);
-        match nix::unistd::mkdir(&path, nix::sys::stat::Mode::from_bits_truncate(0o777)) {
+        // Private until the pool gives it the StorageClass's mode and owner
+        // (`Pool::set_root`), before the volume's record exists.
+        match nix::unistd::mkdir(&path, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
             Ok(()) => {}
             Err(Errno::EEXIST) => {
                 // Either an earlier attempt of this very call made it before
@@ -54,10 +56,7 @@ impl Backend for DirBackend {
                 ));
             }
         }
-        // mkdir applies the umask; volumes must be writable by the pod's user,
-        // which kubelet then narrows with fsGroup.
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
+        Ok(())
     }
 
     fn delete(&self, pool_dir: &Path, token: &str) -> Result<()> {
@@ -101,14 +100,10 @@ impl Backend for DirBackend {
         copy_tree(&from, &scratch).inspect_err(|_| {
             let _ = self.discard(&scratch);
         })?;
-        // A snapshot's root keeps the source's mode; the volume's root
-        // must be writable by the pod's user, as a new volume's is.
-        std::fs::set_permissions(
-            &scratch,
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .and_then(|()| std::fs::rename(&scratch, pool_dir.join(token)))
-        .map_err(|e| BackendError::io(format!("moving {} into place", scratch.display()), e))
+        // The copy's root has the source's mode and owner until the pool
+        // gives it the new volume's (`Pool::set_root`).
+        std::fs::rename(&scratch, pool_dir.join(token))
+            .map_err(|e| BackendError::io(format!("moving {} into place", scratch.display()), e))
     }
 
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage> {

@@ -439,14 +439,8 @@ impl Backend for ImageBackend {
             if !made_image {
                 self.grow_fs(pool_dir, token)?;
             }
-            // mkfs makes the root directory root's; volumes must be writable
-            // by the pod's user, which kubelet then narrows with fsGroup.
-            if made_image {
-                std::fs::set_permissions(&mnt, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                    .map_err(|e| {
-                        BackendError::io(format!("setting the mode of {}", mnt.display()), e)
-                    })?;
-            }
+            // mkfs makes the root directory 0755 root's; the pool gives it
+            // the StorageClass's mode and owner (`Pool::set_root`).
             sys::fs::sync_dir(pool_dir)
                 .map_err(|e| BackendError::io(format!("flushing {}", pool_dir.display()), e))
         };

@@ -70,7 +70,8 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::ReadOnlyBlock
         | RequestError::MutableParameters
         | RequestError::NegativeMaxEntries
-        | RequestError::OnDelete(_) => Code::InvalidArgument,
+        | RequestError::OnDelete(_)
+        | RequestError::RootAccess(_) => Code::InvalidArgument,
     }
 }
 
@@ -98,7 +99,8 @@ fn volume_code(e: &VolumeError) -> Code {
         // CreateSnapshot: "snapshot already exists but is incompatible".
         | VolumeError::SnapshotNameTaken { .. }
         | VolumeError::OtherSource { .. }
-        | VolumeError::OtherAccess { .. } => Code::AlreadyExists,
+        | VolumeError::OtherAccess { .. }
+        | VolumeError::OtherRoot { .. } => Code::AlreadyExists,
         // A source in another pool: the StorageClass must change, which no
         // retry or rescheduling fixes.
         VolumeError::SourceInOtherPool { .. } => Code::InvalidArgument,

@@ -156,6 +156,28 @@ pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     .map_err(io::Error::from)
 }
 
+/// Gives the directory at `path` (never a symlink there) owner `uid`:`gid`
+/// and mode `mode`, through one handle so both land on the directory that
+/// was opened, and flushes them. The owner first: a chown may clear setgid,
+/// a chmod after it does not.
+pub(crate) fn set_owner_and_mode(path: &Path, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    nix::unistd::fchown(
+        &fd,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )?;
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))?;
+    // Flushed: the record that follows is flushed on the pool's
+    // filesystem, which for an image volume is not the root's.
+    nix::unistd::fsync(&fd)?;
+    Ok(())
+}
+
 /// Opens a regular file (or device node) as an `O_PATH` handle without
 /// following a symlink in the last component: the target of a raw block
 /// volume's bind mount.

@@ -14,6 +14,7 @@
 //! otherwise (DeleteVolume succeeds, a foreign paging token is ABORTED).
 
 mod fields;
+mod root;
 
 use std::collections::BTreeMap;
 
@@ -21,13 +22,14 @@ use csi_proto as csi;
 
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
-use crate::volume::record::Access;
+use crate::volume::record::{Access, RootAccess};
 use crate::volume::snapshot::SnapshotId;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
     capability, capacity_range, mount_flags, node_path, volume_name,
 };
 use fields::{capabilities, parameters, parse_volume_id, required, volume_id};
+pub use root::RootAccessError;
 
 /// What is wrong with a request, found before the volume logic sees it.
 /// All of it is INVALID_ARGUMENT but where a variant says otherwise.
@@ -125,6 +127,9 @@ pub enum RequestError {
     /// `onDelete` or `archiveRetention` that cannot be used.
     #[error(transparent)]
     OnDelete(#[from] crate::volume::OnDeleteError),
+    /// `directoryPerms`, `uid` or `gid` that cannot be used.
+    #[error(transparent)]
+    RootAccess(#[from] RootAccessError),
     /// A paging token this driver did not issue (ABORTED, as the spec
     /// asks: the CO lists again from the start).
     #[error("starting_token {0:?} was not issued by this driver; list again from the start")]
@@ -153,6 +158,8 @@ pub(crate) struct CreateVolume {
     pub(crate) source: Option<ContentSource>,
     /// A filesystem or a raw block device.
     pub(crate) access: Access,
+    /// Mode and owner of a filesystem volume's root directory.
+    pub(crate) root: RootAccess,
 }
 
 /// The source of a new volume's data.
@@ -194,6 +201,7 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
     // Checked now, so a StorageClass with a typo fails at its first claim,
     // not when its first volume is deleted.
     crate::volume::OnDelete::from_parameters(&parameters)?;
+    let root = root::root_access(&parameters, access)?;
     Ok(CreateVolume {
         name,
         capacity,
@@ -201,6 +209,7 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
         requisite,
         source,
         access,
+        root,
     })
 }
 

@@ -47,6 +47,7 @@ impl Volumes {
                 let mut record =
                     Record::new(&req.name, pool.kind(), capacity, req.parameters.clone());
                 record.access = req.access;
+                record.root = req.root;
                 pool.create(id.token(), &record)?;
                 reservation.commit();
                 tracing::info!(volume_id = %id, capacity, pool = %pool.name(), access = ?req.access, "volume created");
@@ -263,8 +264,22 @@ fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Resu
             from: rec.content_source,
         });
     }
+    if rec.root != req.root {
+        return Err(VolumeError::OtherRoot {
+            name: req.name.clone(),
+            root: rec.root,
+        });
+    }
     if rec.content_source.is_none() {
         pool.ensure_storage(id.token(), &rec)?;
+        // Finishes an ensure_storage killed between making the storage
+        // and setting its root (harmless when it was not); never once a
+        // pod may have changed the root (fsGroup, chmod). A volume made
+        // from a source has its root set before its record, under its
+        // restore marker, so it needs no such repair.
+        if pool.never_published(id.token()) {
+            pool.set_root(id.token(), &rec)?;
+        }
     }
     Ok(rec)
 }

@@ -142,6 +142,14 @@ pub enum VolumeError {
         /// Its access type.
         access: Access,
     },
+    /// The volume exists with another root directory mode or owner.
+    #[error("volume {name:?} already exists with its root directory at {root}")]
+    OtherRoot {
+        /// The CreateVolume name.
+        name: String,
+        /// Its root's mode and owner.
+        root: record::RootAccess,
+    },
     /// A publication with the other access type than the volume has.
     #[error(
         "volume {id} is {}; publish it with {} access",

@@ -430,7 +430,11 @@ impl Pool {
     /// explains. Called only while no record exists for `token`.
     pub(crate) fn create(&self, token: &str, record: &Record) -> Result<()> {
         self.make_storage(token, record.access, record.capacity_bytes)?;
-        if let Err(e) = self.create_record(token, record).and_then(|()| self.sync()) {
+        if let Err(e) = self
+            .set_root(token, record)
+            .and_then(|()| self.create_record(token, record))
+            .and_then(|()| self.sync())
+        {
             // Not acknowledged, so not a volume: take the storage back
             // rather than leave a directory no record explains.
             let _ = self.remove_record(token);
@@ -455,7 +459,31 @@ impl Pool {
             return Ok(());
         }
         self.make_storage(token, record.access, record.capacity_bytes)?;
+        self.set_root(token, record)?;
         self.sync()
+    }
+
+    /// Gives a filesystem volume's root directory the mode and owner its
+    /// record holds (the StorageClass's choice, 0777 root by default);
+    /// nothing for a raw block volume. Made before the record on every
+    /// path that makes storage, and again by a CreateVolume retry while
+    /// the volume was never published ([`Pool::never_published`]), which
+    /// finishes an ensure_storage killed half-way. Never on publish: the
+    /// kubelet's fsGroup change and the pod's own chmod must stay.
+    pub(crate) fn set_root(&self, token: &str, record: &Record) -> Result<()> {
+        if record.access == Access::Block {
+            return Ok(());
+        }
+        // An image volume's root is its mounted filesystem's.
+        let root = self.make_available(token)?;
+        let r = record.root;
+        sys::fs::set_owner_and_mode(&root, r.uid, r.gid, r.mode)
+            .map_err(|e| PoolError::io(format!("setting {r} on the root of volume {token}"), e))
+    }
+
+    /// Whether volume `token` was never published (no publish marker).
+    pub(crate) fn never_published(&self, token: &str) -> bool {
+        self.last(token, Use::Published).is_none()
     }
 
     fn make_storage(&self, token: &str, access: Access, capacity: u64) -> Result<()> {

@@ -54,6 +54,76 @@ pub struct Record {
     /// for records of older drivers) or a raw block device.
     #[serde(default, skip_serializing_if = "Access::is_mount")]
     pub access: Access,
+    /// Mode and owner given to the root directory of a filesystem volume
+    /// (StorageClass parameters `directoryPerms`, `uid`, `gid`). Absent
+    /// for the defaults, which are what older drivers made.
+    #[serde(default, skip_serializing_if = "RootAccess::is_default")]
+    pub root: RootAccess,
+}
+
+/// StorageClass parameter: the mode of a volume's root directory, in
+/// octal (named as the AWS EFS driver names its parameter of the same
+/// meaning).
+pub const DIRECTORY_PERMS: &str = "directoryPerms";
+/// StorageClass parameter: the numeric owner of a volume's root directory.
+pub const UID: &str = "uid";
+/// StorageClass parameter: the numeric group of a volume's root directory.
+pub const GID: &str = "gid";
+
+/// Mode and owner of a filesystem volume's root directory (the directory,
+/// btrfs subvolume or image filesystem root a pod sees), fixed at
+/// CreateVolume from the StorageClass. The default, 0777 owned by root,
+/// lets a pod of any uid write (see the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootAccess {
+    /// Permission bits, with setgid and sticky allowed (no setuid, which
+    /// Linux ignores on directories); written as an octal string.
+    #[serde(with = "octal")]
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+impl Default for RootAccess {
+    fn default() -> Self {
+        RootAccess {
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+impl RootAccess {
+    pub(crate) fn is_default(&self) -> bool {
+        *self == RootAccess::default()
+    }
+}
+
+impl std::fmt::Display for RootAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mode {:04o}, owner {}:{}", self.mode, self.uid, self.gid)
+    }
+}
+
+/// A mode as an octal string in the record (`"0770"`), so an operator
+/// reading it sees what the StorageClass said rather than 504.
+mod octal {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{mode:04o}"))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let text = String::deserialize(d)?;
+        u32::from_str_radix(&text, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| D::Error::custom(format!("mode {text:?} is not an octal mode")))
+    }
 }
 
 /// How a volume is accessed, fixed at CreateVolume.
@@ -93,6 +163,7 @@ impl Record {
                 .unwrap_or(0),
             content_source: None,
             access: Access::Mount,
+            root: RootAccess::default(),
         }
     }
 
@@ -167,6 +238,27 @@ mod tests {
         let r = Record::decode(old).unwrap();
         assert_eq!((r.name.as_str(), r.capacity_bytes), ("pvc-1", 1024));
         assert_eq!((r.claim(), r.pv_name(), r.created_unix), (None, None, 0));
+        assert_eq!(r.root, RootAccess::default());
+    }
+
+    #[test]
+    fn a_root_mode_is_kept_as_octal_text() {
+        let mut r = Record::new("pvc-2", PoolKind::Dir, 1, BTreeMap::new());
+        assert!(
+            !String::from_utf8(r.encode().unwrap())
+                .unwrap()
+                .contains("root")
+        );
+        r.root = RootAccess {
+            mode: 0o2770,
+            uid: 999,
+            gid: 1000,
+        };
+        let text = String::from_utf8(r.encode().unwrap()).unwrap();
+        assert!(text.contains(r#""mode": "2770""#), "{text}");
+        assert_eq!(Record::decode(text.as_bytes()).unwrap().root, r.root);
+        let bad = text.replace("2770", "98");
+        assert!(Record::decode(bad.as_bytes()).is_err());
     }
 
     #[test]

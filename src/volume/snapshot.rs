@@ -360,6 +360,7 @@ impl Volumes {
         let mut record = Record::new(&req.name, pool.kind(), capacity, req.parameters.clone());
         record.content_source = Some(source.to_string());
         record.access = req.access;
+        record.root = req.root;
         let snapshot_path;
         let from = match source {
             ContentSource::Snapshot(s) => {

@@ -44,6 +44,7 @@ pub fn cases(f: &Fixture) -> Vec<Case> {
         pools(),
         not_offered(f),
         existing_names(),
+        root_parameters(),
         odd_valid_names(),
     ]
     .concat()
@@ -381,6 +382,68 @@ fn existing_names() -> Vec<Case> {
             },
             InvalidArgument,
             &["MULTI_NODE"],
+        ),
+    ]
+}
+
+/// `create(name, "hdd")` in a StorageClass with these parameters.
+fn in_class(name: &str, params: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    let mut r = create(name, "hdd");
+    r.parameters
+        .extend(params.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    r
+}
+
+/// The root directory's mode and owner (`directoryPerms`, `uid`, `gid`):
+/// values that cannot be used, and the existing `alpha` (made with the
+/// defaults) asked for with another root.
+fn root_parameters() -> Vec<Case> {
+    let perms = |v: &str, parts: &[&str]| {
+        row(
+            &format!("directoryPerms {v:?}"),
+            in_class("rooted", &[("directoryPerms", v)]),
+            InvalidArgument,
+            parts,
+        )
+    };
+    let id = |k: &str, v: &str| {
+        row(
+            &format!("{k} {v:?}"),
+            in_class("rooted", &[(k, v)]),
+            InvalidArgument,
+            &[k, &format!("{v:?}"), "number"],
+        )
+    };
+    vec![
+        perms("0o770", &["directoryPerms", "\"0o770\"", "octal"]),
+        perms("0789", &["directoryPerms", "\"0789\"", "octal"]),
+        perms("17777", &["directoryPerms", "\"17777\"", "octal"]),
+        perms("", &["directoryPerms", "octal"]),
+        perms("rwxr-x---", &["directoryPerms", "octal"]),
+        perms("0x1ff", &["directoryPerms", "octal"]),
+        perms("-770", &["directoryPerms", "octal"]),
+        perms("4770", &["directoryPerms", "setuid"]),
+        id("uid", "postgres"),
+        id("uid", "-1"),
+        id("uid", "4294967295"),
+        id("uid", "+1000"),
+        id("gid", "1e3"),
+        id("gid", "99999999999999999999"),
+        id("gid", ""),
+        row(
+            "uid for a raw block volume",
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![cap(Mode::SingleNodeWriter as i32, block())],
+                ..in_class("rooted-block", &[("uid", "1000")])
+            },
+            InvalidArgument,
+            &["uid", "raw block volume"],
+        ),
+        row(
+            "existing name, other root mode",
+            in_class("alpha", &[("directoryPerms", "0700")]),
+            AlreadyExists,
+            &["alpha", "mode 0777, owner 0:0"],
         ),
     ]
 }

@@ -67,6 +67,7 @@ pub async fn sweep_scenario() -> Vec<String> {
             created_unix: 0,
             content_source: None,
             access: Default::default(),
+            root: Default::default(),
         };
         std::fs::write(
             pool.join(format!(".{name}.meta")),

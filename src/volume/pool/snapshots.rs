@@ -232,6 +232,8 @@ impl Pool {
             }
         }
         .map_err(PoolError::from)
+        // The class's mode and owner, not the source's: see the README.
+        .and_then(|()| self.set_root(token, record))
         .and_then(|()| self.create_record(token, record))
         .and_then(|()| self.sync());
         if let Err(e) = made {
