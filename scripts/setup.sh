@@ -94,6 +94,17 @@ if ! "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
 fi
+# Prometheus's Python client, pinned: tests/metrics.rs parses the driver's
+# scrape with its OpenMetrics parser (a real parser, strict about the
+# format, rather than the test's own reading of the text).
+PROMETHEUS_CLIENT_VERSION=0.26.0
+prom_venv="$CACHE/prometheus-client-$PROMETHEUS_CLIENT_VERSION"
+if ! "$prom_venv/bin/python" -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+  echo "setup: installing prometheus-client $PROMETHEUS_CLIENT_VERSION into $prom_venv"
+  rm -rf "$prom_venv"
+  python3 -m venv "$prom_venv"
+  "$prom_venv/bin/pip" install -q "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+fi
 java_src=$(cd "$(dirname "$0")/.." && pwd)/tests/clients/java
 java_id=$(cat "$java_src/pom.xml" "$java_src/CsiClient.java" | sha256sum | cut -c1-16)
 java_dir="$CACHE/grpc-java-client-$java_id"

@@ -226,6 +226,15 @@ impl Metrics {
             }
         };
         let space = volumes.space();
+        // What each pool's trash holds; a trash that cannot be read leaves
+        // its pool's series out rather than claim it is empty.
+        let trash: std::collections::HashMap<String, u64> = match volumes.trash_usage() {
+            Ok(t) => t.into_iter().map(|u| (u.pool, u.bytes)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot read the trash");
+                Default::default()
+            }
+        };
         for f in [
             &self.pool_capacity,
             &self.pool_free,
@@ -254,8 +263,9 @@ impl Metrics {
             self.pool_volumes
                 .get_or_create(&l)
                 .set(gauge(mine.clone().count() as u64));
-            // The trash arrives with the orphan report's archive mode.
-            self.pool_trash.get_or_create(&l).set(0);
+            if let Some(bytes) = trash.get(&p.name) {
+                self.pool_trash.get_or_create(&l).set(gauge(*bytes));
+            }
             if self.per_volume {
                 for v in mine {
                     let Some(used) = v.used_bytes else { continue };

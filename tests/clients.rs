@@ -18,7 +18,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use csi_proto as csi;
@@ -186,31 +186,6 @@ fn root() -> bool {
     root
 }
 
-/// Whether a client is installed; skipped with a note where it is not,
-/// a failure under `scripts/test.sh` (HOSTPATH_CSI_REQUIRE_TOOLS), which
-/// installs it.
-fn installed(what: &str, path: &Path) -> bool {
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
-        "{what} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but {} is missing: run \
-         scripts/setup.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {what} is not installed ({} is missing; scripts/setup.sh installs it)",
-        path.display()
-    );
-    false
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("HOSTPATH_CSI_CACHE")
-        .map_or_else(|| PathBuf::from("/var/cache/hostpath-csi"), PathBuf::from)
-}
-
 fn script(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
@@ -221,8 +196,8 @@ fn script(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_with_its_defaults() {
-    let python = cache().join(format!("grpcio-{GRPCIO_VERSION}/bin/python"));
-    if !installed(&format!("grpcio {GRPCIO_VERSION}"), &python) {
+    let python = common::setup_cache().join(format!("grpcio-{GRPCIO_VERSION}/bin/python"));
+    if !common::installed(&format!("grpcio {GRPCIO_VERSION}"), &python) {
         return;
     }
     let client = vec![
@@ -234,8 +209,8 @@ async fn python_grpcio_with_its_defaults() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_java_with_its_defaults() {
-    let dir = cache().join("grpc-java-client");
-    if !installed("the grpc-java client", &dir.join("classes/CsiClient.class")) {
+    let dir = common::setup_cache().join("grpc-java-client");
+    if !common::installed("the grpc-java client", &dir.join("classes/CsiClient.class")) {
         return;
     }
     let client = vec![

@@ -452,6 +452,33 @@ pub fn have(program: &str) -> bool {
     found
 }
 
+/// Where `scripts/setup.sh` installs what the suite needs beyond Debian's
+/// packages (csi-sanity, the grpcio and prometheus-client venvs, ...).
+pub fn setup_cache() -> PathBuf {
+    std::env::var_os("HOSTPATH_CSI_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/hostpath-csi"), PathBuf::from)
+}
+
+/// Whether something `scripts/setup.sh` installs is there (`path`); the
+/// test is skipped with a note where it is not, and fails under
+/// `scripts/test.sh` (HOSTPATH_CSI_REQUIRE_TOOLS), which installs it.
+pub fn installed(what: &str, path: &Path) -> bool {
+    if path.exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
+        "{what} is required (HOSTPATH_CSI_REQUIRE_TOOLS is set) but {} is missing: run \
+         scripts/setup.sh",
+        path.display()
+    );
+    skip(&format!(
+        "{what} is not installed ({} is missing; scripts/setup.sh installs it)",
+        path.display()
+    ));
+    false
+}
+
 /// Loop devices backed by a file at or below `dir`: (device, file).
 /// Panics if `losetup` cannot answer, so a "no device left" check can
 /// never pass by not looking.
