@@ -16,6 +16,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::config::Config;
 use crate::endpoint::EndpointError;
 use crate::grpc::authority::AuthorityFix;
+use crate::grpc::group_controller::GroupController;
 use crate::grpc::{Shared, controller::Controller, identity::Identity, node::Node};
 use crate::metrics::{AsVolumes, Metrics, RpcLayer};
 use crate::volume::Volumes;
@@ -33,7 +34,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
     crate::endpoint::bind(path).map(|s| s.listener)
 }
 
-/// Serves Identity, Controller and Node on `listener` until `shutdown`
+/// Serves Identity, Controller, Node and GroupController on `listener`
+/// until `shutdown`
 /// completes, then finishes in-flight calls and returns.
 pub async fn run(
     config: Config,
@@ -88,6 +90,9 @@ pub async fn run_with_metrics(
         .add_service(csi::node_server::NodeServer::new(Node::new(Arc::clone(
             &shared,
         ))))
+        .add_service(csi::group_controller_server::GroupControllerServer::new(
+            GroupController::new(Arc::clone(&shared)),
+        ))
         .serve_with_incoming_shutdown(
             // Clients that send their socket path as :authority (grpcio,
             // grpc-java) would be refused by h2 otherwise (grpc::authority).
@@ -185,9 +190,8 @@ async fn sweep_trash(shared: std::sync::Weak<Shared>) {
 /// gRPC server reflection of the CSI services (v1, and v1alpha for older
 /// clients), so that `grpcurl -unix SOCKET list` and calls by hand work
 /// without a copy of `csi.proto`. It describes every service of
-/// `csi.proto`, also the two the driver does not serve (GroupController,
-/// SnapshotMetadata: they answer UNIMPLEMENTED); it reads no volume and
-/// changes nothing.
+/// `csi.proto`, also the one the driver does not serve (SnapshotMetadata:
+/// it answers UNIMPLEMENTED); it reads no volume and changes nothing.
 fn reflection() -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,

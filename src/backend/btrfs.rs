@@ -46,6 +46,10 @@ const SUBVOLUME_ROOT_INO: u64 = 256;
 /// Smallest volume: room for the subvolume's own metadata and some data.
 const MIN_VOLUME: u64 = 1 << 20;
 
+/// How often a group snapshot is cut again when a volume was written
+/// between its snapshots, before the call fails.
+const GROUP_ATTEMPTS: u32 = 5;
+
 /// The `btrfs` backend of one pool.
 #[derive(Debug, Default)]
 pub(crate) struct BtrfsBackend {
@@ -355,6 +359,51 @@ impl Backend for BtrfsBackend {
             ],
         )?;
         Ok(())
+    }
+
+    fn snapshots_groups(&self) -> bool {
+        true
+    }
+
+    fn snapshot_group(&self, pool_dir: &Path, members: &[(&str, &Path)]) -> Result<()> {
+        // btrfs cannot freeze one subvolume, nor snapshot several in one
+        // step, and freezing the filesystem would stop the snapshots too.
+        // So the snapshots are cut one after the other and then checked:
+        // once the filesystem is flushed, a volume that no transaction
+        // changed after its own snapshot's was not written between its
+        // snapshot and the last one, and every snapshot then holds the
+        // moment of the last. A write landing in between (or an atime
+        // update) makes the attempt start again; the last volume's writes
+        // do not matter, its snapshot is that moment.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            for (token, dest) in members {
+                self.snapshot(pool_dir, token, dest)?;
+            }
+            sys::copy::sync_fs(pool_dir)
+                .map_err(|e| BackendError::io(format!("flushing {}", pool_dir.display()), e))?;
+            let mut written = Vec::new();
+            for (token, dest) in &members[..members.len().saturating_sub(1)] {
+                let volume = sys::btrfs::generations(&pool_dir.join(token))?;
+                if volume.last_change > sys::btrfs::generations(dest)?.created {
+                    written.push(*token);
+                }
+            }
+            if written.is_empty() {
+                return Ok(());
+            }
+            tracing::debug!(attempt, volumes = ?written, "written during a group snapshot; again");
+            for (_, dest) in members {
+                self.discard(dest)?;
+            }
+            if attempt == GROUP_ATTEMPTS {
+                return Err(BackendError::WrittenDuringGroup {
+                    volumes: written.join(", "),
+                    attempts: GROUP_ATTEMPTS,
+                });
+            }
+        }
     }
 
     fn create_from(

@@ -142,23 +142,9 @@ impl ImageBackend {
         if !img.exists() {
             return Err(BackendError::ImageMissing { path: img });
         }
-        let mnt = pool_dir.join(token);
-        if mounted_device(&mnt)?.is_none() {
-            return copy_flushed(&img, dest);
-        }
-        let marker = pool_dir.join(format!(".{token}{FROZEN}"));
-        if marker.exists() {
-            // A call killed while the filesystem was frozen, and the
-            // startup sweep has not come round to it yet: freezing again
-            // would fail (EBUSY), so thaw first.
-            sys::copy::thaw(&mnt)?;
-        }
-        std::fs::write(&marker, b"")
-            .map_err(|e| BackendError::io(format!("creating {}", marker.display()), e))?;
-        sys::copy::freeze(&mnt)?;
+        let frozen = freeze_marked(pool_dir, token)?;
         let copied = copy_flushed(&img, dest);
-        sys::copy::thaw(&mnt)?;
-        remove_file(&marker)?;
+        thaw_marked(frozen)?;
         copied
     }
 
@@ -349,6 +335,41 @@ pub(super) fn detach(dev: &Path) {
 }
 
 /// Copies `from` to `dest` and flushes the copy.
+/// Freezes the filesystem of volume `token` if it is mounted (nothing
+/// writes an unmounted image: the caller holds the volume's lock), after
+/// writing its freeze marker; returns the mount point and marker to give
+/// to [`thaw_marked`]. The marker makes a driver killed before the thaw
+/// thaw it when it starts again.
+fn freeze_marked(pool_dir: &Path, token: &str) -> Result<Option<(PathBuf, PathBuf)>> {
+    let mnt = pool_dir.join(token);
+    if mounted_device(&mnt)?.is_none() {
+        return Ok(None);
+    }
+    let marker = pool_dir.join(format!(".{token}{FROZEN}"));
+    if marker.exists() {
+        // A call killed while the filesystem was frozen, and the startup
+        // sweep has not come round to it yet: freezing again would fail
+        // (EBUSY), so thaw first.
+        sys::copy::thaw(&mnt)?;
+    }
+    std::fs::write(&marker, b"")
+        .map_err(|e| BackendError::io(format!("creating {}", marker.display()), e))?;
+    if let Err(e) = sys::copy::freeze(&mnt) {
+        let _ = std::fs::remove_file(&marker);
+        return Err(e.into());
+    }
+    Ok(Some((mnt, marker)))
+}
+
+/// Thaws what [`freeze_marked`] froze, then removes its marker.
+fn thaw_marked(frozen: Option<(PathBuf, PathBuf)>) -> Result<()> {
+    let Some((mnt, marker)) = frozen else {
+        return Ok(());
+    };
+    sys::copy::thaw(&mnt)?;
+    remove_file(&marker)
+}
+
 fn copy_flushed(from: &Path, dest: &Path) -> Result<()> {
     sys::copy::copy_file(from, dest).map_err(|source| BackendError::Copy {
         from: from.to_path_buf(),
@@ -614,6 +635,38 @@ impl Backend for ImageBackend {
         std::fs::metadata(path)
             .map(|m| m.len())
             .map_err(|e| BackendError::io(format!("inspecting {}", path.display()), e))
+    }
+
+    fn snapshots_groups(&self) -> bool {
+        true
+    }
+
+    fn snapshot_group(&self, pool_dir: &Path, members: &[(&str, &Path)]) -> Result<()> {
+        // Every member is frozen before the first copy and thawed after the
+        // last: no write reaches any of them in between, so all copies hold
+        // the same moment of the application's write stream. A write to one
+        // member waits, and with it whatever the application would write
+        // next to another.
+        let mut frozen = Vec::with_capacity(members.len());
+        let mut copy_all = || -> Result<()> {
+            for (token, _) in members {
+                let img = Self::image(pool_dir, token);
+                if !img.exists() {
+                    return Err(BackendError::ImageMissing { path: img });
+                }
+                frozen.push(freeze_marked(pool_dir, token)?);
+            }
+            for (token, dest) in members {
+                copy_flushed(&Self::image(pool_dir, token), dest)?;
+            }
+            Ok(())
+        };
+        let copied = copy_all();
+        let mut thawed = Ok(());
+        for f in frozen.into_iter().rev() {
+            thawed = thawed.and(thaw_marked(f));
+        }
+        copied.and(thawed)
     }
 
     fn create_from(

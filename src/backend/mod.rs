@@ -175,6 +175,29 @@ pub enum BackendError {
         /// The pool's kind.
         kind: PoolKind,
     },
+    /// The pool's kind cannot take snapshots of several volumes at one
+    /// point in time.
+    #[error(
+        "pools of kind {} cannot snapshot volumes together at one point in time (a plain \
+         directory cannot be frozen); use a btrfs or image pool for group snapshots",
+        kind.as_str()
+    )]
+    NoGroupSnapshots {
+        /// The kind.
+        kind: PoolKind,
+    },
+    /// Volumes of a group snapshot were written between their snapshots
+    /// at every attempt, so no attempt was one point in time.
+    #[error(
+        "volumes {volumes} were written while the group was being snapshotted ({attempts} \
+         attempts); nothing was kept. Retry, or pause the application's writes for a moment"
+    )]
+    WrittenDuringGroup {
+        /// The volumes written, comma-separated.
+        volumes: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
     /// The pool's kind has no way to grow a volume.
     #[error("pools of kind {} cannot expand volumes", kind.as_str())]
     CannotExpand {
@@ -390,6 +413,22 @@ pub(crate) trait Backend: Send + Sync + Debug {
         crate::sys::fs::usage(path)
             .map(|u| u.bytes)
             .map_err(|e| BackendError::io(format!("measuring {}", path.display()), e))
+    }
+
+    /// Snapshots several volumes of the pool at one point in time, each
+    /// `(token, dest)` as [`Backend::snapshot`] would: write-order
+    /// consistent (no write to any of them lands between two of the
+    /// snapshots), or an error. A failure leaves whatever it made for the
+    /// caller to [`Backend::discard`]. Kinds that cannot refuse.
+    fn snapshot_group(&self, pool_dir: &Path, members: &[(&str, &Path)]) -> Result<()> {
+        let _ = (pool_dir, members);
+        Err(BackendError::NoGroupSnapshots { kind: self.kind() })
+    }
+
+    /// Whether [`Backend::snapshot_group`] can succeed, so a pool that
+    /// cannot refuses before it makes anything.
+    fn snapshots_groups(&self) -> bool {
+        false
     }
 
     /// Makes the storage of volume `token`, `capacity` bytes, holding a

@@ -49,7 +49,7 @@ fn to_csi(v: Volume, topology: BTreeMap<String, String>) -> csi::Volume {
     }
 }
 
-fn snapshot_to_csi(s: Snapshot) -> csi::Snapshot {
+pub(crate) fn snapshot_to_csi(s: Snapshot) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.id,
@@ -60,7 +60,7 @@ fn snapshot_to_csi(s: Snapshot) -> csi::Snapshot {
         }),
         // Snapshots are complete copies when CreateSnapshot answers.
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group_id.unwrap_or_default(),
     }
 }
 

@@ -51,6 +51,7 @@ impl csi::identity_server::Identity for Identity {
         let mut capabilities = vec![
             service_cap(service::Type::ControllerService),
             service_cap(service::Type::VolumeAccessibilityConstraints),
+            service_cap(service::Type::GroupControllerService),
         ];
         let c = &self.shared.config;
         if c.controller_expands() || c.node_expands() {

@@ -7,6 +7,7 @@
 
 pub(crate) mod authority;
 pub(crate) mod controller;
+pub(crate) mod group_controller;
 pub(crate) mod identity;
 pub(crate) mod node;
 mod status;

@@ -46,7 +46,9 @@ impl From<CallError> for Status {
 
 fn request_code(e: &RequestError) -> Code {
     match e {
-        RequestError::UnknownVolume(_) | RequestError::UnknownSnapshot(_) => Code::NotFound,
+        RequestError::UnknownVolume(_)
+        | RequestError::UnknownSnapshot(_)
+        | RequestError::UnknownGroupSnapshot(_) => Code::NotFound,
         // NodeGetVolumeStats, NodeExpandVolume: "volume not found at path".
         RequestError::NotAPath(_) => Code::NotFound,
         // ListVolumes: "invalid starting_token".
@@ -71,6 +73,7 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::MutableParameters
         | RequestError::NegativeMaxEntries
         | RequestError::OnDelete(_)
+        | RequestError::DuplicateSource(_)
         | RequestError::RootAccess(_) => Code::InvalidArgument,
     }
 }
@@ -89,7 +92,8 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::NoVolumePath(_)
         | VolumeError::NotPublishedAt { .. }
         | VolumeError::NotAtVolumePath { .. }
-        | VolumeError::SnapshotNotFound(_) => Code::NotFound,
+        | VolumeError::SnapshotNotFound(_)
+        | VolumeError::GroupSnapshotNotFound(_) => Code::NotFound,
         // CreateVolume: "volume already exists but is incompatible";
         // NodePublishVolume: "published with incompatible capability".
         VolumeError::NameInOtherPool { .. }
@@ -100,7 +104,17 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::SnapshotNameTaken { .. }
         | VolumeError::OtherSource { .. }
         | VolumeError::OtherAccess { .. }
-        | VolumeError::OtherRoot { .. } => Code::AlreadyExists,
+        | VolumeError::OtherRoot { .. }
+        // CreateVolumeGroupSnapshot: "group snapshot already exists but is
+        // incompatible".
+        | VolumeError::GroupNameTaken { .. } => Code::AlreadyExists,
+        // CreateVolumeGroupSnapshot: "cannot snapshot multiple volumes
+        // together".
+        VolumeError::GroupAcrossPools { .. } | VolumeError::GroupBlockMember(_) => {
+            Code::FailedPrecondition
+        }
+        // Delete/GetVolumeGroupSnapshot: "snapshot list mismatch".
+        VolumeError::GroupMembersMismatch { .. } => Code::InvalidArgument,
         // A source in another pool: the StorageClass must change, which no
         // retry or rescheduling fixes.
         VolumeError::SourceInOtherPool { .. } => Code::InvalidArgument,
@@ -182,6 +196,11 @@ fn backend_code(e: &BackendError) -> Code {
         BackendError::Btrfs(BtrfsError::Tool(e)) => tool_code(e),
         BackendError::Btrfs(_) => Code::Internal,
         BackendError::CannotExpand { .. } => Code::Unimplemented,
+        // CreateVolumeGroupSnapshot: "cannot snapshot multiple volumes
+        // together".
+        BackendError::NoGroupSnapshots { .. } => Code::FailedPrecondition,
+        // Nothing is wrong but the moment: the CO retries.
+        BackendError::WrittenDuringGroup { .. } => Code::Aborted,
         BackendError::NotOfKind { .. } => Code::FailedPrecondition,
         // A copy that ran out of space is what CreateSnapshot's
         // RESOURCE_EXHAUSTED ("not enough space") is for.

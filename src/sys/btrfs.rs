@@ -253,6 +253,42 @@ pub(crate) fn start_rescan(dir: &Path) -> Result<bool> {
     }
 }
 
+/// Transaction ids of a subvolume, as `btrfs subvolume show` prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Generations {
+    /// The last transaction that changed the subvolume (`Generation`):
+    /// any write, metadata included (an atime update too), once committed.
+    pub(crate) last_change: u64,
+    /// The transaction that created it (`Gen at creation`); for a snapshot,
+    /// the one that cut it.
+    pub(crate) created: u64,
+}
+
+/// The [`Generations`] of the subvolume at `path`.
+pub(crate) fn generations(path: &Path) -> Result<Generations> {
+    let out = cmd::run(
+        "btrfs",
+        ["subvolume".as_ref(), "show".as_ref(), path.as_os_str()],
+    )?;
+    parse_generations(&out.stdout).ok_or_else(|| BtrfsError::Unexpected {
+        command: format!("btrfs subvolume show {}", path.display()),
+        output: out.stdout.trim().to_string(),
+    })
+}
+
+fn parse_generations(text: &str) -> Option<Generations> {
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().parse::<u64>().ok())?
+        })
+    };
+    Some(Generations {
+        last_change: field("Generation")?,
+        created: field("Gen at creation")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +308,24 @@ mod tests {
         );
         assert_eq!(parse_fsid("Label: none\n"), None);
         assert_eq!(parse_fsid("uuid: ../../etc"), None);
+    }
+
+    #[test]
+    fn reads_generations_from_subvolume_show() {
+        let text = "a\n\tName: \t\t\ta\n\tGeneration: \t\t12\n\tGen at creation: \t7\n\
+                    \tParent ID: \t\t5\n";
+        assert_eq!(
+            parse_generations(text),
+            Some(Generations {
+                last_change: 12,
+                created: 7
+            })
+        );
+        assert_eq!(parse_generations("\tGeneration: \t\t12\n"), None);
+        assert_eq!(
+            parse_generations("\tGeneration: x\n\tGen at creation: 1\n"),
+            None
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! otherwise (DeleteVolume succeeds, a foreign paging token is ABORTED).
 
 mod fields;
+mod group;
 mod root;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ pub use fields::{
     capability, capacity_range, mount_flags, node_path, volume_name,
 };
 use fields::{capabilities, parameters, parse_volume_id, required, volume_id};
+pub(crate) use group::{CreateGroupSnapshot, create_group_snapshot, group_ref};
 pub use root::RootAccessError;
 
 /// What is wrong with a request, found before the volume logic sees it.
@@ -130,6 +132,13 @@ pub enum RequestError {
     /// `directoryPerms`, `uid` or `gid` that cannot be used.
     #[error(transparent)]
     RootAccess(#[from] RootAccessError),
+    /// A volume listed twice in a group snapshot's `source_volume_ids`.
+    #[error("source_volume_ids lists volume {0:?} twice")]
+    DuplicateSource(String),
+    /// A group snapshot id that cannot name one of this driver's (NOT_FOUND,
+    /// as the spec asks for unknown ids).
+    #[error("group snapshot {0:?} does not exist")]
+    UnknownGroupSnapshot(String),
     /// A paging token this driver did not issue (ABORTED, as the spec
     /// asks: the CO lists again from the start).
     #[error("starting_token {0:?} was not issued by this driver; list again from the start")]

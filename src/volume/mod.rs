@@ -16,12 +16,14 @@
 //! - `inventory`: what the pools hold, read without changing anything
 //!   (`hostpath-csi volumes`, metrics, the orphan report);
 //! - `snapshot`: snapshots, and volumes made from a snapshot or a volume;
+//! - `group_snapshot`: snapshots of several volumes at one point in time;
 //! - `trash`: archived volumes across pools (the sweep, what they hold).
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
 
 mod capacity;
 mod controller;
+pub mod group_snapshot;
 pub mod id;
 mod inflight;
 pub mod inventory;
@@ -321,6 +323,46 @@ pub enum VolumeError {
         name: String,
         /// What it was made from.
         from: Option<String>,
+    },
+    /// A group snapshot of volumes in several pools.
+    #[error(
+        "the volumes are in pools {pools}; a group snapshot takes volumes of one pool, which \
+         can be snapshotted at one point in time together"
+    )]
+    GroupAcrossPools {
+        /// The pools, comma-separated.
+        pools: String,
+    },
+    /// A raw block volume in a group snapshot: its device cannot be frozen.
+    #[error(
+        "volume {0} is a raw block volume, which cannot be frozen with the others; group \
+         snapshots take filesystem volumes"
+    )]
+    GroupBlockMember(VolumeId),
+    /// A group snapshot of that name exists with other volumes or
+    /// parameters.
+    #[error(
+        "a group snapshot named {name:?} already exists, of volumes {sources}{}",
+        if *.other_parameters { " with other parameters" } else { "" }
+    )]
+    GroupNameTaken {
+        /// The CreateVolumeGroupSnapshot name.
+        name: String,
+        /// Its volumes, comma-separated.
+        sources: String,
+        /// Whether the parameters differ too.
+        other_parameters: bool,
+    },
+    /// No group snapshot by that id on this node.
+    #[error("group snapshot {0:?} does not exist")]
+    GroupSnapshotNotFound(String),
+    /// `snapshot_ids` are not the group's members.
+    #[error("snapshot_ids do not match group snapshot {id}, whose snapshots are: {members}")]
+    GroupMembersMismatch {
+        /// The group snapshot.
+        id: String,
+        /// Its member snapshot ids, comma-separated.
+        members: String,
     },
     /// A file operation or syscall failed.
     #[error("{context}: {source}")]

@@ -30,6 +30,7 @@
 //! lock (`volume::inflight`); the pool's own locks only guard its in-memory
 //! index and promises.
 
+mod groups;
 mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -90,7 +90,7 @@ impl std::fmt::Display for SnapshotId {
 }
 
 /// The short hash of a node id that snapshot ids carry.
-fn node_hash(node_id: &str) -> String {
+pub(crate) fn node_hash(node_id: &str) -> String {
     hex::encode(Sha256::digest(node_id.as_bytes()))[..NODE_HASH_LEN].to_string()
 }
 
@@ -128,6 +128,12 @@ pub struct SnapshotRecord {
     /// a copy of its file, and restores only into a raw block volume.
     #[serde(default, skip_serializing_if = "Access::is_mount")]
     pub access: Access,
+    /// The token of the group snapshot it was cut with, if any. Such a
+    /// snapshot exists for the CO only once its group's record does: until
+    /// then it is part of a group snapshot being made (or cut short, which
+    /// the startup sweep removes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl SnapshotRecord {
@@ -151,20 +157,45 @@ pub(crate) struct Snapshot {
     pub(crate) size_bytes: u64,
     /// Creation time: seconds since the epoch and nanoseconds.
     pub(crate) created: (u64, u32),
+    /// The id of the group snapshot it belongs to, if any.
+    pub(crate) group_id: Option<String>,
 }
 
 impl Volumes {
-    fn snapshot_id(&self, pool: &str, token: &str) -> SnapshotId {
+    pub(crate) fn snapshot_id(&self, pool: &str, token: &str) -> SnapshotId {
         SnapshotId::new(pool, token, &self.node_id)
     }
 
-    fn describe_snapshot(&self, pool: &Pool, token: &str, rec: &SnapshotRecord) -> Snapshot {
+    pub(crate) fn describe_snapshot(
+        &self,
+        pool: &Pool,
+        token: &str,
+        rec: &SnapshotRecord,
+    ) -> Snapshot {
         Snapshot {
             id: self.snapshot_id(pool.name(), token).to_string(),
             source_volume_id: rec.source_volume_id.clone(),
             size_bytes: rec.size_bytes,
             created: (rec.created_unix, rec.created_nanos),
+            group_id: rec
+                .group
+                .as_ref()
+                .map(|g| self.group_id(pool.name(), g).to_string()),
         }
+    }
+
+    /// The snapshot's record if the CO may see it: not a member of a group
+    /// snapshot whose record is not (or no longer) there.
+    fn visible_record(&self, pool: &Pool, token: &str) -> Result<Option<SnapshotRecord>> {
+        let Some(rec) = pool.snapshot_record(token)? else {
+            return Ok(None);
+        };
+        if let Some(g) = &rec.group
+            && pool.group_record(g)?.is_none()
+        {
+            return Ok(None);
+        }
+        Ok(Some(rec))
     }
 
     /// CreateSnapshot: idempotent by name; the same name with another
@@ -205,6 +236,7 @@ impl Volumes {
             created_unix: now.as_secs(),
             created_nanos: now.subsec_nanos(),
             access: vol.access,
+            group: None,
         };
         pool.take_snapshot(&token, source.token(), &mut rec)?;
         tracing::info!(snapshot_id = %id, volume_id = %source, size = rec.size_bytes, "snapshot created");
@@ -241,8 +273,8 @@ impl Volumes {
         if id.node != node_hash(&self.node_id) {
             return Ok(None);
         }
-        Ok(pool
-            .snapshot_record(id.token())?
+        Ok(self
+            .visible_record(pool, id.token())?
             .map(|rec| self.describe_snapshot(pool, id.token(), &rec)))
     }
 
@@ -271,8 +303,9 @@ impl Volumes {
             if from.as_ref().is_some_and(|f| &id < f) {
                 continue;
             }
-            // Deleted while listing: skipped.
-            let Some(rec) = pool.snapshot_record(&token)? else {
+            // Deleted while listing, or part of a group snapshot being
+            // made: skipped.
+            let Some(rec) = self.visible_record(pool, &token)? else {
                 continue;
             };
             if req
@@ -386,7 +419,7 @@ impl Volumes {
     /// snapshots without a record, half-made copies, volumes whose making
     /// from a source was cut short; skips whatever a call is working on.
     pub(crate) fn sweep_snapshots(&self) -> Result<usize> {
-        let mut n = 0;
+        let mut n = self.sweep_groups()?;
         for pool in &self.pools {
             for (token, path) in pool.snapshot_leftovers()? {
                 let Ok(_guard) = self.inflight.claim(&format!("@{token}")) else {

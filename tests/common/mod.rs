@@ -182,6 +182,12 @@ impl Harness {
         NodeClient::new(self.channel())
     }
 
+    /// GroupController client.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn group_controller(&self) -> csi::group_controller_client::GroupControllerClient<Channel> {
+        csi::group_controller_client::GroupControllerClient::new(self.channel())
+    }
+
     /// Directory of a pool (canonical, as the driver sees it).
     pub fn pool_dir(&self, name: &str) -> PathBuf {
         let p = self.pools.iter().find(|p| p.name == name).expect("pool");

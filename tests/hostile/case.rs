@@ -53,6 +53,9 @@ pub enum Req {
     DeleteSnapshot(csi::DeleteSnapshotRequest),
     ListSnapshots(csi::ListSnapshotsRequest),
     GetSnapshot(csi::GetSnapshotRequest),
+    CreateGroup(csi::CreateVolumeGroupSnapshotRequest),
+    DeleteGroup(csi::DeleteVolumeGroupSnapshotRequest),
+    GetGroup(csi::GetVolumeGroupSnapshotRequest),
     NodeStage(csi::NodeStageVolumeRequest),
     NodeUnstage(csi::NodeUnstageVolumeRequest),
     Publish(csi::NodePublishVolumeRequest),
@@ -106,8 +109,9 @@ pub async fn run_table(h: &Harness, table: &[Case]) -> Vec<String> {
 /// `Code::Ok` with its reason, so the rows can check the reason.
 async fn send(ch: Channel, req: Req) -> Result<(), tonic::Status> {
     use csi::controller_client::ControllerClient as C;
+    use csi::group_controller_client::GroupControllerClient as G;
     use csi::node_client::NodeClient as N;
-    let (mut c, mut n) = (C::new(ch.clone()), N::new(ch.clone()));
+    let (mut c, mut n, mut g) = (C::new(ch.clone()), N::new(ch.clone()), G::new(ch.clone()));
     match req {
         Req::Create(r) => c.create_volume(r).await.map(drop),
         Req::Delete(id) => c
@@ -135,6 +139,9 @@ async fn send(ch: Channel, req: Req) -> Result<(), tonic::Status> {
         Req::DeleteSnapshot(r) => c.delete_snapshot(r).await.map(drop),
         Req::ListSnapshots(r) => c.list_snapshots(r).await.map(drop),
         Req::GetSnapshot(r) => c.get_snapshot(r).await.map(drop),
+        Req::CreateGroup(r) => g.create_volume_group_snapshot(r).await.map(drop),
+        Req::DeleteGroup(r) => g.delete_volume_group_snapshot(r).await.map(drop),
+        Req::GetGroup(r) => g.get_volume_group_snapshot(r).await.map(drop),
         Req::NodeStage(r) => n.node_stage_volume(r).await.map(drop),
         Req::NodeUnstage(r) => n.node_unstage_volume(r).await.map(drop),
         Req::Publish(r) => n.node_publish_volume(r).await.map(drop),

@@ -14,6 +14,7 @@
 //!   mount), the request builders the rows use, and the checks afterwards;
 //! - one module per call or group of calls, each a `cases(&Fixture)`
 //!   table: `create`, `delete`, `validate`, `list`, `capacity`,
+//!   `snapshot`, `group_snapshot`,
 //!   `not_offered` (calls this driver does not offer), `publish`,
 //!   `unpublish`, `stats`, `node_expand`, and `undecodable` (bytes no
 //!   client library would send).
@@ -36,6 +37,7 @@ mod case;
 mod create;
 mod delete;
 mod fixture;
+mod group_snapshot;
 mod list;
 mod node_expand;
 mod not_offered;
@@ -111,6 +113,11 @@ async fn calls_not_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots() {
     hostile("snapshots", snapshot::cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshots() {
+    hostile("group snapshots", group_snapshot::cases).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
