@@ -1,11 +1,15 @@
-//! Snapshots, restores and clones survive `kill -9` at any moment: the real
-//! binary is killed while it takes, deletes or restores a snapshot or
-//! clones a volume, restarted, and the interrupted call is retried (or,
-//! now and then, abandoned, as a CO that gave up would). At the end no
-//! snapshot or volume is half-made (every one on disk is complete and
-//! recorded, or gone), nothing acknowledged is lost, every restored or
-//! cloned volume holds its source's data, no filesystem is left frozen,
-//! and after deleting everything no mount, loop device or file is left.
+//! Snapshots, group snapshots, restores and clones survive `kill -9` at
+//! any moment: the real binary is killed while it takes, deletes or
+//! restores a snapshot, takes or deletes a group snapshot of two volumes
+//! (btrfs and image pools; dir pools refuse groups), or clones a volume,
+//! restarted, and the interrupted call is retried (or, now and then,
+//! abandoned, as a CO that gave up would). At the end no snapshot or volume
+//! is half-made (every one on disk is complete and recorded, or gone), no
+//! group is half-made (every member on disk belongs to a group with a
+//! record, every group the driver reports has both members), nothing
+//! acknowledged is lost, every restored or cloned volume holds its
+//! source's data, no filesystem is left frozen, and after deleting
+//! everything no mount, loop device or file is left.
 //!
 //! Needs root (loop mounts); btrfs-progs, e2fsprogs. Rounds per pool kind:
 //! `HOSTPATH_CSI_SNAPSHOT_CRASH_ROUNDS` (default 12), seed
@@ -20,6 +24,7 @@ use std::time::Duration;
 
 use csi_proto as csi;
 use csi_proto::controller_client::ControllerClient;
+use csi_proto::group_controller_client::GroupControllerClient;
 use csi_proto::node_client::NodeClient;
 use robust_support::*;
 use tonic::Code;
@@ -48,14 +53,23 @@ impl Ctx {
     fn node(&self) -> NodeClient<Channel> {
         NodeClient::new(self.ch.clone())
     }
+    fn groups(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.ch.clone())
+    }
 }
 
 #[derive(Debug, Clone)]
 enum Op {
     Snapshot(String),
     DeleteSnapshot(String),
-    Restore { name: String, snapshot: String },
+    Restore {
+        name: String,
+        snapshot: String,
+    },
     Clone(String),
+    /// A group snapshot of both source volumes.
+    Group(String),
+    DeleteGroup(String),
 }
 
 fn create_req(
@@ -68,14 +82,12 @@ fn create_req(
     r
 }
 
-/// Runs `op` once; the id it made (snapshot or volume) on success.
-async fn run(
-    ctl: &mut ControllerClient<Channel>,
-    op: &Op,
-    src: &str,
-    size: i64,
-) -> Result<String, tonic::Status> {
+/// Runs `op` once on the sources `srcs` (the first for single snapshots
+/// and clones); the id it made (snapshot, group or volume) on success.
+async fn run(ch: Channel, op: &Op, srcs: &[String], size: i64) -> Result<String, tonic::Status> {
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let mut ctl = ControllerClient::new(ch.clone());
+    let src = srcs[0].as_str();
     match op {
         Op::Snapshot(name) => ctl
             .create_snapshot(csi::CreateSnapshotRequest {
@@ -112,14 +124,49 @@ async fn run(
             ))
             .await
             .map(|r| r.into_inner().volume.unwrap().volume_id),
+        Op::Group(name) => GroupControllerClient::new(ch)
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: name.clone(),
+                source_volume_ids: srcs.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().group_snapshot.unwrap().group_snapshot_id),
+        Op::DeleteGroup(id) => GroupControllerClient::new(ch)
+            .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| id.clone()),
     }
+}
+
+/// The member snapshot ids of group `id`, or the error of
+/// GetVolumeGroupSnapshot.
+async fn members(c: &Ctx, id: &str) -> Result<Vec<String>, tonic::Status> {
+    c.groups()
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| {
+            r.into_inner()
+                .group_snapshot
+                .unwrap()
+                .snapshots
+                .into_iter()
+                .map(|s| s.snapshot_id)
+                .collect()
+        })
 }
 
 /// Retries `op` until it succeeds (ABORTED and UNAVAILABLE are what a CO
 /// retries), panicking on any other error.
-async fn retry(c: &Ctx, op: &Op, src: &str) -> String {
+async fn retry(c: &Ctx, op: &Op, srcs: &[String]) -> String {
     for _ in 0..200 {
-        match run(&mut c.ctl(), op, src, c.size).await {
+        match run(c.ch.clone(), op, srcs, c.size).await {
             Ok(id) => return id,
             Err(e) if matches!(e.code(), Code::Aborted | Code::Unavailable) => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -194,13 +241,35 @@ fn half_made(pool: &Path) -> Vec<String> {
     let snaps = pool.join(".snapshots");
     if snaps.exists() {
         let names = common::entries(&snaps);
+        let groups = snaps.join(".groups");
         for n in &names {
-            let ok = (n.starts_with('.')
-                && n.ends_with(".meta")
-                && names.contains(n.trim_start_matches('.').trim_end_matches(".meta")))
+            let ok = n == ".groups"
+                || (n.starts_with('.')
+                    && n.ends_with(".meta")
+                    && names.contains(n.trim_start_matches('.').trim_end_matches(".meta")))
                 || (!n.starts_with('.') && names.contains(&format!(".{n}.meta")));
             if !ok {
                 bad.push(format!(".snapshots/{n}"));
+            }
+            // A member of a group exists only with its group's record.
+            if let Some(group) = n
+                .starts_with('.')
+                .then(|| std::fs::read(snaps.join(n)).ok())
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("group")?.as_str().map(str::to_string))
+                && !groups.join(format!(".{group}.meta")).exists()
+            {
+                bad.push(format!(
+                    ".snapshots/{n} (a member of group {group}, which has no record)"
+                ));
+            }
+        }
+        if groups.exists() {
+            for n in common::entries(&groups) {
+                if !(n.starts_with('.') && n.ends_with(".meta")) {
+                    bad.push(format!(".snapshots/.groups/{n}"));
+                }
             }
         }
     }
@@ -225,7 +294,7 @@ impl Drop for Thaw {
     }
 }
 
-async fn crash_snapshots(spec: PoolSpec, size: i64) {
+async fn crash_snapshots(spec: PoolSpec, size: i64, groups: bool) {
     if !common::root_or_skip("snapshot crash tests mount filesystems") {
         return;
     }
@@ -241,7 +310,7 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     std::fs::create_dir_all(&targets).unwrap();
     let driver = Driver::start(&root, &pools).await;
     let ch = connect_once(&driver.socket).await.unwrap();
-    let _thaw = Thaw(std::fs::canonicalize(&pool).unwrap().join("src"));
+    let _thaw = ["src", "src2"].map(|v| Thaw(std::fs::canonicalize(&pool).unwrap().join(v)));
     let mut c = Ctx {
         root: root.clone(),
         pools,
@@ -263,6 +332,20 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     let src_target = targets.join("src");
     publish(&c, &src, &src_target).await;
     write_data(&src_target);
+    // The second volume of the group snapshots, holding the same data.
+    let src2 = c
+        .ctl()
+        .create_volume(common::create_request("src2", "p", size))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let src2_target = targets.join("src2");
+    publish(&c, &src2, &src2_target).await;
+    write_data(&src2_target);
+    let srcs = [src.clone(), src2.clone()];
 
     let rounds = env_u64("HOSTPATH_CSI_SNAPSHOT_CRASH_ROUNDS", 12) as usize;
     let seed = env_u64("HOSTPATH_CSI_CRASH_SEED", 13);
@@ -270,10 +353,18 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     // Acknowledged snapshots (name -> id) and volumes (id), and what an
     // abandoned call may or may not have made.
     let mut snaps: BTreeMap<String, String> = BTreeMap::new();
+    // Acknowledged group snapshots (name -> id) and their members (to
+    // restore from).
+    let mut group_ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut group_members: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut volumes: BTreeSet<String> = BTreeSet::new();
     let mut maybe: BTreeSet<String> = BTreeSet::new();
     for i in 0..rounds {
-        let op = match rng.below(4) {
+        let restorable: Vec<&String> = snaps
+            .values()
+            .chain(group_members.values().flatten())
+            .collect();
+        let op = match rng.below(if groups { 6 } else { 4 }) {
             1 if !snaps.is_empty() => {
                 let k = snaps
                     .keys()
@@ -282,29 +373,35 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
                     .clone();
                 Op::DeleteSnapshot(snaps[&k].clone())
             }
-            2 if !snaps.is_empty() => Op::Restore {
+            2 if !restorable.is_empty() => Op::Restore {
                 name: format!("r{i}"),
-                snapshot: snaps
-                    .values()
-                    .nth(rng.below(snaps.len() as u64) as usize)
-                    .unwrap()
-                    .clone(),
+                snapshot: restorable[rng.below(restorable.len() as u64) as usize].clone(),
             },
             3 => Op::Clone(format!("c{i}")),
+            4 => Op::Group(format!("g{i}")),
+            5 if !group_ids.is_empty() => Op::DeleteGroup(
+                group_ids
+                    .values()
+                    .nth(rng.below(group_ids.len() as u64) as usize)
+                    .unwrap()
+                    .clone(),
+            ),
             _ => Op::Snapshot(format!("s{i}")),
         };
         let delay = Duration::from_millis(rng.below(120));
-        let (mut ctl, op2, src2) = (c.ctl(), op.clone(), src.clone());
-        let call = tokio::spawn(async move { run(&mut ctl, &op2, &src2, size).await });
+        let (ch, op2, srcs2) = (c.ch.clone(), op.clone(), srcs.clone());
+        let call = tokio::spawn(async move { run(ch, &op2, &srcs2, size).await });
         tokio::time::sleep(delay).await;
         c.driver.kill();
         let finished = call.await.unwrap();
         c.restart().await;
-        let abandon = finished.is_err() && !matches!(op, Op::DeleteSnapshot(_)) && rng.chance(1, 4);
+        let abandon = finished.is_err()
+            && !matches!(op, Op::DeleteSnapshot(_) | Op::DeleteGroup(_))
+            && rng.chance(1, 4);
         let outcome = match (&finished, abandon) {
             (Ok(id), _) => Some(id.clone()),
             (Err(_), true) => None,
-            (Err(_), false) => Some(retry(&c, &op, &src).await),
+            (Err(_), false) => Some(retry(&c, &op, &srcs).await),
         };
         eprintln!(
             "round {i}: {op:?} after {delay:?}: {}",
@@ -329,6 +426,19 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
             (Op::Restore { name, .. } | Op::Clone(name), None) => {
                 maybe.insert(name.clone());
             }
+            (Op::Group(name), Some(id)) => {
+                let m = members(&c, &id).await.unwrap();
+                assert_eq!(m.len(), 2, "group {id} acknowledged with members {m:?}");
+                group_ids.insert(name.clone(), id.clone());
+                group_members.insert(id, m);
+            }
+            (Op::Group(name), None) => {
+                maybe.insert(name.clone());
+            }
+            (Op::DeleteGroup(id), _) => {
+                group_ids.retain(|_, v| v != id);
+                group_members.remove(id);
+            }
         }
     }
 
@@ -344,6 +454,7 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     assert!(bad.is_empty(), "half-made leftovers: {bad:?}");
 
     // Nothing acknowledged lost, nothing unexplained.
+    // Snapshot id -> the group it belongs to ("" for none).
     let listed: BTreeMap<String, String> = c
         .ctl()
         .list_snapshots(csi::ListSnapshotsRequest::default())
@@ -353,17 +464,39 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
         .entries
         .into_iter()
         .map(|e| e.snapshot.unwrap())
-        .map(|s| (s.snapshot_id.clone(), s.snapshot_id))
+        .map(|s| (s.snapshot_id, s.group_snapshot_id))
         .collect();
-    for id in snaps.values() {
+    for id in snaps.values().chain(group_members.values().flatten()) {
         assert!(listed.contains_key(id), "acknowledged snapshot {id} lost");
     }
-    for id in listed.keys() {
+    let mut listed_groups = BTreeSet::new();
+    for (id, group) in &listed {
+        if !group.is_empty() {
+            listed_groups.insert(group.clone());
+            continue;
+        }
         let name = id.split('@').nth(1).unwrap();
         assert!(
             snaps.values().any(|v| v == id) || maybe.contains(name),
             "snapshot {id} nobody made"
         );
+    }
+    // Every group the driver shows is whole, and someone made it.
+    for g in &listed_groups {
+        let m = members(&c, g).await.unwrap();
+        assert_eq!(m.len(), 2, "group {g} has members {m:?}");
+        assert!(
+            m.iter().all(|s| listed.get(s) == Some(g)),
+            "group {g}: {m:?}"
+        );
+        let name = g.split('@').nth(2).unwrap();
+        assert!(
+            group_members.contains_key(g) || maybe.contains(name),
+            "group {g} nobody made"
+        );
+    }
+    for g in group_members.keys() {
+        assert!(listed_groups.contains(g), "acknowledged group {g} lost");
     }
     let listed_vols: BTreeSet<String> = c
         .ctl()
@@ -381,7 +514,7 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
     for v in &listed_vols {
         let name = v.split(':').nth(1).unwrap();
         assert!(
-            *v == src || volumes.contains(v) || maybe.contains(name),
+            srcs.contains(v) || volumes.contains(v) || maybe.contains(name),
             "volume {v} nobody made"
         );
     }
@@ -400,7 +533,7 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
 
     // Every restored or cloned volume holds the data; then all goes.
     for v in &listed_vols {
-        if *v == src {
+        if srcs.contains(v) {
             continue;
         }
         let t = targets.join(v.replace(':', "-"));
@@ -415,7 +548,15 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
             .await
             .unwrap();
     }
-    for id in listed.keys() {
+    for g in &listed_groups {
+        run(c.ch.clone(), &Op::DeleteGroup(g.clone()), &srcs, size)
+            .await
+            .unwrap();
+    }
+    for (id, group) in &listed {
+        if !group.is_empty() {
+            continue;
+        }
         c.ctl()
             .delete_snapshot(csi::DeleteSnapshotRequest {
                 snapshot_id: id.clone(),
@@ -424,20 +565,31 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
             .await
             .unwrap();
     }
-    unpublish(&c, &src, &src_target).await;
-    c.ctl()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: src.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    for (v, t) in [(&src, &src_target), (&src2, &src2_target)] {
+        unpublish(&c, v, t).await;
+        c.ctl()
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: v.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     let left: Vec<String> = common::entries(&c.pool)
         .into_iter()
         .filter(|n| n != ".snapshots")
         .collect();
     assert!(left.is_empty(), "left in the pool: {left:?}");
-    assert!(common::entries(&c.pool.join(".snapshots")).is_empty());
+    let snapshots_left: Vec<String> = common::entries(&c.pool.join(".snapshots"))
+        .into_iter()
+        .filter(|n| n != ".groups")
+        .collect();
+    assert!(
+        snapshots_left.is_empty(),
+        "left in .snapshots: {snapshots_left:?}"
+    );
+    let groups_dir = c.pool.join(".snapshots/.groups");
+    assert!(!groups_dir.exists() || common::entries(&groups_dir).is_empty());
     assert!(
         mounts_below(&c.pool).is_empty(),
         "mounts left: {:?}",
@@ -452,13 +604,13 @@ async fn crash_snapshots(spec: PoolSpec, size: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dir_snapshots_survive_kill_9() {
-    crash_snapshots(PoolSpec::dir("p"), 32 * MIB).await;
+    crash_snapshots(PoolSpec::dir("p"), 32 * MIB, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_snapshots_survive_kill_9() {
     if have("btrfs") {
-        crash_snapshots(PoolSpec::btrfs("p"), 32 * MIB).await;
+        crash_snapshots(PoolSpec::btrfs("p"), 32 * MIB, true).await;
     } else {
         common::skip("btrfs-progs is not installed");
     }
@@ -466,5 +618,5 @@ async fn btrfs_snapshots_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_snapshots_survive_kill_9() {
-    crash_snapshots(PoolSpec::image("p", "ext4"), 32 * MIB).await;
+    crash_snapshots(PoolSpec::image("p", "ext4"), 32 * MIB, true).await;
 }
