@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs the official CSI conformance suite (csi-sanity) against the real
-# driver binary with real mounts, once per pool kind given.
+# driver binary with real mounts, once per pool kind given. The driver
+# advertises every service it has (Controller with snapshots and clones,
+# Node, GroupController), so csi-sanity runs their specs; it has no flags
+# for group snapshots (its GroupController specs need none).
 #
 #   scripts/conformance.sh BINARY KIND [KIND...]
 #     KIND: dir | btrfs | btrfs-qgroup | image-xfs | image-ext4, each
@@ -19,6 +22,10 @@ BIN=${1:?usage: conformance.sh BINARY KIND...}
 shift
 SANITY=${CSI_SANITY:-csi-sanity}
 command -v "$SANITY" >/dev/null || { echo "csi-sanity not found (set CSI_SANITY)"; exit 2; }
+# grpcurl (scripts/setup.sh builds it beside csi-sanity) asks the driver's
+# Probe whether its pools are open before csi-sanity starts.
+GRPCURL=${GRPCURL:-$(dirname "$(command -v "$SANITY")")/grpcurl}
+[[ -x $GRPCURL ]] || GRPCURL=$(command -v grpcurl) || { echo "grpcurl not found (set GRPCURL)"; exit 2; }
 
 total_pass=0 total_fail=0 total_skip=0
 WORK=""
@@ -78,7 +85,20 @@ TOML
   "$BIN" --endpoint "unix://$WORK/csi.sock" --node-id sanity-node \
     --config "$WORK/config.toml" --log-level warn >"$WORK/driver.log" 2>&1 &
   DRIVER_PID=$!
-  for _ in $(seq 100); do [[ -S $WORK/csi.sock ]] && break; sleep 0.05; done
+  # The socket is served at once, the pools open after (a btrfs pool turns
+  # its quotas on first): calls before that answer UNAVAILABLE, which
+  # csi-sanity counts as failures. Wait for Probe to say ready (seconds on
+  # a loaded machine, not the 5 s csi-sanity's first specs allow).
+  local ready=0
+  for _ in $(seq 600); do
+    if "$GRPCURL" -plaintext -max-time 2 -d '{}' "unix://$WORK/csi.sock" csi.v1.Identity/Probe 2>/dev/null |
+      grep -q '"ready": true'; then
+      ready=1
+      break
+    fi
+    sleep 0.1
+  done
+  ((ready)) || echo "conformance[$label]: the driver was not ready after 60 s"
   if [[ $kind != dir ]]; then extra+=(--csi.testvolumeexpandsize "$expand"); fi
   extra+=(--csi.testvolumeaccesstype "$access")
   local out="$WORK/sanity.out" rc=0
