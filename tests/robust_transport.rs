@@ -487,3 +487,134 @@ async fn a_live_driver_under_load_drops_no_connection_and_no_call() {
         );
     }
 }
+
+/// The experiment behind the crash tests' rule for broken connections
+/// (issue 11), run by hand (`cargo test --test robust_transport --
+/// --ignored --nocapture`; `HOSTPATH_CSI_FORK_KILLS` kills, default 40):
+/// the real binary publishes and unpublishes a raw block volume in a loop
+/// (a losetup each time) and is killed at a moment it has a child, then
+/// reaped, as the crash tests do before they call a kill over; then
+/// connects to its socket are tried for 50 ms. A connect that succeeds
+/// after the reap was accepted by the dead driver's listener, which only a
+/// child it had forked and not yet exec'd can still hold: the kernel names
+/// the killed driver as the peer, and the connection is reset, never
+/// answered, when the child's exec closes the copy. That is a broken
+/// connection with no live driver behind it, before the next driver
+/// replaces the socket file: what the crash tests once counted as
+/// unexplained. Seen here after 2 of 400 kills (2026-12-02). Without the
+/// reap, connects are accepted after most kills (36 of 40): a process
+/// killed is not gone until the kernel has torn it down, which is why the
+/// crash tests count a kill as under way until the reap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "an experiment: it says how often the window was hit, which depends on the machine"]
+async fn a_kill_between_fork_and_exec_leaves_a_listener_that_resets() {
+    use std::os::unix::net::UnixStream;
+    if !common::root_or_skip("block volumes are loop devices bound onto targets") {
+        return;
+    }
+    let rounds = env_u64("HOSTPATH_CSI_FORK_KILLS", 40);
+    let work = Workdir::new("hostpath-csi-forkkill");
+    let root = work.path().to_path_buf();
+    let pools = [PoolSpec::dir("d")];
+    let mut driver = Driver::start(&root, &pools).await;
+    let mut create = common::create_request("blk", "d", 8 * MIB);
+    create.volume_capabilities = vec![block_cap()];
+    let id = create
+        .send(robust_support::connect_once(&driver.socket).await.unwrap())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let target = root.join("t");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The load: publish and unpublish, on whatever driver runs now.
+    let load = {
+        let (socket, stop, id, target) = (
+            driver.socket.clone(),
+            stop.clone(),
+            id.clone(),
+            target.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(ch) = robust_support::connect_once(&socket).await else {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                };
+                let publish = csi::NodePublishVolumeRequest {
+                    volume_capability: Some(block_cap()),
+                    ..common::publish_request(&id, &target, false)
+                };
+                let _ = publish.send(ch.clone()).await;
+                let unpublish = csi::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.display().to_string(),
+                };
+                let _ = unpublish.send(ch).await;
+            }
+        })
+    };
+    let (mut after_reap, mut accepted, mut reset, mut answered) = (0, 0, 0, 0);
+    for _ in 0..rounds {
+        let (pid, socket) = (driver.pid(), driver.socket.clone());
+        // Spin on /proc until the driver has a child, kill at once and
+        // reap (as the crash tests do before they call a kill over), then
+        // connect for 50 ms.
+        let (pid, outcomes) = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut seen = Vec::new();
+            while Instant::now() < deadline && seen.is_empty() {
+                seen = robust_support::children(pid);
+            }
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            let mut outcomes = Vec::new();
+            let until = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < until {
+                let Ok(mut s) = UnixStream::connect(&socket) else {
+                    continue;
+                };
+                let peer =
+                    nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+                        .map(|c| c.pid() as u32)
+                        .unwrap_or(0);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                let mut buf = [0u8; 64];
+                outcomes.push((peer, s.read(&mut buf).map_err(|e| e.kind())));
+            }
+            (pid, outcomes)
+        })
+        .await
+        .unwrap();
+        after_reap += u64::from(!outcomes.is_empty());
+        for (peer, read) in outcomes {
+            accepted += 1;
+            assert_eq!(
+                peer, pid,
+                "a connect after the kill reached another process"
+            );
+            match read {
+                Err(std::io::ErrorKind::ConnectionReset) | Ok(0) => reset += 1,
+                _ => answered += 1,
+            }
+        }
+        driver.kill();
+        driver = Driver::start(&root, &pools).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    load.await.unwrap();
+    eprintln!(
+        "{rounds} kills, each at a moment the driver had a child, each reaped before \
+         connecting: after {after_reap} of them \
+         connects were accepted ({accepted} in all, each by the killed driver's listener): \
+         {reset} reset or closed, {answered} answered"
+    );
+    assert_eq!(answered, 0, "a dead driver's listener answered");
+    drop(driver);
+}
