@@ -237,25 +237,12 @@ async fn worker(mut c: Caller, id: usize, targets: PathBuf, until: Instant) {
     }
 }
 
-/// The Python of scripts/setup.sh's grpcio venv; `None` (with a note)
-/// where it is missing, a failure under HOSTPATH_CSI_REQUIRE_TOOLS.
+/// The Python of scripts/setup.sh's grpcio venv (the version tests/clients.rs
+/// pins); `None`, with a note, where it is missing (a failure under
+/// HOSTPATH_CSI_REQUIRE_TOOLS).
 fn grpcio_python() -> Option<PathBuf> {
-    let cache = std::env::var_os("HOSTPATH_CSI_CACHE")
-        .map_or_else(|| PathBuf::from("/var/cache/hostpath-csi"), PathBuf::from);
-    let python = cache.join("grpcio-1.85.1/bin/python");
-    if python.exists() {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("HOSTPATH_CSI_REQUIRE_TOOLS").is_none(),
-        "{} is missing (HOSTPATH_CSI_REQUIRE_TOOLS is set): run scripts/setup.sh",
-        python.display()
-    );
-    common::skip(&format!(
-        "the grpcio clients are left out: {} is missing (scripts/setup.sh installs it)",
-        python.display()
-    ));
-    None
+    let python = common::setup_cache().join("grpcio-1.85.1/bin/python");
+    common::installed("grpcio 1.85.1, for the grpcio clients", &python).then_some(python)
 }
 
 /// A client that only connects and asks what needs no volume, each call
