@@ -124,6 +124,11 @@ fn volume_code(e: &VolumeError) -> Code {
         // external-provisioner gives a claim on such an answer back to the
         // scheduler, which may pick the node the snapshot is on.
         VolumeError::SourceOnOtherNode { .. } => Code::ResourceExhausted,
+        // The same for a clone's source, which a node cannot tell from a
+        // volume that is gone: NOT_FOUND would leave the claim on this node
+        // (the provisioner keeps the scheduler's choice on any other
+        // answer), retried forever even once its pod is moved.
+        VolumeError::SourceVolumeNotHere { .. } => Code::ResourceExhausted,
         VolumeError::OverlappingPools { .. }
         | VolumeError::StillMounted { .. }
         | VolumeError::DirectoryMissing { .. }

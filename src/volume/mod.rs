@@ -282,7 +282,8 @@ pub enum VolumeError {
     },
     /// The snapshot to make a volume from lives on another node.
     #[error(
-        "{from} lives on another node than {node}: a volume made from it can only be made          where it is (the claim goes back to the scheduler; give the pod the snapshot's node)"
+        "{from} lives on another node than {node}: a volume made from it can only be made \
+         where it is (the claim goes back to the scheduler; give the pod the snapshot's node)"
     )]
     SourceOnOtherNode {
         /// The snapshot.
@@ -290,9 +291,24 @@ pub enum VolumeError {
         /// This node.
         node: String,
     },
+    /// The volume to clone is not on this node. A volume id names no node,
+    /// so this node cannot tell another node's volume from one that is
+    /// gone; in Kubernetes the source claim is protected from deletion
+    /// while it is cloned, so it is another node's.
+    #[error(
+        "volume {from} is not on node {node}: a clone can only be made on its source's node \
+         (the claim goes back to the scheduler; give the pod the source's node)"
+    )]
+    SourceVolumeNotHere {
+        /// The source volume.
+        from: VolumeId,
+        /// This node.
+        node: String,
+    },
     /// The source of a new volume is in another pool than the one asked for.
     #[error(
-        "{from} is in pool {pool}, and volumes are made from it only in that pool, not in          {requested}; use a StorageClass with parameter pool: {pool}"
+        "{from} is in pool {pool}, and volumes are made from it only in that pool, not in \
+         {requested}; use a StorageClass with parameter pool: {pool}"
     )]
     SourceInOtherPool {
         /// The source.

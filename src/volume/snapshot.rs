@@ -8,7 +8,9 @@
 //! `<node>` is a short hash of the node's id, so that a node asked to
 //! restore a snapshot of another node can say so (RESOURCE_EXHAUSTED,
 //! which makes the external-provisioner hand the claim back to the
-//! scheduler) rather than claim it does not exist.
+//! scheduler) rather than claim it does not exist. A volume id names no
+//! node, so a clone's source that this node does not hold is answered the
+//! same way (see [`VolumeError::SourceVolumeNotHere`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -365,9 +367,12 @@ impl Volumes {
                 (rec.size_bytes, rec.access)
             }
             ContentSource::Volume(v) => {
-                let rec = pool
-                    .record(v.token())?
-                    .ok_or_else(|| self.source_missing(source))?;
+                let rec =
+                    pool.record(v.token())?
+                        .ok_or_else(|| VolumeError::SourceVolumeNotHere {
+                            from: v.clone(),
+                            node: self.node_id.clone(),
+                        })?;
                 (rec.capacity_bytes, rec.access)
             }
         };

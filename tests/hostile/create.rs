@@ -320,6 +320,36 @@ fn not_offered(f: &Fixture) -> Vec<Case> {
             NotFound,
             &["hdd:../../etc", "does not exist"],
         ),
+        // A node-local driver: a source this node does not hold may be
+        // another node's; the answer hands the claim back to the scheduler.
+        row(
+            "content source: a snapshot of another node",
+            csi::CreateVolumeRequest {
+                volume_content_source: Some(csi::VolumeContentSource {
+                    r#type: Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: "hdd@elsewhere@00000000".into(),
+                        },
+                    )),
+                }),
+                ..create("restore-elsewhere", "hdd")
+            },
+            ResourceExhausted,
+            &[
+                "hdd@elsewhere@00000000",
+                "lives on another node",
+                "give the pod",
+            ],
+        ),
+        row(
+            "content source: a volume of this pool that this node does not hold",
+            csi::CreateVolumeRequest {
+                volume_content_source: Some(volume_source("hdd:pvc-elsewhere")),
+                ..create("clone-elsewhere", "hdd")
+            },
+            ResourceExhausted,
+            &["hdd:pvc-elsewhere", "not on node", "give the pod"],
+        ),
         row(
             "content source: a volume of another pool",
             csi::CreateVolumeRequest {
