@@ -8,7 +8,8 @@ use clap::{Parser, ValueEnum};
 /// A scenario of the bench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Scenario {
-    /// Every scenario below.
+    /// Every scenario below but `snapshot` (it writes gigabytes: ask for
+    /// it by name).
     All,
     /// Sequential Probes (the gRPC round trip).
     Probe,
@@ -28,6 +29,10 @@ pub enum Scenario {
     Rss,
     /// The same operations with no driver, on the --workdir disk.
     Floor,
+    /// CreateSnapshot of a volume holding --snapshot-data bytes, and a
+    /// restore of it, next to copies with no driver on the --workdir disk
+    /// (`cp --reflink`, a plain `cp`, a `btrfs subvolume snapshot`).
+    Snapshot,
 }
 
 /// Output format on stdout.
@@ -89,6 +94,14 @@ pub struct BenchArgs {
     /// Operations of each kind in the floor.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub floor_count: u32,
+    /// Bytes of data the snapshot scenario writes into its volume (of
+    /// --size) before snapshotting it.
+    #[arg(long, default_value = "768Mi", value_parser = parse_size)]
+    pub snapshot_data: u64,
+    /// Snapshots and restores the snapshot scenario times (each followed
+    /// by one round of the copy floor).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub snapshot_rounds: u32,
     /// The driver's command line; the bench starts it (in its own process
     /// group), times its start, restarts it, reads its memory, stops it.
     #[arg(long)]
@@ -182,7 +195,7 @@ pub fn selected(args: &BenchArgs) -> BTreeSet<Scenario> {
             Scenario::value_variants()
                 .iter()
                 .copied()
-                .filter(|s| *s != Scenario::All),
+                .filter(|s| !matches!(s, Scenario::All | Scenario::Snapshot)),
         );
     }
     if args.floor {

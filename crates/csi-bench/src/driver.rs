@@ -57,6 +57,8 @@ pub struct Caps {
     pub list_volumes: bool,
     /// PUBLISH_UNPUBLISH_VOLUME (ControllerPublish before staging).
     pub controller_publish: bool,
+    /// CREATE_DELETE_SNAPSHOT.
+    pub snapshots: bool,
     /// Whether NodeGetCapabilities answered (a node service exists).
     pub node_service: bool,
     /// STAGE_UNSTAGE_VOLUME.
@@ -124,6 +126,7 @@ impl Caps {
             caps.create_delete = has(CRpc::CreateDeleteVolume);
             caps.list_volumes = has(CRpc::ListVolumes);
             caps.controller_publish = has(CRpc::PublishUnpublishVolume);
+            caps.snapshots = has(CRpc::CreateDeleteSnapshot);
         }
         if let Ok(r) = bounded(
             timeout,

@@ -22,6 +22,9 @@ pub enum Error {
     /// CreateVolume succeeded but its answer carried no volume.
     #[error("CreateVolume answered without a volume")]
     NoVolume,
+    /// CreateSnapshot succeeded but its answer carried no snapshot.
+    #[error("CreateSnapshot answered without a snapshot")]
+    NoSnapshot,
     /// GetPluginInfo, the one call every driver must answer, failed.
     #[error("GetPluginInfo: {0}")]
     PluginInfo(Box<Error>),

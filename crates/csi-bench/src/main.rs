@@ -14,7 +14,10 @@
 //! - `scenarios`: the scenarios.
 //! - `ops`: one timed CSI call each, and the ledger cleanup undoes.
 //! - `driver`: clients, capabilities, the started driver, memory figures.
+//! - `snapshot`: the snapshot scenario (snapshot and restore with data).
 //! - `floor`: the same operations with no driver.
+//! - `copy_floor`: the snapshot scenario's floor: copies with no driver.
+//! - `data`: the bytes the snapshot scenario writes.
 //! - `sys`: the floor's mount syscalls.
 //! - `stats`: samples, percentiles, flatness.
 //! - `report`: the table and the JSON lines.
@@ -22,6 +25,8 @@
 //! - `error`: what can go wrong, by cause.
 
 mod args;
+mod copy_floor;
+mod data;
 mod driver;
 mod error;
 mod floor;
@@ -30,6 +35,7 @@ mod progress;
 mod report;
 mod run;
 mod scenarios;
+mod snapshot;
 mod stats;
 mod sys;
 

@@ -26,6 +26,12 @@ pub struct Ledger {
     pub staged: BTreeMap<PathBuf, String>,
     /// Target path -> volume id.
     pub published: BTreeMap<PathBuf, String>,
+    /// The content source of each volume in `volumes` made from one, for
+    /// asking again by name.
+    pub sources: BTreeMap<String, csi::volume_content_source::Type>,
+    /// CreateSnapshot names sent, with their source volume's id and the
+    /// snapshot's id once known.
+    pub snapshots: BTreeMap<String, (String, Option<String>)>,
 }
 
 /// Everything a call needs: clients, capabilities, limits, the ledger.
@@ -102,11 +108,25 @@ impl Ctx {
 
     /// CreateVolume; returns the volume id.
     pub async fn create(&self, name: &str) -> Timed<String> {
-        self.ledger()
-            .volumes
-            .entry(name.to_string())
-            .or_insert(None);
+        self.create_from(name, None).await
+    }
+
+    /// CreateVolume with the data of `source` (a snapshot or a volume);
+    /// returns the volume id.
+    pub async fn create_from(
+        &self,
+        name: &str,
+        source: Option<csi::volume_content_source::Type>,
+    ) -> Timed<String> {
+        {
+            let mut l = self.ledger();
+            l.volumes.entry(name.to_string()).or_insert(None);
+            if let Some(t) = &source {
+                l.sources.insert(name.to_string(), t.clone());
+            }
+        }
         let req = csi::CreateVolumeRequest {
+            volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
             name: name.to_string(),
             capacity_range: Some(csi::CapacityRange {
                 required_bytes: self.size,
@@ -144,6 +164,44 @@ impl Ctx {
         let (d, r) = timed(self.rpc_timeout, self.c().controller.delete_volume(req)).await;
         if r.is_ok() {
             self.ledger().volumes.remove(name);
+        }
+        (d, r.map(|_| ()))
+    }
+
+    /// CreateSnapshot of the volume `source`; returns the snapshot id.
+    pub async fn create_snapshot(&self, name: &str, source: &str) -> Timed<String> {
+        self.ledger()
+            .snapshots
+            .entry(name.to_string())
+            .or_insert((source.to_string(), None));
+        let req = csi::CreateSnapshotRequest {
+            name: name.to_string(),
+            source_volume_id: source.to_string(),
+            ..Default::default()
+        };
+        let (d, r) = timed(self.rpc_timeout, self.c().controller.create_snapshot(req)).await;
+        let r = r.and_then(|resp| {
+            resp.snapshot
+                .map(|s| s.snapshot_id)
+                .ok_or(Error::NoSnapshot)
+        });
+        if let Ok(id) = &r {
+            self.ledger()
+                .snapshots
+                .insert(name.to_string(), (source.to_string(), Some(id.clone())));
+        }
+        (d, r)
+    }
+
+    /// DeleteSnapshot of a snapshot the bench created as `name`.
+    pub async fn delete_snapshot(&self, name: &str, id: &str) -> Timed<()> {
+        let req = csi::DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        };
+        let (d, r) = timed(self.rpc_timeout, self.c().controller.delete_snapshot(req)).await;
+        if r.is_ok() {
+            self.ledger().snapshots.remove(name);
         }
         (d, r.map(|_| ()))
     }
@@ -280,17 +338,19 @@ impl Ctx {
     }
 
     /// Undoes everything in the ledger, in the order a CO would: unpublish,
-    /// unstage, controller-unpublish, delete. Stops at `until`. Returns the
+    /// unstage, controller-unpublish, delete volumes and snapshots. Stops at `until`. Returns the
     /// problems met.
     pub async fn undo_all(&self, until: Instant) -> Vec<String> {
         let mut problems = Vec::new();
-        let (published, staged, cpub, volumes) = {
+        let (published, staged, cpub, volumes, sources, snapshots) = {
             let l = self.ledger();
             (
                 l.published.clone(),
                 l.staged.clone(),
                 l.controller_published.keys().cloned().collect::<Vec<_>>(),
                 l.volumes.clone(),
+                l.sources.clone(),
+                l.snapshots.clone(),
             )
         };
         let late = |problems: &mut Vec<String>| {
@@ -328,23 +388,60 @@ impl Ctx {
                 problems.push(format!("ControllerUnpublishVolume {id}: {e}"));
             }
         }
+        // A name whose create never answered may exist: creates are
+        // idempotent by name, so asking again yields its id. All are asked
+        // before anything is deleted, while every source still exists.
+        let mut volume_ids = Vec::new();
         for (name, id) in &volumes {
             if late(&mut problems) {
                 return problems;
             }
-            // A name whose CreateVolume never answered may exist: CreateVolume
-            // is idempotent by name, so asking again yields its id.
-            let id = match id {
-                Some(id) => id.clone(),
-                None => match self.create(name).await {
-                    (_, Ok(id)) => id,
-                    (_, Err(_)) => {
-                        self.ledger().volumes.remove(name);
-                        continue;
-                    }
+            match id {
+                Some(id) => volume_ids.push((name.clone(), id.clone())),
+                None => match self.create_from(name, sources.get(name).cloned()).await {
+                    (_, Ok(id)) => volume_ids.push((name.clone(), id)),
+                    (_, Err(_)) => drop(self.ledger().volumes.remove(name)),
                 },
-            };
-            if let (_, Err(e)) = self.delete(name, &id).await {
+            }
+        }
+        let mut snapshot_ids = Vec::new();
+        for (name, (source, id)) in &snapshots {
+            if late(&mut problems) {
+                return problems;
+            }
+            match id {
+                Some(id) => snapshot_ids.push((name.clone(), id.clone())),
+                None => match self.create_snapshot(name, source).await {
+                    (_, Ok(id)) => snapshot_ids.push((name.clone(), id)),
+                    (_, Err(_)) => drop(self.ledger().snapshots.remove(name)),
+                },
+            }
+        }
+        // Volumes, then snapshots, then the volumes that failed once more:
+        // some drivers refuse to delete a volume that has snapshots, others
+        // a snapshot that a volume was restored from.
+        let mut retry = Vec::new();
+        for (name, id) in volume_ids {
+            if late(&mut problems) {
+                return problems;
+            }
+            if self.delete(&name, &id).await.1.is_err() {
+                retry.push((name, id));
+            }
+        }
+        for (name, id) in &snapshot_ids {
+            if late(&mut problems) {
+                return problems;
+            }
+            if let (_, Err(e)) = self.delete_snapshot(name, id).await {
+                problems.push(format!("DeleteSnapshot {id} ({name}): {e}"));
+            }
+        }
+        for (name, id) in &retry {
+            if late(&mut problems) {
+                return problems;
+            }
+            if let (_, Err(e)) = self.delete(name, id).await {
                 problems.push(format!("DeleteVolume {id} ({name}): {e}"));
             }
         }

@@ -18,7 +18,23 @@ pub enum Floor {
     BindMount,
     /// An unmount syscall.
     Unmount,
+    /// `cp --reflink=always` of the snapshot scenario's data + syncfs.
+    ReflinkCopy,
+    /// `cp --reflink=never` of it + syncfs.
+    PlainCopy,
+    /// `btrfs subvolume snapshot -r` of a subvolume holding it.
+    SubvolumeSnapshot,
+    /// The fastest of the three copies on this disk: the least a snapshot
+    /// or a restore can cost there.
+    FastestCopy,
 }
+
+/// The copies [`Floor::FastestCopy`] takes the fastest of.
+const COPIES: [Floor; 3] = [
+    Floor::ReflinkCopy,
+    Floor::PlainCopy,
+    Floor::SubvolumeSnapshot,
+];
 
 impl Floor {
     /// The floor operation's name in the report.
@@ -28,6 +44,10 @@ impl Floor {
             Floor::DurableDelete => "durable delete (rmdir+unlink+fsync dir)",
             Floor::BindMount => "bind mount syscall",
             Floor::Unmount => "umount syscall",
+            Floor::ReflinkCopy => crate::copy_floor::REFLINK,
+            Floor::PlainCopy => crate::copy_floor::PLAIN,
+            Floor::SubvolumeSnapshot => crate::copy_floor::SUBVOLUME,
+            Floor::FastestCopy => "the fastest copy floor",
         }
     }
 }
@@ -125,6 +145,9 @@ impl Report {
 
     /// The floor's p50 in nanoseconds, if it was measured.
     pub fn floor_p50(&self, floor: Floor) -> Option<u64> {
+        if floor == Floor::FastestCopy {
+            return COPIES.iter().filter_map(|f| self.floor_p50(*f)).min();
+        }
         self.ops
             .iter()
             .find(|r| r.scenario == FLOOR_SCENARIO && r.op == floor.op())

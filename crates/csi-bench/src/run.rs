@@ -110,6 +110,7 @@ async fn run_inner(args: &BenchArgs, report: &Mutex<Report>) -> bool {
             "create_delete_volume": caps.create_delete,
             "list_volumes": caps.list_volumes,
             "controller_publish": caps.controller_publish,
+            "create_delete_snapshot": caps.snapshots,
             "node_service": caps.node_service,
             "stage_unstage": caps.stage,
             "get_volume_stats": caps.stats,
@@ -240,6 +241,19 @@ async fn scenarios_in_order(
     if let Some(f) = floor {
         scenarios::floor_finish(ctx, env, f).await;
     }
+    // Last: it makes and removes files of hundreds of MiB, which the
+    // figures above should not pay for.
+    if has(Scenario::Snapshot) && !ctx.should_stop() {
+        if ctx.caps.creates_volumes() {
+            let (bytes, rounds) = (args.snapshot_data, args.snapshot_rounds as usize);
+            crate::snapshot::run(ctx, env, bytes, rounds).await;
+        } else {
+            lock(env.report).skip(
+                "snapshot",
+                "the driver does not advertise CONTROLLER_SERVICE with CREATE_DELETE_VOLUME",
+            );
+        }
+    }
 }
 
 /// The scenarios that create volumes: sequential creates (and the
@@ -359,7 +373,7 @@ async fn stop_driver(managed: &tokio::sync::Mutex<Option<Managed>>, report: &Mut
 /// target that is somehow still mounted keeps what it shows.
 fn finish_dirs(run_dir: &Path, workdir: &Path, workdir_existed: bool, report: &Mutex<Report>) {
     let mut problems = Vec::new();
-    for sub in ["targets", "staging", "floor"] {
+    for sub in ["targets", "staging", "floor", "snapshot", "copy-floor"] {
         let dir = run_dir.join(sub);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;

@@ -39,7 +39,8 @@ pub struct Env<'a> {
 }
 
 impl Env<'_> {
-    fn report(&self) -> std::sync::MutexGuard<'_, Report> {
+    /// The report, locked.
+    pub fn report(&self) -> std::sync::MutexGuard<'_, Report> {
         lock(self.report)
     }
 

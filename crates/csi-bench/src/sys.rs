@@ -1,5 +1,6 @@
 //! The bench's only syscalls beyond plain file I/O: the bind mount and
-//! unmount the floor times, bare, with no driver in between.
+//! unmount the floor times, bare, with no driver in between, and the
+//! filesystem flush the copy floor ends each copy with.
 //!
 //! Kept here, apart from the scenarios, so that every mount the bench
 //! makes is in one short file: the bench must never leave one behind.
@@ -31,4 +32,11 @@ pub fn unmount(target: &Path) -> io::Result<()> {
 /// Whether the bench runs as root, which the mounts need.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// `syncfs` of the filesystem holding `path`: what a driver that copied a
+/// volume with `cp` does before it records the copy as made.
+pub fn sync_fs(path: &Path) -> io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    nix::unistd::syncfs(&f).map_err(io::Error::from)
 }

@@ -202,3 +202,93 @@ fn failing_calls_make_the_exit_code_non_zero_and_are_reported() {
     );
     assert_eq!(leftovers(&tmp.path().join("pool")), Vec::<String>::new());
 }
+
+/// The snapshot scenario (asked for by name: `all` leaves it out) writes
+/// its data through a publish, times each snapshot and restore next to
+/// the copy floor, says why a kind of copy cannot be made on this disk,
+/// and leaves no volume, snapshot, mount or file behind.
+#[test]
+fn the_snapshot_scenario_times_snapshots_and_restores_next_to_the_copy_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, lines) = bench(
+        tmp.path(),
+        &[
+            "--scenario",
+            "snapshot",
+            "--size",
+            "16Mi",
+            "--snapshot-data",
+            "4Mi",
+            "--snapshot-rounds",
+            "2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}\n{lines:#?}");
+    assert_eq!(
+        lines[0]["info"]["capabilities"]["create_delete_snapshot"], true,
+        "{}",
+        lines[0]
+    );
+    for name in [
+        "CreateSnapshot (16 MiB volume, 4 MiB of data)",
+        "CreateVolume from the snapshot (restore)",
+        "DeleteVolume (restored)",
+        "DeleteSnapshot",
+        "cp --reflink=never + syncfs",
+    ] {
+        let row = op(&lines, name);
+        assert_eq!(
+            (row["count"].as_u64(), row["errors"].as_u64()),
+            (Some(2), Some(0)),
+            "{row}"
+        );
+    }
+    // Compared with the fastest copy this disk allows.
+    for name in [
+        "CreateSnapshot (16 MiB volume, 4 MiB of data)",
+        "CreateVolume from the snapshot (restore)",
+    ] {
+        let row = op(&lines, name);
+        assert_eq!(row["floor"], "the fastest copy floor", "{row}");
+        assert!(row["ratio_to_floor"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // Each other kind of copy is measured or skipped with a reason.
+    for kind in [
+        "cp --reflink=always + syncfs",
+        "btrfs subvolume snapshot -r",
+    ] {
+        let measured = lines.iter().any(|v| v["type"] == "op" && v["op"] == kind);
+        let skipped = lines.iter().find(|v| {
+            v["type"] == "skipped" && v["scenario"] == format!("floor ({kind})").as_str()
+        });
+        assert!(
+            measured != skipped.is_some(),
+            "{kind}: measured {measured}, skipped {skipped:?}"
+        );
+        if let Some(s) = skipped {
+            assert!(!s["reason"].as_str().unwrap().is_empty(), "{s}");
+        }
+    }
+    assert!(figure(&lines, "writing 4 MiB into the published volume") > 0.0);
+    assert!(
+        !lines.iter().any(|v| v["type"] == "cleanup"),
+        "cleanup problems: {lines:#?}"
+    );
+    // The pool keeps only the driver's (now empty) snapshot directory.
+    let pool = tmp.path().join("pool");
+    assert_eq!(
+        leftovers(&pool),
+        vec![pool.join(".snapshots").display().to_string()]
+    );
+    assert!(
+        !tmp.path().join("work").exists(),
+        "{:?}",
+        leftovers(&tmp.path().join("work"))
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(tmp.path().to_str().unwrap()),
+        "mounts left: {mountinfo}"
+    );
+}
