@@ -65,6 +65,33 @@ impl Drop for BtrfsFs {
     }
 }
 
+/// Processes with a descriptor, working directory or root below `mnt`, as
+/// "pid command", for the message of a failed unmount.
+fn holders(mnt: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let proc_dir = entry.path();
+        let links = std::fs::read_dir(proc_dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|fd| fd.path())
+            .chain([proc_dir.join("cwd"), proc_dir.join("root")]);
+        let holds = links
+            .filter_map(|l| std::fs::read_link(l).ok())
+            .any(|t| t.starts_with(mnt));
+        if holds {
+            let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+            found.push(format!(
+                "{} {}",
+                entry.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    found
+}
+
 /// Runs a command that must succeed; returns its stdout.
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -199,7 +226,7 @@ impl BtrfsFs {
     /// on Linux 6.18). Nothing may hold the filesystem busy (no driver
     /// call, no published volume).
     pub fn make_inconsistent(&self) {
-        sh("umount", &[self.mnt_str()]);
+        self.unmount();
         sh(
             "btrfs",
             &["filesystem", "label", self.img.to_str().unwrap(), "offline"],
@@ -213,8 +240,33 @@ impl BtrfsFs {
 
     /// Unmounts and mounts the filesystem again, as a reboot would.
     pub fn remount(&self) {
-        sh("umount", &[self.mnt_str()]);
+        self.unmount();
         self.mount();
+    }
+
+    /// Unmounts the filesystem, waiting while something still holds it.
+    /// A driver killed with SIGKILL does not take its children with it:
+    /// a `btrfs` command it had just started keeps a descriptor inside the
+    /// filesystem until it exits, which on a loaded machine can take a
+    /// while (seen: "target is busy" right after a kill). Fails after 30 s,
+    /// naming the processes that hold it.
+    fn unmount(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("umount").arg(&self.mnt).output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !err.contains("busy") || Instant::now() > deadline {
+                panic!(
+                    "umount {}: {err}; held by: {:?}",
+                    self.mnt.display(),
+                    holders(&self.mnt)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn mount(&self) {
