@@ -124,10 +124,9 @@ impl Shared {
         kill: Option<Kill>,
         peer: Option<u32>,
         file_replaced: bool,
-        s: &tonic::Status,
+        chain: &str,
     ) {
         self.counts.transport_errors.fetch_add(1, SeqCst);
-        let chain = crate::robust_support::error_chain(s);
         if kill == Some(Kill::OfItsDriver) {
             let pid = peer.unwrap_or_default();
             let children = self.killed.lock().unwrap().get(&pid).cloned();

@@ -42,6 +42,13 @@ pub struct Conn {
     channel: Channel,
 }
 
+/// A connection that a process accepted and that broke before any call.
+pub struct BrokenConnect {
+    peer: u32,
+    file_replaced: bool,
+    chain: String,
+}
+
 impl Client {
     /// Runs one call until it succeeds, reconnecting after crashes.
     /// Errors that no crash explains are recorded and retried too (a CO
@@ -61,9 +68,32 @@ impl Client {
                 "{what}: no success within 120 s"
             );
             let generation = sh.generation.load(SeqCst);
-            let Some(conn) = self.connection(generation).await else {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
+            let conn = match self.connection(generation).await {
+                Ok(conn) => conn,
+                Err(Some(broken)) => {
+                    // A process accepted the connection, which then broke
+                    // before a call could go out: judged like a call's.
+                    failed += 1;
+                    sh.counts.failed_attempts.fetch_add(1, SeqCst);
+                    let kill = sh.kill_explains(generation, Some(broken.peer));
+                    let chain = format!("connecting: {}", broken.chain);
+                    sh.transport_error(what, kill, Some(broken.peer), broken.file_replaced, &chain);
+                    if kill.is_none() {
+                        unexplained += 1;
+                        sh.unexpected(format!("{what}: {chain}"));
+                        assert!(
+                            unexplained < 20,
+                            "{what}: connections keep breaking: {chain}"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                // Nobody listens (the driver is being restarted).
+                Err(None) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
             };
             sh.attempt(R::NAME, 1);
             let result = req.clone().send(conn.channel.clone()).await;
@@ -87,7 +117,8 @@ impl Client {
                 // mount (a driver that died by itself is also caught at
                 // the next kill).
                 let file_replaced = socket_inode(&sh.socket) != conn.inode;
-                sh.transport_error(what, kill, conn.peer.get(), file_replaced, &s);
+                let chain = error_chain(&s);
+                sh.transport_error(what, kill, conn.peer.get(), file_replaced, &chain);
             }
             let retryable = matches!(s.code(), Code::Unavailable | Code::Aborted);
             if kill.is_none() && (!retryable || is_transport_error(&s)) {
@@ -101,25 +132,34 @@ impl Client {
     }
 
     /// The connection to use in `generation`: the client's own if it was
-    /// opened in it, else a new one (`None` while nobody serves).
-    async fn connection(&mut self, generation: u64) -> Option<Conn> {
+    /// opened in it, else a new one. `Err(None)` while nobody listens on
+    /// the socket; `Err(Some(..))` when a process accepted the connection
+    /// and it broke during the handshake.
+    async fn connection(&mut self, generation: u64) -> Result<Conn, Option<BrokenConnect>> {
         if let Some(c) = self.conn.as_ref().filter(|c| c.generation == generation) {
-            return Some(c.clone());
+            return Ok(c.clone());
         }
         // Only for the summary: whether the socket file changed between
         // this connect and a failure (the rule before the peer's pid).
         let inode = socket_inode(&self.shared.socket);
-        let (channel, peer) = robust_support::connect_traced(&self.shared.socket)
-            .await
-            .ok()?;
-        let c = Conn {
-            generation,
-            inode,
-            peer,
-            channel,
-        };
-        self.conn = Some(c.clone());
-        Some(c)
+        let peer = PeerPid::default();
+        match robust_support::connect_noting_peer(&self.shared.socket, &peer).await {
+            Ok(channel) => {
+                let c = Conn {
+                    generation,
+                    inode,
+                    peer,
+                    channel,
+                };
+                self.conn = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => Err(peer.get().map(|pid| BrokenConnect {
+                peer: pid,
+                file_replaced: socket_inode(&self.shared.socket) != inode,
+                chain: robust_support::causes(&e),
+            })),
+        }
     }
 
     pub async fn run(mut self) -> Model {

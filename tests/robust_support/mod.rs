@@ -455,10 +455,22 @@ impl PeerPid {
 /// (see [`PeerPid`]; tonic reconnects through the same connector, so it
 /// always names the latest connection).
 pub async fn connect_traced(socket: &Path) -> Result<(Channel, PeerPid), tonic::transport::Error> {
-    let path = socket.to_path_buf();
     let peer = PeerPid::default();
+    let ch = connect_noting_peer(socket, &peer).await?;
+    Ok((ch, peer))
+}
+
+/// [`connect_traced`], noting the peer in `peer` as soon as the socket is
+/// connected: also when the HTTP/2 handshake then fails, which tells a
+/// connection that a process accepted and then broke from a socket nobody
+/// listened on.
+pub async fn connect_noting_peer(
+    socket: &Path,
+    peer: &PeerPid,
+) -> Result<Channel, tonic::transport::Error> {
+    let path = socket.to_path_buf();
     let record = peer.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://[::1]:1")
+    tonic::transport::Endpoint::from_static("http://[::1]:1")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let (path, record) = (path.clone(), record.clone());
             async move {
@@ -468,8 +480,7 @@ pub async fn connect_traced(socket: &Path) -> Result<(Channel, PeerPid), tonic::
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
             }
         }))
-        .await?;
-    Ok((ch, peer))
+        .await
 }
 
 /// Whether a failed call failed in the client's transport (the connection
