@@ -295,6 +295,24 @@ async fn scenario(kind: &str) {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
+    // A member deleted on its own leaves the group; the group keeps the
+    // other, and is still deleted by its whole member list.
+    h.controller()
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: members[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rest = get_group(&h, &g.group_snapshot_id, &members).await.unwrap();
+    let left: Vec<&str> = rest
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.as_str())
+        .collect();
+    assert_eq!(left, [members[1].as_str()]);
+    assert_eq!(list_snapshots(&h).await.len(), 1);
+
     // Deleted with its members; the restored volumes keep their data.
     delete_group(&h, &g.group_snapshot_id, &members)
         .await
