@@ -12,7 +12,8 @@
 //!   driver's own Probe (no livenessprobe sidecar needed).
 //! - `metrics`: Prometheus metrics on `GET /metrics`.
 //! - `http`: the minimal HTTP/1.1 serving both of those.
-//! - `grpc`: thin CSI Identity, Controller and Node adapters.
+//! - `grpc`: thin CSI Identity, Controller, Node and GroupController
+//!   adapters.
 //! - `validate`: request fields into typed, checked values.
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
 //!   create/delete/list, sizes and promises, expansion,
