@@ -16,35 +16,12 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Harness, assert_refused};
+use common::{Harness, assert_refused, block_cap, create_block, publish_block};
 use csi_proto as csi;
 use csi_proto::volume_capability::access_mode::Mode;
 use hostpath_csi::config::{PoolConfig, PoolKind};
 use pools::*;
 use tonic::Code;
-
-fn block_cap() -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(csi::volume_capability::AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
-    }
-}
-
-fn create_block(name: &str, pool: &str, bytes: i64) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        volume_capabilities: vec![block_cap()],
-        ..common::create_request(name, pool, bytes)
-    }
-}
-
-fn publish_block(id: &str, target: &Path) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_capability: Some(block_cap()),
-        ..common::publish_request(id, target, false)
-    }
-}
 
 async fn publish(h: &Harness, id: &str, target: &Path) -> Result<(), tonic::Status> {
     h.node()

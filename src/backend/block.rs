@@ -260,32 +260,14 @@ pub(crate) fn usage(pool_dir: &Path, token: &str) -> Result<VolumeUsage> {
 /// startup releases the ones nothing shows. Image volumes' devices back
 /// dot-files and are not listed.
 pub(crate) fn attached_in(pool_dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
-            continue;
-        };
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-            continue;
-        };
-        // A removed file reads "<path> (deleted)".
-        let backing = Path::new(backing.trim().trim_end_matches(" (deleted)"));
-        if backing.parent() != Some(pool_dir) {
-            continue;
-        }
-        if let Some(token) = backing
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|t| crate::volume::id::valid_token(t))
-        {
-            out.push((token.to_string(), PathBuf::from("/dev").join(name)));
-        }
-    }
-    out
+    sys::loopdev::attached()
+        .into_iter()
+        .filter(|d| d.backing.parent() == Some(pool_dir))
+        .filter_map(|d| {
+            let token = d.backing.file_name()?.to_str()?;
+            crate::volume::id::valid_token(token).then(|| (token.to_string(), d.device))
+        })
+        .collect()
 }
 
 /// Detaches `device` if its node is bound nowhere (`table`); returns

@@ -535,6 +535,33 @@ impl Backend for ImageBackend {
         Ok(())
     }
 
+    fn release_unshown(
+        &self,
+        pool_dir: &Path,
+        token: &str,
+        table: &[sys::mountinfo::MountEntry],
+    ) -> Result<()> {
+        let mnt = pool_dir.join(token);
+        let img = Self::image(pool_dir, token);
+        let ours = devices_of(&img)?;
+        match sys::mountinfo::mounted_at(table, &mnt) {
+            // Not mounted: devices a call killed before its mount left.
+            None => ours.iter().for_each(|d| detach(d)),
+            // The image's own mount, and no target binds it any more: the
+            // unmount frees its auto-clear device (detached as well, for
+            // one a killed call left without auto-clear).
+            Some(e) if ours.contains(&PathBuf::from(&e.source)) => {
+                if sys::mountinfo::binds_of(table, &mnt).is_empty() {
+                    unmount_all(&mnt)?;
+                    ours.iter().for_each(|d| detach(d));
+                }
+            }
+            // Something else mounted there: not ours to take off.
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
     fn usage(&self, pool_dir: &Path, token: &str, _capacity: u64) -> Result<VolumeUsage> {
         let dev = self.ensure_mounted(pool_dir, token)?;
         // Stats come round regularly: a good moment to release a second

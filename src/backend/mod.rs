@@ -349,6 +349,18 @@ pub(crate) trait Backend: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Releases what the volume holds on the node beyond its storage (an
+    /// image volume's loop mount and device) when no target shows it
+    /// (`table`); for volumes of a pool gone from the configuration.
+    fn release_unshown(
+        &self,
+        _pool_dir: &Path,
+        _token: &str,
+        _table: &[crate::sys::mountinfo::MountEntry],
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// What the volume uses; `capacity` is the size promised to the CO.
     fn usage(&self, pool_dir: &Path, token: &str, capacity: u64) -> Result<VolumeUsage>;
 

@@ -11,6 +11,7 @@ pub mod cmd;
 pub(crate) mod copy;
 pub(crate) mod fs;
 pub mod lock;
+pub(crate) mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub(crate) mod socket;

@@ -143,35 +143,80 @@ impl Volumes {
     /// NodeUnpublishVolume for a volume whose pool is no longer configured
     /// (removed from the config while the volume was still published): the
     /// kubelet would retry a NOT_FOUND forever. A bind at the target is
-    /// taken off only when the mount table shows it is ours: its source is
-    /// a directory named after the volume's token that sits beside the
-    /// volume's record file (what every pool kind keeps in its pool
-    /// directory). A foreign mount at the target is refused as usual.
+    /// taken off only when the mount table shows it is ours
+    /// ([`target::orphan_bind`]): a directory named after the volume's
+    /// token beside the volume's record file (what every pool kind keeps
+    /// in its pool directory), or the node of a loop device whose file is
+    /// a raw block volume's, named after the token beside its record. A
+    /// foreign mount at the target is refused as usual. Then what the
+    /// volume holds on the node and no target shows any more is released
+    /// ([`Volumes::release_orphaned`]).
     fn unpublish_without_pool(&self, req: &UnpublishVolume) -> Result<()> {
         let id = &req.id;
         let _guard = self.inflight.claim(id.token())?;
-        let Some(target) = target::resolve(&req.target, &self.pools)? else {
-            return Ok(());
-        };
-        if !target::exists_unfollowed(&target)? {
-            return Ok(());
+        if let Some(target) = target::resolve(&req.target, &self.pools)?
+            && target::exists_unfollowed(&target)?
+        {
+            let table = target::read_mounts()?;
+            let stacked: Vec<&MountEntry> =
+                table.iter().filter(|e| e.mount_point == target).collect();
+            let mut access = Access::Mount;
+            for e in &stacked {
+                access = target::orphan_bind(&table, e, id.token()).ok_or_else(|| {
+                    VolumeError::ForeignMount {
+                        target: target.clone(),
+                        from: e.source.clone(),
+                    }
+                })?;
+            }
+            for _ in &stacked {
+                unmount_target(&target, access)?;
+            }
+            target::remove_if_empty(&target)?;
+            tracing::warn!(volume_id = %id, target = %target.display(), "volume unpublished although its pool is no longer configured");
         }
-        let table = target::read_mounts()?;
-        let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
-        for e in &stacked {
-            if !target::is_volume_bind(&table, e, id.token()) {
-                return Err(VolumeError::ForeignMount {
-                    target,
-                    from: e.source.clone(),
-                });
+        self.release_orphaned(id);
+        Ok(())
+    }
+
+    /// Releases the loop devices and image mounts of volume `id` in pool
+    /// directories that are no longer configured, once no target shows
+    /// them: nothing else ever would, as the driver deletes no volume of a
+    /// pool it does not have. They are found from the files behind the
+    /// node's loop devices (a raw block volume's file `<dir>/<token>`, an
+    /// image `<dir>/.<token>.img`) in a directory holding the volume's
+    /// record, so a retry after an unpublish killed between the unmount
+    /// and the release finds them too. A failure is logged, not answered:
+    /// the target, which is what the CO asked about, is done.
+    fn release_orphaned(&self, id: &VolumeId) {
+        let token = id.token();
+        let dotted = format!(".{token}.");
+        let dirs: std::collections::BTreeSet<PathBuf> = sys::loopdev::attached()
+            .into_iter()
+            .filter_map(|d| {
+                let name = d.backing.file_name()?.to_str()?;
+                (name == token || name.starts_with(&dotted))
+                    .then(|| d.backing.parent().map(std::path::Path::to_path_buf))
+                    .flatten()
+            })
+            .filter(|dir| !self.pools.iter().any(|p| p.dir() == dir))
+            .collect();
+        for dir in dirs {
+            let Some((pool, rec)) = Pool::orphan(id.pool(), &dir, token) else {
+                continue;
+            };
+            let released = target::read_mounts()
+                .map_err(VolumeError::from)
+                .and_then(|table| Ok(pool.release_unshown(token, rec.access, &table)?));
+            match released {
+                Ok(()) => {
+                    tracing::info!(volume_id = %id, dir = %dir.display(), "released the loop devices and mounts of a volume of a pool no longer configured that no target shows")
+                }
+                Err(e) => {
+                    tracing::warn!(volume_id = %id, dir = %dir.display(), error = %e, "cannot release what a volume of a pool no longer configured holds on the node")
+                }
             }
         }
-        for _ in &stacked {
-            unmount_target(&target, Access::Mount)?;
-        }
-        target::remove_if_empty(&target)?;
-        tracing::warn!(volume_id = %id, target = %target.display(), "volume unpublished although its pool is no longer configured");
-        Ok(())
     }
 
     /// NodeGetVolumeStats: the volume's own usage, or an abnormal condition

@@ -285,6 +285,17 @@ impl Pool {
         })
     }
 
+    /// A pool directory that is no longer configured, seen for one of its
+    /// volumes: the pool (called `name`, read-only, as [`Pool::inspect`])
+    /// of the kind volume `token`'s record says, and that record; `None`
+    /// when `dir` holds no readable record of it.
+    pub(crate) fn orphan(name: &str, dir: &Path, token: &str) -> Option<(Pool, Record)> {
+        let bytes = std::fs::read(dir.join(record::file_name(token))).ok()?;
+        let rec = Record::decode(&bytes).ok()?;
+        let pool = Pool::inspect(&PoolConfig::of_kind(name, dir.to_path_buf(), rec.kind)).ok()?;
+        Some((pool, rec))
+    }
+
     /// Sets the size limit of every volume that lost it (btrfs quotas
     /// turned off and on again) back from its record. At every open, so an
     /// open killed half-way through is finished by the next; only volumes
@@ -577,6 +588,24 @@ impl Pool {
     /// shows any more.
     pub(crate) fn release_block(&self, token: &str, table: &[MountEntry]) -> Result<()> {
         Ok(backend::block::release_unused(&self.dir, token, table)?)
+    }
+
+    /// Releases what volume `token` (accessed as `access`) holds on the
+    /// node when no target shows it (`table`): a raw block volume's loop
+    /// device, an image volume's loop mount; nothing for the other kinds.
+    /// For a pool gone from the configuration, whose volumes nothing else
+    /// would ever release (a configured pool keeps an image mounted until
+    /// the volume is deleted).
+    pub(crate) fn release_unshown(
+        &self,
+        token: &str,
+        access: Access,
+        table: &[MountEntry],
+    ) -> Result<()> {
+        match access {
+            Access::Block => self.release_block(token, table),
+            Access::Mount => Ok(self.backend.release_unshown(&self.dir, token, table)?),
+        }
     }
 
     /// Block volumes with a loop device attached now, as (token, device).

@@ -11,6 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::pool::Pool;
+use super::record::Access;
 use crate::sys;
 use crate::sys::mount::MountFlags;
 use crate::sys::mountinfo::MountEntry;
@@ -396,12 +397,49 @@ pub(super) fn is_ours(pools: &[Pool], table: &[MountEntry], m: &MountEntry) -> b
     })
 }
 
+/// How the bind `m` at a target shows volume `token` of a pool no longer
+/// configured, if it does (the pool list cannot say it any more): a
+/// filesystem volume's directory ([`is_volume_bind`]), or a raw block
+/// volume's loop device ([`is_block_bind`]).
+pub(super) fn orphan_bind(table: &[MountEntry], m: &MountEntry, token: &str) -> Option<Access> {
+    if is_volume_bind(table, m, token) {
+        Some(Access::Mount)
+    } else {
+        is_block_bind(m, token).then_some(Access::Block)
+    }
+}
+
+/// True when the bind `m` shows the node of a loop device (the target is a
+/// block device, the bound file `/loopN` of the device filesystem) whose
+/// file is `<dir>/<token>`, where `<dir>` holds the volume's record file:
+/// a raw block volume's file, as `backend::block` names it.
+fn is_block_bind(m: &MountEntry, token: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let shows_device = std::fs::symlink_metadata(&m.mount_point)
+        .is_ok_and(|meta| meta.file_type().is_block_device());
+    let Some(name) = m
+        .root
+        .strip_prefix("/")
+        .ok()
+        .and_then(|n| n.to_str())
+        .filter(|_| shows_device)
+    else {
+        return false;
+    };
+    sys::loopdev::backing_of(name).is_some_and(|file| {
+        file.file_name() == Some(std::ffi::OsStr::new(token))
+            && file.parent().is_some_and(|dir| {
+                exists_unfollowed(&dir.join(super::record::file_name(token))).unwrap_or(false)
+            })
+    })
+}
+
 /// True when the bind `m` shows a volume called `token` of a pool this
 /// driver has (or had) configured: somewhere the mount table makes visible
 /// (other than through `m` itself), the bound directory is `<dir>/<token>`
 /// and `<dir>` holds the volume's record file. Used when the pool is gone
 /// from the configuration, so the pool list cannot say it.
-pub(super) fn is_volume_bind(table: &[MountEntry], m: &MountEntry, token: &str) -> bool {
+fn is_volume_bind(table: &[MountEntry], m: &MountEntry, token: &str) -> bool {
     table
         .iter()
         .filter(|e| e.device == m.device && e.mount_point != m.mount_point)

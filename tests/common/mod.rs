@@ -406,6 +406,32 @@ pub fn assert_refused(e: &tonic::Status, code: tonic::Code, says: &str) {
     );
 }
 
+/// A single-node-writer raw block capability.
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
+    }
+}
+
+/// A CreateVolume request for a single-node-writer raw block volume.
+pub fn create_block(name: &str, pool: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_capabilities: vec![block_cap()],
+        ..create_request(name, pool, bytes)
+    }
+}
+
+/// A NodePublishVolume request for a raw block volume.
+pub fn publish_block(id: &str, target: &Path) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_capability: Some(block_cap()),
+        ..publish_request(id, target, false)
+    }
+}
+
 /// A NodePublishVolume request.
 pub fn publish_request(
     volume_id: &str,
