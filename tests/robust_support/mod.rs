@@ -532,8 +532,9 @@ pub fn block_cap() -> csi::VolumeCapability {
 }
 
 /// The children of process `pid` now, with their command names: a child
-/// that still has its parent's name has not exec'd yet (it is between
-/// fork and exec, holding copies of all the parent's descriptors).
+/// still named after the thread that forked it (`tokio-rt-worker` for
+/// the driver) has not exec'd yet, and holds copies of all the parent's
+/// descriptors, its listening socket included.
 pub fn children(pid: u32) -> Vec<(u32, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
