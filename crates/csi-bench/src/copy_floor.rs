@@ -177,12 +177,14 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
         .output()
         .map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
-        Ok(())
+        return Ok(());
+    }
+    // `cp` names itself in its messages; `btrfs` does not.
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if err.starts_with(&format!("{program}: ")) {
+        Err(err)
     } else {
-        Err(format!(
-            "{program}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{program}: {err}"))
     }
 }
 
