@@ -188,6 +188,17 @@ pub struct PoolConfig {
     /// Filesystem inside each image (`image` pools only; default ext4).
     #[serde(default)]
     pub filesystem: Option<Filesystem>,
+    /// Whether the pool serves CSI inline ephemeral volumes. Off by
+    /// default: an inline volume is asked for in a pod's spec, so any pod
+    /// author can ask for one, past the StorageClasses and quotas an
+    /// administrator uses to control persistent claims; a pool has to be
+    /// opened to them on purpose.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Largest inline ephemeral volume (required with `ephemeral`): the
+    /// limit an administrator sets on what a pod spec alone can take.
+    #[serde(default)]
+    pub max_ephemeral_volume_size: Option<ByteSize>,
 }
 
 impl PoolConfig {
@@ -207,7 +218,18 @@ impl PoolConfig {
             default_volume_size: None,
             overcommit: None,
             filesystem: None,
+            ephemeral: false,
+            max_ephemeral_volume_size: None,
         }
+    }
+
+    /// The largest inline ephemeral volume the pool makes, or `None` when
+    /// it serves none.
+    pub fn ephemeral_limit(&self) -> Option<u64> {
+        if !self.ephemeral {
+            return None;
+        }
+        self.max_ephemeral_volume_size.map(|b| b.0)
     }
 
     /// The promise policy in force (the setting, or the kind's default).
@@ -244,6 +266,28 @@ impl PoolConfig {
                 "min_volume_size {} exceeds max_volume_size {}",
                 min.0, max.0
             ));
+        }
+        match (self.ephemeral, self.max_ephemeral_volume_size) {
+            (true, None) => {
+                return bad(
+                    "`ephemeral = true` needs `max_ephemeral_volume_size`: inline \
+                     volumes are asked for by any pod author, so the pool must say how \
+                     large one may be"
+                        .into(),
+                );
+            }
+            (false, Some(_)) => {
+                return bad(
+                    "`max_ephemeral_volume_size` applies only with `ephemeral = true`".into(),
+                );
+            }
+            (true, Some(m)) if m.0 == 0 => {
+                return bad("max_ephemeral_volume_size must not be 0".into());
+            }
+            (true, Some(m)) if self.max_volume_size.is_some_and(|max| m > max) => {
+                return bad("max_ephemeral_volume_size exceeds max_volume_size".into());
+            }
+            _ => {}
         }
         if let Some(d) = self.default_volume_size {
             if d.0 == 0 {
@@ -460,6 +504,43 @@ impl PoolKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_volumes_need_an_opt_in_with_a_maximum() {
+        let base = || PoolConfig::dir("p", PathBuf::from("/p"));
+        let check = |p: PoolConfig| p.check_settings().map_err(|e| e.to_string());
+        assert_eq!(base().ephemeral_limit(), None);
+        let opened = PoolConfig {
+            ephemeral: true,
+            max_ephemeral_volume_size: Some(ByteSize(1 << 30)),
+            ..base()
+        };
+        assert_eq!(opened.ephemeral_limit(), Some(1 << 30));
+        assert!(check(opened.clone()).is_ok());
+        let e = check(PoolConfig {
+            max_ephemeral_volume_size: None,
+            ..opened.clone()
+        })
+        .unwrap_err();
+        assert!(e.contains("needs `max_ephemeral_volume_size`"), "{e}");
+        let e = check(PoolConfig {
+            ephemeral: false,
+            ..opened.clone()
+        })
+        .unwrap_err();
+        assert!(e.contains("only with `ephemeral = true`"), "{e}");
+        let e = check(PoolConfig {
+            max_volume_size: Some(ByteSize(1 << 20)),
+            ..opened.clone()
+        })
+        .unwrap_err();
+        assert!(e.contains("exceeds max_volume_size"), "{e}");
+        let file: ConfigFile = toml::from_str(
+            "[[pools]]\nname = \"p\"\npath = \"/p\"\nephemeral = true\nmax_ephemeral_volume_size = \"2Gi\"\n",
+        )
+        .unwrap();
+        assert_eq!(file.pools[0].ephemeral_limit(), Some(2 << 30));
+    }
 
     #[test]
     fn byte_sizes() {

@@ -119,8 +119,10 @@ fn row(v: &VolumeInfo, now: u64) -> [String; 11] {
         v.id.split_once(':')
             .map_or(v.id.as_str(), |(_, t)| t)
             .to_string();
-    let claim = match (&v.claim_namespace, &v.claim_name) {
-        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+    let claim = match (&v.claim_namespace, &v.claim_name, &v.pod) {
+        (Some(ns), Some(n), _) => format!("{ns}/{n}"),
+        // An inline ephemeral volume has no claim: its pod stands there.
+        (_, _, Some(pod)) => format!("pod {pod}"),
         _ => dash(),
     };
     let published = if v.published_at.is_empty() {

@@ -28,7 +28,7 @@ use tonic::codegen::http;
 
 use crate::http::{Request, Response};
 use crate::volume::Volumes;
-use crate::volume::inventory::{InventoryOptions, Origin};
+use crate::volume::inventory::InventoryOptions;
 
 /// Upper bounds of the latency buckets, in seconds: from a Probe (well
 /// under a millisecond) to an image create with mkfs (hundreds of ms) and
@@ -251,7 +251,7 @@ impl Metrics {
                 pool: p.name.clone(),
                 kind: p.kind.as_str().to_string(),
             };
-            let mine = p.volumes.iter().filter(|v| v.origin == Origin::Driver);
+            let mine = p.volumes.iter().filter(|v| v.origin.has_record());
             let promised: u64 = mine.clone().filter_map(|v| v.capacity_bytes).sum();
             let used: u64 = mine.clone().filter_map(|v| v.used_bytes).sum();
             if let Some((total, free)) = space.get(&p.name).copied().flatten() {

@@ -72,6 +72,10 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::ReadOnlyBlock
         | RequestError::MutableParameters
         | RequestError::NegativeMaxEntries
+        | RequestError::EphemeralIdForm(_)
+        | RequestError::EphemeralBlock
+        | RequestError::EphemeralSize(_)
+        | RequestError::EphemeralAttribute(_)
         | RequestError::OnDelete(_)
         | RequestError::DuplicateSource(_)
         | RequestError::RootAccess(_) => Code::InvalidArgument,
@@ -82,6 +86,10 @@ fn volume_code(e: &VolumeError) -> Code {
     match e {
         VolumeError::UnknownPool { .. }
         | VolumeError::PoolRequired { .. }
+        // Inline ephemeral volumes: what the pod spec asks for is not
+        // offered; no retry changes that, the pod spec must.
+        | VolumeError::EphemeralNotOffered { .. }
+        | VolumeError::EphemeralTooLarge { .. }
         | VolumeError::WrongAccess { .. }
         | VolumeError::SourceAccess { .. } => Code::InvalidArgument,
         VolumeError::NoSuchPool(_)
@@ -92,6 +100,7 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::NoVolumePath(_)
         | VolumeError::NotPublishedAt { .. }
         | VolumeError::NotAtVolumePath { .. }
+        | VolumeError::NoSuchVolume(_)
         | VolumeError::SnapshotNotFound(_)
         | VolumeError::GroupSnapshotNotFound(_) => Code::NotFound,
         // CreateVolume: "volume already exists but is incompatible";
@@ -107,7 +116,10 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::OtherRoot { .. }
         // CreateVolumeGroupSnapshot: "group snapshot already exists but is
         // incompatible".
-        | VolumeError::GroupNameTaken { .. } => Code::AlreadyExists,
+        | VolumeError::GroupNameTaken { .. }
+        // One name, two kinds of volume.
+        | VolumeError::NotEphemeral { .. }
+        | VolumeError::EphemeralName(_) => Code::AlreadyExists,
         // CreateVolumeGroupSnapshot: "cannot snapshot multiple volumes
         // together".
         VolumeError::GroupAcrossPools { .. } | VolumeError::GroupBlockMember(_) => {

@@ -23,7 +23,7 @@ use csi_proto as csi;
 
 use crate::sys::mount::MountFlags;
 use crate::volume::id::VolumeId;
-use crate::volume::record::{Access, RootAccess};
+use crate::volume::record::{self, Access, RootAccess};
 use crate::volume::snapshot::SnapshotId;
 pub use fields::{
     AccessMode, AccessType, Capability, CapacityRange, MAX_NAME_LEN, NodePath, Unsupported,
@@ -139,6 +139,27 @@ pub enum RequestError {
     /// as the spec asks for unknown ids).
     #[error("group snapshot {0:?} does not exist")]
     UnknownGroupSnapshot(String),
+    /// An inline ephemeral volume whose id has the form of this driver's
+    /// own ids, which NodeUnpublishVolume could not tell apart.
+    #[error(
+        "volume_id {0:?} has the form <pool>:<name> of a persistent volume; an inline ephemeral \
+         volume's id is the one the kubelet makes (csi-<sha256>)"
+    )]
+    EphemeralIdForm(String),
+    /// An inline ephemeral volume with block access.
+    #[error("inline ephemeral volumes are filesystems; block access is not offered for them")]
+    EphemeralBlock,
+    /// An inline ephemeral volume's `size` attribute that is not a size.
+    #[error(
+        "volume attribute size {0:?} is not a size; write bytes (1048576) or a quantity like \
+         \"512Mi\" or \"1Gi\" (suffixes Ki Mi Gi Ti, k M G T), above 0"
+    )]
+    EphemeralSize(String),
+    /// An attribute inline ephemeral volumes do not take.
+    #[error(
+        "volume attribute {0:?} is not known; inline ephemeral volumes take \"pool\" and \"size\""
+    )]
+    EphemeralAttribute(String),
     /// A paging token this driver did not issue (ABORTED, as the spec
     /// asks: the CO lists again from the start).
     #[error("starting_token {0:?} was not issued by this driver; list again from the start")]
@@ -449,7 +470,7 @@ pub(crate) fn controller_expand_volume(
 #[derive(Debug, Clone)]
 pub(crate) struct PublishVolume {
     /// The volume to publish.
-    pub(crate) id: VolumeId,
+    pub(crate) volume: PublishOf,
     /// Where to mount it.
     pub(crate) target: NodePath,
     /// The mount's flags, read-only folded in (asked for with `readonly`,
@@ -461,8 +482,39 @@ pub(crate) struct PublishVolume {
     pub(crate) access: Access,
 }
 
+/// What a NodePublishVolume publishes.
+#[derive(Debug, Clone)]
+pub(crate) enum PublishOf {
+    /// A volume with an id of this driver: made by CreateVolume, or a
+    /// static directory.
+    Volume(VolumeId),
+    /// A CSI inline ephemeral volume, made by the publication itself.
+    Ephemeral(EphemeralVolume),
+}
+
+/// A checked request for an inline ephemeral volume (volume context
+/// `csi.storage.k8s.io/ephemeral: "true"`).
+#[derive(Debug, Clone)]
+pub(crate) struct EphemeralVolume {
+    /// The CO's volume id (the kubelet's `csi-<sha256 of pod uid and
+    /// volume name>`): the volume's name, from which its token derives.
+    pub(crate) name: String,
+    /// The size asked for with the attribute `size`, if any.
+    pub(crate) size: Option<u64>,
+    /// What is kept in the volume's record: the attributes `pool` and
+    /// `size` and the pod the kubelet names (`podInfoOnMount`). Nothing
+    /// else: the context may carry service account tokens.
+    pub(crate) parameters: BTreeMap<String, String>,
+}
+
+/// Volume attributes an inline ephemeral volume takes, besides the keys
+/// the kubelet adds (`csi.storage.k8s.io/...`).
+pub(crate) const EPHEMERAL_ATTRIBUTES: [&str; 2] = ["pool", "size"];
+
 /// NodePublishVolume: the volume, a target path, and a capability this
-/// driver can serve (a mount with flags a bind mount can apply).
+/// driver can serve (a mount with flags a bind mount can apply). With the
+/// volume context key `csi.storage.k8s.io/ephemeral: "true"` the volume is
+/// an inline ephemeral one, described by its attributes.
 pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<PublishVolume> {
     let raw = volume_id(&r.volume_id)?;
     let target = node_path(&r.target_path, "target_path")?;
@@ -471,7 +523,12 @@ pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<P
             .as_ref()
             .ok_or(RequestError::Missing("volume_capability"))?,
     )?;
-    let id = parse_volume_id(raw)?;
+    let ephemeral = r.volume_context.get(record::EPHEMERAL).map(String::as_str) == Some("true");
+    let volume = if ephemeral {
+        PublishOf::Ephemeral(ephemeral_volume(raw, &r.volume_context)?)
+    } else {
+        PublishOf::Volume(parse_volume_id(raw)?)
+    };
     if let Some(why) = capability.unsupported() {
         return Err(why.into());
     }
@@ -482,8 +539,11 @@ pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<P
     if access == Access::Block && read_only {
         return Err(RequestError::ReadOnlyBlock);
     }
+    if ephemeral && access == Access::Block {
+        return Err(RequestError::EphemeralBlock);
+    }
     Ok(PublishVolume {
-        id,
+        volume,
         target,
         flags: MountFlags { read_only, ..flags },
         single_writer: capability.mode == AccessMode::SingleNodeSingleWriter,
@@ -491,13 +551,70 @@ pub(crate) fn node_publish_volume(r: &csi::NodePublishVolumeRequest) -> Result<P
     })
 }
 
+/// An inline ephemeral volume's id and attributes. Its id must not have
+/// the form of this driver's ids (`<pool>:<name>`): NodeUnpublishVolume,
+/// which carries only the id, tells the two kinds apart by it.
+fn ephemeral_volume(
+    id: &str,
+    context: &std::collections::HashMap<String, String>,
+) -> Result<EphemeralVolume> {
+    if VolumeId::parse(id).is_some() {
+        return Err(RequestError::EphemeralIdForm(id.to_string()));
+    }
+    let mut parameters = BTreeMap::new();
+    for (k, v) in context {
+        if EPHEMERAL_ATTRIBUTES.contains(&k.as_str()) || POD_KEYS.contains(&k.as_str()) {
+            parameters.insert(k.clone(), v.clone());
+        } else if !k.starts_with(KUBELET_PREFIX) {
+            // Not kept, and not ignored either: a typo (`sise: 1Gi`) would
+            // otherwise give the pod a volume of the default size.
+            return Err(RequestError::EphemeralAttribute(k.clone()));
+        }
+    }
+    let size = match context.get("size") {
+        None => None,
+        Some(s) => match crate::config::ByteSize::parse(s) {
+            Some(b) if b.0 > 0 => Some(b.0),
+            _ => return Err(RequestError::EphemeralSize(s.clone())),
+        },
+    };
+    Ok(EphemeralVolume {
+        name: id.to_string(),
+        size,
+        parameters,
+    })
+}
+
+/// The keys of the kubelet's `podInfoOnMount` kept in an inline volume's
+/// record (not the service account tokens it may add beside them).
+const POD_KEYS: [&str; 4] = [
+    record::POD_NAME,
+    record::POD_NAMESPACE,
+    record::POD_UID,
+    record::POD_SERVICE_ACCOUNT,
+];
+
+/// The prefix of the volume context keys the kubelet adds.
+const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+
 /// A checked NodeUnpublishVolume.
 #[derive(Debug, Clone)]
 pub(crate) struct UnpublishVolume {
     /// The volume to unpublish.
-    pub(crate) id: VolumeId,
+    pub(crate) volume: VolumeRef,
     /// Where it is mounted.
     pub(crate) target: NodePath,
+}
+
+/// The volume a node call that carries no volume context names
+/// (NodeUnpublishVolume, NodeGetVolumeStats).
+#[derive(Debug, Clone)]
+pub(crate) enum VolumeRef {
+    /// A volume id of this driver (`<pool>:<name>`).
+    Volume(VolumeId),
+    /// Any other id: an inline ephemeral volume's, if one has it (the
+    /// call carries no volume context to say so).
+    Other(String),
 }
 
 /// NodeUnpublishVolume: the volume and its target path.
@@ -507,9 +624,16 @@ pub(crate) fn node_unpublish_volume(
     let raw = volume_id(&r.volume_id)?;
     let target = node_path(&r.target_path, "target_path")?;
     Ok(UnpublishVolume {
-        id: parse_volume_id(raw)?,
+        volume: volume_ref(raw),
         target,
     })
+}
+
+fn volume_ref(raw: &str) -> VolumeRef {
+    match VolumeId::parse(raw) {
+        Some(id) => VolumeRef::Volume(id),
+        None => VolumeRef::Other(raw.to_string()),
+    }
 }
 
 /// A checked NodeGetVolumeStats or NodeExpandVolume: a volume and a path
@@ -522,9 +646,23 @@ pub(crate) struct VolumeAtPath {
     pub(crate) path: NodePath,
 }
 
+/// A checked NodeGetVolumeStats.
+#[derive(Debug, Clone)]
+pub(crate) struct VolumeStats {
+    /// The volume (an inline ephemeral volume's id is the kubelet's).
+    pub(crate) volume: VolumeRef,
+    /// Where the CO says it is published.
+    pub(crate) path: NodePath,
+}
+
 /// NodeGetVolumeStats: the volume and the path it is published at.
-pub(crate) fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Result<VolumeAtPath> {
-    volume_at_path(&r.volume_id, &r.volume_path)
+pub(crate) fn node_get_volume_stats(r: &csi::NodeGetVolumeStatsRequest) -> Result<VolumeStats> {
+    let raw = volume_id(&r.volume_id)?;
+    let path = published_path(&r.volume_path)?;
+    Ok(VolumeStats {
+        volume: volume_ref(raw),
+        path,
+    })
 }
 
 /// A checked NodeExpandVolume.
@@ -549,15 +687,6 @@ pub(crate) fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<Nod
             path,
         },
         capacity,
-    })
-}
-
-fn volume_at_path(volume_id_field: &str, volume_path: &str) -> Result<VolumeAtPath> {
-    let raw = volume_id(volume_id_field)?;
-    let path = published_path(volume_path)?;
-    Ok(VolumeAtPath {
-        id: parse_volume_id(raw)?,
-        path,
     })
 }
 

@@ -59,7 +59,12 @@ impl Volumes {
 
     /// ALREADY_EXISTS if a volume of this name lives in another pool: a
     /// name is one volume, whichever pool a retry asks for.
-    fn check_name_elsewhere(&self, name: &str, id: &VolumeId, pool: &Pool) -> Result<()> {
+    pub(super) fn check_name_elsewhere(
+        &self,
+        name: &str,
+        id: &VolumeId,
+        pool: &Pool,
+    ) -> Result<()> {
         for other in self.pools.iter().filter(|p| p.name() != pool.name()) {
             if let Some(rec) = other.record(id.token())?
                 && rec.name == name
@@ -86,6 +91,12 @@ impl Volumes {
         let Some(record) = pool.record(id.token())? else {
             return Ok(());
         };
+        // An inline ephemeral volume is no volume of the controller's: its
+        // pod's NodeUnpublishVolume removes it. A DeleteVolume naming it
+        // (no CO sends one) finds no volume of its own, which succeeds.
+        if record.ephemeral.is_some() {
+            return Ok(());
+        }
         let table =
             sys::mountinfo::read().map_err(|e| VolumeError::io("reading the mount table", e))?;
         // A block volume is shown through its loop device's node, a
@@ -239,6 +250,9 @@ pub(super) fn grow(
 /// A repeated CreateVolume for a name that already has a volume: the same
 /// volume if the request is compatible, ALREADY_EXISTS if not.
 fn existing(id: &VolumeId, pool: &Pool, rec: Record, req: &CreateVolume) -> Result<Record> {
+    if rec.ephemeral.is_some() {
+        return Err(VolumeError::EphemeralName(req.name.clone()));
+    }
     if rec.name != req.name {
         return Err(VolumeError::OtherName {
             id: id.clone(),

@@ -34,6 +34,11 @@ pub enum Origin {
     /// The driver (CreateVolume): it has a record, and DeleteVolume may
     /// remove it.
     Driver,
+    /// The driver, for a pod's inline ephemeral volume (NodePublishVolume):
+    /// it has a record; the pod's NodeUnpublishVolume removes it (or the
+    /// startup sweep, once the pod's directory is gone). No
+    /// PersistentVolume ever names it, and nothing else may remove it.
+    Ephemeral,
     /// A directory without a record: an administrator's static volume (or
     /// the storage of a CreateVolume killed before it was acknowledged,
     /// which its retry reuses). The driver publishes it but never deletes
@@ -45,10 +50,17 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// Whether the driver made it (it has a record): a claim's volume or
+    /// an inline ephemeral one.
+    pub fn has_record(self) -> bool {
+        matches!(self, Origin::Driver | Origin::Ephemeral)
+    }
+
     /// The word used in tables and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Driver => "driver",
+            Origin::Ephemeral => "ephemeral",
             Origin::Static => "static",
             Origin::Foreign => "foreign",
         }
@@ -77,6 +89,9 @@ pub struct VolumeInfo {
     pub claim_name: Option<String>,
     /// The PersistentVolume's name, from the create metadata.
     pub pv_name: Option<String>,
+    /// The pod (`namespace/name`) an inline ephemeral volume was made for,
+    /// when the kubelet passed it.
+    pub pod: Option<String>,
     /// The size promised to the CO (driver volumes).
     pub capacity_bytes: Option<u64>,
     /// Whether writes beyond the size fail.
@@ -261,6 +276,7 @@ fn blank(pool: &Pool, id: String, path: PathBuf, origin: Origin) -> VolumeInfo {
         claim_namespace: None,
         claim_name: None,
         pv_name: None,
+        pod: None,
         capacity_bytes: None,
         size_enforced: false,
         used_bytes: None,
@@ -293,6 +309,10 @@ fn driver_volume(
                 v.claim_name = Some(claim.to_string());
             }
             v.pv_name = rec.pv_name().map(str::to_string);
+            if rec.ephemeral.is_some() {
+                v.origin = Origin::Ephemeral;
+                v.pod = rec.pod().map(|(ns, n)| format!("{ns}/{n}"));
+            }
             v.capacity_bytes = Some(rec.capacity_bytes);
             v.created_unix = (rec.created_unix > 0).then_some(rec.created_unix);
             v.name = Some(rec.name);
@@ -367,7 +387,7 @@ fn file_type(m: &std::fs::Metadata) -> &'static str {
 fn measure(pool: &Pool, volumes: &mut [VolumeInfo]) {
     let tokens: Vec<String> = volumes
         .iter()
-        .filter(|v| v.origin == Origin::Driver && v.problem.is_none())
+        .filter(|v| v.origin.has_record() && v.problem.is_none())
         .filter_map(|v| Some(v.path.file_name()?.to_str()?.to_string()))
         .collect();
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
@@ -380,7 +400,7 @@ fn measure(pool: &Pool, volumes: &mut [VolumeInfo]) {
     };
     for v in volumes.iter_mut() {
         match v.origin {
-            Origin::Driver => {
+            Origin::Driver | Origin::Ephemeral => {
                 let token = v.path.file_name().and_then(|t| t.to_str()).unwrap_or("");
                 v.used_bytes = held.get(token).copied();
             }

@@ -15,6 +15,8 @@
 //! - `inflight`: one call at a time per volume;
 //! - `inventory`: what the pools hold, read without changing anything
 //!   (`hostpath-csi volumes`, metrics, the orphan report);
+//! - `ephemeral`: CSI inline ephemeral volumes, made and removed by the
+//!   node's publish calls, and the sweep of those nobody will unpublish;
 //! - `snapshot`: snapshots, and volumes made from a snapshot or a volume;
 //! - `group_snapshot`: snapshots of several volumes at one point in time;
 //! - `trash`: archived volumes across pools (the sweep, what they hold).
@@ -23,6 +25,7 @@
 
 mod capacity;
 mod controller;
+mod ephemeral;
 pub mod group_snapshot;
 pub mod id;
 mod inflight;
@@ -380,6 +383,49 @@ pub enum VolumeError {
         /// Its member snapshot ids, comma-separated.
         members: String,
     },
+    /// An inline ephemeral volume asked of a pool not opened to them.
+    #[error(
+        "pool {pool} does not serve inline ephemeral volumes: any pod author can ask for one, \
+         so a pool serves them only when its configuration says `ephemeral = true`{}",
+        if .offered.is_empty() { String::new() } else { format!(" (on this node: {})", .offered) }
+    )]
+    EphemeralNotOffered {
+        /// The pool asked for.
+        pool: String,
+        /// The pools that serve them, comma-separated.
+        offered: String,
+    },
+    /// An inline ephemeral volume larger than its pool allows.
+    #[error(
+        "volume attribute size asks for {size} bytes, but inline ephemeral volumes of pool {pool} \
+         are at most {max} bytes (max_ephemeral_volume_size)"
+    )]
+    EphemeralTooLarge {
+        /// The pool.
+        pool: String,
+        /// The size asked for.
+        size: u64,
+        /// The pool's limit.
+        max: u64,
+    },
+    /// The id of an inline ephemeral volume names a persistent volume.
+    #[error(
+        "volume id {name:?} names a persistent volume of this driver in pool {pool} (made by \
+         CreateVolume), not an inline ephemeral volume"
+    )]
+    NotEphemeral {
+        /// The id (the volume's name).
+        name: String,
+        /// Its pool.
+        pool: String,
+    },
+    /// CreateVolume of a name an inline ephemeral volume has.
+    #[error("an inline ephemeral volume of a pod already has the name {0:?}")]
+    EphemeralName(String),
+    /// NodeUnpublishVolume of an id that is neither this driver's nor an
+    /// inline ephemeral volume's, at a target that holds a mount.
+    #[error("volume {0:?} does not exist")]
+    NoSuchVolume(String),
     /// A file operation or syscall failed.
     #[error("{context}: {source}")]
     Io {
@@ -508,7 +554,7 @@ impl Volumes {
                 }
             }
         }
-        Ok(n + self.sweep_snapshots()?)
+        Ok(n + self.sweep_snapshots()? + self.sweep_ephemeral()?)
     }
 
     /// The topology segment of this node.

@@ -2,7 +2,7 @@
 //! NodeGetVolumeStats and NodeExpandVolume. The paths they are given are
 //! the CO's and are handled as hostile (`target`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::id::VolumeId;
 use super::pool::Pool;
@@ -12,7 +12,9 @@ use super::{Result, VolumeError, Volumes};
 use crate::backend::VolumeUsage;
 use crate::sys;
 use crate::sys::mountinfo::MountEntry;
-use crate::validate::{NodeExpandVolume, NodePath, PublishVolume, UnpublishVolume, VolumeAtPath};
+use crate::validate::{
+    NodeExpandVolume, NodePath, PublishOf, PublishVolume, UnpublishVolume, VolumeRef, VolumeStats,
+};
 
 /// What NodeGetVolumeStats answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,10 +26,17 @@ pub(crate) struct Stats {
 }
 
 impl Volumes {
-    /// NodePublishVolume: bind-mounts the volume at the target; idempotent
-    /// for the same volume and target.
+    /// NodePublishVolume: bind-mounts the volume at the target (an inline
+    /// ephemeral volume is made first); idempotent for the same volume and
+    /// target.
     pub(crate) fn publish(&self, req: &PublishVolume) -> Result<()> {
-        let (id, flags) = (&req.id, req.flags);
+        match &req.volume {
+            PublishOf::Volume(id) => self.publish_volume(id, req),
+            PublishOf::Ephemeral(e) => self.publish_ephemeral(e, req),
+        }
+    }
+
+    fn publish_volume(&self, id: &VolumeId, req: &PublishVolume) -> Result<()> {
         let pool = self.pool_of(id)?;
         let target = self.resolve_target(&req.target)?;
         let _guard = self.inflight.claim(id.token())?;
@@ -41,42 +50,22 @@ impl Volumes {
             });
         }
         if access == Access::Block {
-            return publish_block(req, pool, &target);
+            return publish_block(id, req, pool, &target);
         }
-        let source = available_source(id, pool)?;
-        let mut mounts = MountTable::default();
-        let dir = match target::inspect(&target, &source, &mut mounts)? {
-            Inspection::Shows { read_only } if read_only == flags.read_only => return Ok(()),
-            Inspection::Shows { read_only } => {
-                return Err(VolumeError::PublishedOtherwise {
-                    id: id.clone(),
-                    target,
-                    read_only,
-                });
-            }
-            Inspection::Missing => TargetDir::create(&target)?,
-            Inspection::Empty => TargetDir::existing(&target),
-        };
-        // ReadWriteOncePod: one publication at a time (CSI spec,
-        // NodePublishVolume errors: FAILED_PRECONDITION).
-        if req.single_writer
-            && let Some(at) = sys::mountinfo::binds_of(mounts.get()?, &source)
-                .into_iter()
-                .find(|m| *m != target)
-        {
-            return Err(VolumeError::SingleWriter { id: id.clone(), at });
-        }
-        dir.bind(&source, flags)?;
-        note_use(pool, id, Use::Published);
-        tracing::info!(volume_id = %id, target = %target.display(), read_only = flags.read_only, "volume published");
-        Ok(())
+        bind_volume(id, pool, &target, req)
     }
 
     /// NodeUnpublishVolume: unmounts the volume from the target and removes
-    /// the target directory if it is empty. A target that is already gone
-    /// or not mounted is success.
+    /// the target directory if it is empty (and an inline ephemeral volume
+    /// with it). A target that is already gone or not mounted is success.
     pub(crate) fn unpublish(&self, req: &UnpublishVolume) -> Result<()> {
-        let id = &req.id;
+        match &req.volume {
+            VolumeRef::Volume(id) => self.unpublish_volume(id, &req.target),
+            VolumeRef::Other(name) => self.unpublish_ephemeral(name, &req.target),
+        }
+    }
+
+    fn unpublish_volume(&self, id: &VolumeId, target: &NodePath) -> Result<()> {
         let pool = match self.pool_of(id) {
             Ok(pool) => pool,
             // A volume that a configured pool holds, asked for under another
@@ -89,7 +78,7 @@ impl Volumes {
             {
                 return Err(e);
             }
-            Err(_) => return self.unpublish_without_pool(req),
+            Err(_) => return self.unpublish_without_pool(id, target),
         };
         let _guard = self.inflight.claim(id.token())?;
         let access = pool.record(id.token())?.map_or(Access::Mount, |r| r.access);
@@ -102,38 +91,21 @@ impl Volumes {
             }
             Ok(())
         };
-        let Some(target) = target::resolve(&req.target, &self.pools)? else {
+        let Some(target) = target::resolve(target, &self.pools)? else {
             return release();
         };
         if !target::exists_unfollowed(&target)? {
             return release();
         }
-        // A target may carry the same bind twice after a crash between
-        // mount and reply followed by a retry; take them all off. One read
-        // of the mount table covers them all.
-        let table = target::read_mounts()?;
-        let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
-        for e in &stacked {
-            let ours = match access {
-                Access::Mount => target::is_ours(&self.pools, &table, e),
-                Access::Block => pool.block_shown_by(id.token(), e)?,
-            };
-            if !ours {
-                return Err(VolumeError::ForeignMount {
-                    target,
-                    from: e.source.clone(),
-                });
-            }
-        }
-        for _ in &stacked {
-            unmount_target(&target, access)?;
-        }
-        target::remove_if_empty(&target)?;
+        let taken = take_off(&target, access, |table, e| match access {
+            Access::Mount => Ok(target::is_ours(&self.pools, table, e)),
+            Access::Block => Ok(pool.block_shown_by(id.token(), e)?),
+        })?;
         match access {
             Access::Mount => pool.unpublished(id.token())?,
             Access::Block => release()?,
         }
-        if !stacked.is_empty() {
+        if taken > 0 {
             note_use(pool, id, Use::Unpublished);
         }
         tracing::info!(volume_id = %id, target = %target.display(), "volume unpublished");
@@ -151,10 +123,9 @@ impl Volumes {
     /// foreign mount at the target is refused as usual. Then what the
     /// volume holds on the node and no target shows any more is released
     /// ([`Volumes::release_orphaned`]).
-    fn unpublish_without_pool(&self, req: &UnpublishVolume) -> Result<()> {
-        let id = &req.id;
+    fn unpublish_without_pool(&self, id: &VolumeId, target: &NodePath) -> Result<()> {
         let _guard = self.inflight.claim(id.token())?;
-        if let Some(target) = target::resolve(&req.target, &self.pools)?
+        if let Some(target) = target::resolve(target, &self.pools)?
             && target::exists_unfollowed(&target)?
         {
             let table = target::read_mounts()?;
@@ -221,8 +192,13 @@ impl Volumes {
 
     /// NodeGetVolumeStats: the volume's own usage, or an abnormal condition
     /// when its directory has gone missing.
-    pub(crate) fn stats(&self, req: &VolumeAtPath) -> Result<Stats> {
-        let id = &req.id;
+    pub(crate) fn stats(&self, req: &VolumeStats) -> Result<Stats> {
+        let id = &match &req.volume {
+            VolumeRef::Volume(id) => id.clone(),
+            VolumeRef::Other(name) => self
+                .ephemeral_id(name)?
+                .ok_or_else(|| VolumeError::NoSuchVolume(name.clone()))?,
+        };
         let pool = self.pool_of(id)?;
         let path = target::resolve(&req.path, &self.pools)?
             .ok_or_else(|| VolumeError::NoVolumePath(req.path.to_path_buf()))?;
@@ -326,10 +302,76 @@ impl Volumes {
     }
 
     /// The publish target, resolved (its parent must exist).
-    fn resolve_target(&self, target: &NodePath) -> Result<PathBuf> {
+    pub(super) fn resolve_target(&self, target: &NodePath) -> Result<PathBuf> {
         target::resolve(target, &self.pools)?
             .ok_or_else(|| VolumeError::NoTargetParent(target.to_path_buf()))
     }
+}
+
+/// Binds filesystem volume `id` of `pool` (its lock held) at `target`, a
+/// resolved target path; idempotent for the same volume and target.
+pub(super) fn bind_volume(
+    id: &VolumeId,
+    pool: &Pool,
+    target: &Path,
+    req: &PublishVolume,
+) -> Result<()> {
+    let flags = req.flags;
+    let source = available_source(id, pool)?;
+    let mut mounts = MountTable::default();
+    let dir = match target::inspect(target, &source, &mut mounts)? {
+        Inspection::Shows { read_only } if read_only == flags.read_only => return Ok(()),
+        Inspection::Shows { read_only } => {
+            return Err(VolumeError::PublishedOtherwise {
+                id: id.clone(),
+                target: target.to_path_buf(),
+                read_only,
+            });
+        }
+        Inspection::Missing => TargetDir::create(target)?,
+        Inspection::Empty => TargetDir::existing(target),
+    };
+    // ReadWriteOncePod: one publication at a time (CSI spec,
+    // NodePublishVolume errors: FAILED_PRECONDITION).
+    if req.single_writer
+        && let Some(at) = sys::mountinfo::binds_of(mounts.get()?, &source)
+            .into_iter()
+            .find(|m| m != target)
+    {
+        return Err(VolumeError::SingleWriter { id: id.clone(), at });
+    }
+    dir.bind(&source, flags)?;
+    note_use(pool, id, Use::Published);
+    tracing::info!(volume_id = %id, target = %target.display(), read_only = flags.read_only, "volume published");
+    Ok(())
+}
+
+/// Takes every mount off `target` (a target can carry the same bind twice
+/// after a crash between mount and reply followed by a retry; one read of
+/// the mount table covers them all) and removes the target directory if it
+/// is empty; returns how many it took off. Nothing is taken off unless
+/// `ours` says every one of them shows this volume: a foreign mount is
+/// refused.
+pub(super) fn take_off(
+    target: &Path,
+    access: Access,
+    ours: impl Fn(&[MountEntry], &MountEntry) -> Result<bool>,
+) -> Result<usize> {
+    let table = target::read_mounts()?;
+    let stacked: Vec<&MountEntry> = table.iter().filter(|e| e.mount_point == target).collect();
+    for e in &stacked {
+        if !ours(&table, e)? {
+            return Err(VolumeError::ForeignMount {
+                target: target.to_path_buf(),
+                from: e.source.clone(),
+            });
+        }
+    }
+    for _ in &stacked {
+        unmount_target(target, access)?;
+    }
+    target::remove_if_empty(target)?;
+    Ok(stacked.len())
 }
 
 /// Records when the volume was published or unpublished. The mount is
@@ -367,8 +409,7 @@ fn unmount_target(target: &std::path::Path, access: Access) -> Result<()> {
 /// NodePublishVolume of a raw block volume: its loop device (attached now
 /// if it is not) bound onto the target file. A device attached here for a
 /// publication that then fails is released again.
-fn publish_block(req: &PublishVolume, pool: &Pool, target: &std::path::Path) -> Result<()> {
-    let id = &req.id;
+fn publish_block(id: &VolumeId, req: &PublishVolume, pool: &Pool, target: &Path) -> Result<()> {
     let dev = pool.attach_block(id.token())?;
     let publish = || -> Result<()> {
         let mut mounts = MountTable::default();

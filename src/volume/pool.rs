@@ -121,6 +121,8 @@ pub(crate) struct SizeLimits {
     pub(crate) default: u64,
     /// How much may be promised.
     pub(crate) overcommit: Overcommit,
+    /// Largest inline ephemeral volume; `None`: the pool serves none.
+    pub(crate) ephemeral: Option<u64>,
 }
 
 impl SizeLimits {
@@ -130,6 +132,7 @@ impl SizeLimits {
             max: p.max_volume_size.map(|b| b.0),
             default: p.default_volume_size.map_or(DEFAULT_VOLUME_SIZE, |b| b.0),
             overcommit: p.overcommit(),
+            ephemeral: p.ephemeral_limit(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! written by an older driver still read.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,18 @@ pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 /// See [`PVC_NAME`].
 pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+/// The volume context keys the kubelet adds at NodePublishVolume when the
+/// CSIDriver asks for `podInfoOnMount`.
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+/// See [`POD_NAME`].
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+/// See [`POD_NAME`].
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+/// See [`POD_NAME`].
+pub const POD_SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
+/// The volume context key that marks an inline ephemeral volume
+/// (`"true"`); the kubelet sends it with every publication.
+pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 /// Suffix of a record being written under a temporary name.
 pub(crate) const TEMP_SUFFIX: &str = ".meta.tmp";
 
@@ -59,6 +72,13 @@ pub struct Record {
     /// for the defaults, which are what older drivers made.
     #[serde(default, skip_serializing_if = "RootAccess::is_default")]
     pub root: RootAccess,
+    /// Set for a CSI inline ephemeral volume: one a pod's spec asked for,
+    /// made by NodePublishVolume and removed by NodeUnpublishVolume (or by
+    /// the startup sweep once its target is gone), never by the controller
+    /// calls. Its `name` is the kubelet's volume id, its `parameters` the
+    /// volume attributes and the pod it was made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<Ephemeral>,
 }
 
 /// StorageClass parameter: the mode of a volume's root directory, in
@@ -144,6 +164,17 @@ impl Access {
     }
 }
 
+/// What is remembered about an inline ephemeral volume beyond any volume's
+/// record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// The target it was first published at (resolved). Once this path is
+    /// gone and no mount shows the volume, neither the kubelet's retry of
+    /// the publication nor its unpublication can come any more: the sweep
+    /// removes the volume (see `volume::ephemeral`).
+    pub target: PathBuf,
+}
+
 impl Record {
     /// The record of a volume created now.
     pub(crate) fn new(
@@ -164,7 +195,17 @@ impl Record {
             content_source: None,
             access: Access::Mount,
             root: RootAccess::default(),
+            ephemeral: None,
         }
+    }
+
+    /// The pod an inline ephemeral volume was made for, `(namespace,
+    /// name)`, when the kubelet passed it (`podInfoOnMount`).
+    pub fn pod(&self) -> Option<(&str, &str)> {
+        Some((
+            self.parameters.get(POD_NAMESPACE)?.as_str(),
+            self.parameters.get(POD_NAME)?.as_str(),
+        ))
     }
 
     /// The claim the volume was made for, `(namespace, name)`, when the

@@ -16,6 +16,7 @@
 //!   table: `create`, `delete`, `validate`, `list`, `capacity`,
 //!   `snapshot`, `group_snapshot`,
 //!   `not_offered` (calls this driver does not offer), `publish`,
+//!   `ephemeral` (inline ephemeral volumes: attributes, pools, sizes),
 //!   `unpublish`, `stats`, `node_expand`, and `undecodable` (bytes no
 //!   client library would send).
 //!
@@ -36,6 +37,7 @@ mod capacity;
 mod case;
 mod create;
 mod delete;
+mod ephemeral;
 mod fixture;
 mod group_snapshot;
 mod list;
@@ -50,6 +52,30 @@ mod validate;
 
 use case::Case;
 use fixture::Fixture;
+use hostpath_csi::config::{ByteSize, PoolConfig};
+
+/// The largest inline ephemeral volume of pool `ssd`, the one pool of the
+/// fixture opened to them (the `ephemeral` table).
+pub const EPHEMERAL_MAX: u64 = 64 << 20;
+
+/// The fixture's driver: the harness's two dir pools, `hdd` and `ssd`,
+/// with `ssd` opened to inline ephemeral volumes.
+async fn harness() -> common::Harness {
+    let root = tempfile::Builder::new()
+        .prefix("hostpath-csi-test")
+        .tempdir()
+        .unwrap();
+    let dir = |name: &str| root.path().join("pools").join(name);
+    let pools = vec![
+        PoolConfig::dir("hdd", dir("hdd")),
+        PoolConfig {
+            ephemeral: true,
+            max_ephemeral_volume_size: Some(ByteSize(EPHEMERAL_MAX)),
+            ..PoolConfig::dir("ssd", dir("ssd"))
+        },
+    ];
+    common::Harness::with_pool_configs(root, pools).await
+}
 
 /// Runs one table against a fresh driver and fixture, then checks that
 /// nothing outside the pools and targets changed; panics with every row
@@ -58,7 +84,7 @@ async fn hostile(table: &str, cases: fn(&Fixture) -> Vec<Case>) {
     if !common::root_or_skip("the fixture mounts a tmpfs and publishes a volume") {
         return;
     }
-    let h = common::Harness::start().await;
+    let h = harness().await;
     let f = Fixture::new(&h);
     f.make(&h).await;
     let before = f.snapshot();
@@ -126,6 +152,11 @@ async fn node_publish_volume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_publish_inline_ephemeral_volume() {
+    hostile("NodePublishVolume (inline ephemeral)", ephemeral::cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_unpublish_volume() {
     hostile("NodeUnpublishVolume", unpublish::cases).await;
 }
@@ -156,7 +187,7 @@ async fn undecodable_requests() {
 #[test]
 fn the_tables_keep_their_rows() {
     let f = Fixture::unmade(std::path::Path::new("/nonexistent"));
-    let tables: [fn(&Fixture) -> Vec<Case>; 12] = [
+    let tables: [fn(&Fixture) -> Vec<Case>; 13] = [
         create::cases,
         delete::cases,
         validate::cases,
@@ -169,6 +200,7 @@ fn the_tables_keep_their_rows() {
         node_expand::cases,
         undecodable::cases,
         snapshot::cases,
+        ephemeral::cases,
     ];
     let rows: Vec<Case> = tables.iter().flat_map(|t| t(&f)).collect();
     let bad = rows

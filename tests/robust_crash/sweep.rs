@@ -68,6 +68,7 @@ pub async fn sweep_scenario() -> Vec<String> {
             content_source: None,
             access: Default::default(),
             root: Default::default(),
+            ephemeral: None,
         };
         std::fs::write(
             pool.join(format!(".{name}.meta")),

@@ -188,6 +188,9 @@ pub struct PoolSpec {
     /// sees the filesystem (which it then keeps), rather than left to the
     /// driver (which turns on simple quotas where the kernel has them).
     pub full_qgroups: bool,
+    /// The largest inline ephemeral volume, for a pool opened to them
+    /// (`ephemeral = true`); `None` for a pool that serves none.
+    pub ephemeral_max: Option<&'static str>,
 }
 
 impl PoolSpec {
@@ -198,6 +201,7 @@ impl PoolSpec {
             kind: PoolKind::Dir,
             filesystem: None,
             full_qgroups: false,
+            ephemeral_max: None,
         }
     }
 
@@ -209,6 +213,7 @@ impl PoolSpec {
             kind: PoolKind::Btrfs,
             filesystem: None,
             full_qgroups: false,
+            ephemeral_max: None,
         }
     }
 
@@ -227,6 +232,16 @@ impl PoolSpec {
             kind: PoolKind::Image,
             filesystem: Some(fs),
             full_qgroups: false,
+            ephemeral_max: None,
+        }
+    }
+
+    /// This pool, opened to inline ephemeral volumes of at most `max`
+    /// (a size as the config file writes it, `"64Mi"`).
+    pub const fn with_ephemeral(self, max: &'static str) -> Self {
+        PoolSpec {
+            ephemeral_max: Some(max),
+            ..self
         }
     }
 
@@ -261,14 +276,15 @@ pub fn pool_dir(root: &Path, name: &str) -> PathBuf {
     root.join("pools").join(name)
 }
 
-/// Command-line arguments for the pools: `--pool NAME=DIR` for `dir`
-/// pools, a TOML config file for any other kind.
+/// Command-line arguments for the pools: `--pool NAME=DIR` for plain `dir`
+/// pools, a TOML config file for any other kind and for pools opened to
+/// inline ephemeral volumes.
 pub fn pool_args(root: &Path, pools: &[PoolSpec]) -> Vec<String> {
     let mut args = Vec::new();
     let mut toml = String::new();
     for p in pools {
         let dir = p.dir_in(root);
-        if p.kind == PoolKind::Dir {
+        if p.kind == PoolKind::Dir && p.ephemeral_max.is_none() {
             args.push("--pool".to_string());
             args.push(format!("{}={}", p.name, dir.display()));
         } else {
@@ -280,6 +296,11 @@ pub fn pool_args(root: &Path, pools: &[PoolSpec]) -> Vec<String> {
             ));
             if let Some(fs) = p.filesystem {
                 toml.push_str(&format!("filesystem = {fs:?}\n"));
+            }
+            if let Some(max) = p.ephemeral_max {
+                toml.push_str(&format!(
+                    "ephemeral = true\nmax_ephemeral_volume_size = {max:?}\n"
+                ));
             }
             toml.push('\n');
         }

@@ -9,7 +9,8 @@
 //!                            image (image)
 //! .snapshots/.<token>.meta   its record, the commit point of
 //!                            CreateSnapshot; DeleteSnapshot removes it first
-//! .<token>.restoring         a volume being made from a source; marks
+//! .<token>.restoring         a volume being made from a source (or an
+//!                            inline ephemeral volume being made); marks
 //!                            whatever exists at <token> as this driver's,
 //!                            until the volume's record is written
 //! ```
@@ -247,6 +248,29 @@ impl Pool {
         if let Some(set) = lock(&self.index).as_mut() {
             set.insert(token.to_string());
         }
+        Ok(())
+    }
+
+    /// Makes a new volume as [`Pool::create`] does, under the marker that
+    /// says whatever sits at its path is the driver's own until its record
+    /// is written. For an inline ephemeral volume: a publication killed
+    /// after making the storage but before the record may never be retried
+    /// (its pod was deleted meanwhile), so that storage must be removable
+    /// by the sweep and the unpublication, which a plain create's is not
+    /// (an empty directory without a record could be an administrator's).
+    /// Called only while no record exists for `token`.
+    pub(crate) fn create_marked(&self, token: &str, record: &Record) -> Result<()> {
+        self.undo_restore(token)?;
+        let marker = self.restore_marker(token);
+        std::fs::write(&marker, b"")
+            .map_err(|e| PoolError::io(format!("creating {}", marker.display()), e))?;
+        self.sync()?;
+        if let Err(e) = self.create(token, record) {
+            let _ = self.undo_restore(token);
+            return Err(e);
+        }
+        // A marker left beside a record is only removed by the sweep.
+        let _ = std::fs::remove_file(&marker);
         Ok(())
     }
 
