@@ -442,3 +442,35 @@ async fn sweep_removes_only_forgotten_inline_volumes() {
     rebooted.delete(&h).await;
     assert!(loops_below(&pool).is_empty());
 }
+
+/// The attributes `directoryPerms`, `uid` and `gid` give the volume's root
+/// directory its mode and owner, as a StorageClass's parameters do.
+#[tokio::test]
+async fn root_mode_and_owner_from_attributes() {
+    if !common::root_or_skip("inline volumes are bind-mounted, owned by another user") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (root, _cleanup) = root();
+    let pools = vec![opened(PoolConfig::dir("d", root.path().join("pools/d")))];
+    let h = Harness::with_pool_configs(root, pools).await;
+    let pod = Pod::new(&h, "owned");
+    publish(
+        &h,
+        pod.publish(&[
+            ("pool", "d"),
+            ("directoryPerms", "0750"),
+            ("uid", "1000"),
+            ("gid", "2000"),
+        ]),
+    )
+    .await
+    .unwrap();
+    let m = std::fs::metadata(&pod.target).unwrap();
+    assert_eq!(
+        (m.mode() & 0o7777, m.uid(), m.gid()),
+        (0o750, 1000, 2000),
+        "the pod sees the root as asked"
+    );
+    pod.delete(&h).await;
+}

@@ -157,7 +157,8 @@ pub enum RequestError {
     EphemeralSize(String),
     /// An attribute inline ephemeral volumes do not take.
     #[error(
-        "volume attribute {0:?} is not known; inline ephemeral volumes take \"pool\" and \"size\""
+        "volume attribute {0:?} is not known; inline ephemeral volumes take \"pool\", \"size\", \
+         \"directoryPerms\", \"uid\" and \"gid\""
     )]
     EphemeralAttribute(String),
     /// A paging token this driver did not issue (ABORTED, as the spec
@@ -501,6 +502,9 @@ pub(crate) struct EphemeralVolume {
     pub(crate) name: String,
     /// The size asked for with the attribute `size`, if any.
     pub(crate) size: Option<u64>,
+    /// The root directory's mode and owner (attributes `directoryPerms`,
+    /// `uid`, `gid`, as a StorageClass's parameters).
+    pub(crate) root: RootAccess,
     /// What is kept in the volume's record: the attributes `pool` and
     /// `size` and the pod the kubelet names (`podInfoOnMount`). Nothing
     /// else: the context may carry service account tokens.
@@ -509,7 +513,13 @@ pub(crate) struct EphemeralVolume {
 
 /// Volume attributes an inline ephemeral volume takes, besides the keys
 /// the kubelet adds (`csi.storage.k8s.io/...`).
-pub(crate) const EPHEMERAL_ATTRIBUTES: [&str; 2] = ["pool", "size"];
+pub(crate) const EPHEMERAL_ATTRIBUTES: [&str; 5] = [
+    "pool",
+    "size",
+    record::DIRECTORY_PERMS,
+    record::UID,
+    record::GID,
+];
 
 /// NodePublishVolume: the volume, a target path, and a capability this
 /// driver can serve (a mount with flags a bind mount can apply). With the
@@ -581,6 +591,7 @@ fn ephemeral_volume(
     Ok(EphemeralVolume {
         name: id.to_string(),
         size,
+        root: root::root_access(&parameters, Access::Mount)?,
         parameters,
     })
 }

@@ -96,6 +96,7 @@ impl Volumes {
                 let capacity = capacity::decide(pool, range)?;
                 let reservation = capacity::reserve(pool, id.token(), capacity, None)?;
                 let mut record = Record::new(&e.name, pool.kind(), capacity, e.parameters.clone());
+                record.root = e.root;
                 record.ephemeral = Some(Ephemeral {
                     target: target.clone(),
                 });

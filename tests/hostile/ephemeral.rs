@@ -112,7 +112,17 @@ pub fn cases(f: &Fixture) -> Vec<Case> {
             "unknown attribute",
             inline(KUBELET_ID, free, &[("pool", "ssd"), ("sise", "1Mi")]),
             InvalidArgument,
-            &["sise", "\"pool\" and \"size\""],
+            &["sise", "\"pool\", \"size\""],
+        ),
+        row(
+            "directoryPerms not octal",
+            inline(
+                KUBELET_ID,
+                free,
+                &[("pool", "ssd"), ("directoryPerms", "999")],
+            ),
+            InvalidArgument,
+            &["999"],
         ),
         row(
             "StorageClass parameter onDelete",
