@@ -24,6 +24,16 @@
 #                   minbase with mariadb-server (debootstrap, minutes: cached)
 #   local-path      docker.io/rancher/local-path-provisioner:v0.0.30 (only
 #                   for scripts/bench-pods.sh; built when asked for by name)
+#   e2e-agnhost     registry.k8s.io/e2e-test-images/agnhost:2.59: busybox
+#                   plus /agnhost built from the k8s module (test/images/
+#                   agnhost at the pinned Kubernetes version); for the storage
+#                   e2e suite (tests/e2e/storage/run.sh), built when asked for
+#   e2e-nginx       registry.k8s.io/e2e-test-images/nginx:1.14-4: busybox
+#                   only, no nginx (the storage suite only runs /bin/sh in
+#                   it); its default command says so and fails
+# The e2e-* names are the ones test/utils/image/manifest.go of the pinned
+# Kubernetes version asks for (run.sh checks them against `e2e.test
+# --list-images`); the suite's busybox and pause are the images above.
 #
 # Every archive is cached in $IMAGES_CACHE (default
 # /var/cache/hostpath-csi-e2e/images) under a key made from everything that
@@ -32,9 +42,10 @@
 #
 # Usage: scripts/images.sh [--import CONTAINERD_SOCKET] [IMAGE...]
 #   IMAGE: pause busybox hostpath-csi csi-provisioner csi-resizer mariadb
-#   local-path (default: all but local-path). Prints one ARCHIVE line per
-#   image on stdout; with --import, also imports each into the k8s.io
-#   namespace of the containerd at CONTAINERD_SOCKET.
+#   local-path e2e-agnhost e2e-nginx (default: all but local-path and the
+#   e2e-* ones). Prints one ARCHIVE line per image on stdout; with --import,
+#   also imports each into the k8s.io namespace of the containerd at
+#   CONTAINERD_SOCKET.
 # Environment:
 #   HOSTPATH_CSI_BIN  the driver binary (default: target/release/hostpath-csi,
 #                     built with `cargo build --release` when missing)
@@ -55,6 +66,8 @@ PROVISIONER_IMAGE=registry.k8s.io/sig-storage/csi-provisioner:v6.4.0
 RESIZER_IMAGE=registry.k8s.io/sig-storage/csi-resizer:v2.3.0
 MARIADB_IMAGE=hostpath-csi.dev/e2e/mariadb:10.11
 LOCALPATH_IMAGE=docker.io/rancher/local-path-provisioner:v0.0.30
+E2E_AGNHOST_IMAGE=registry.k8s.io/e2e-test-images/agnhost:2.59
+E2E_NGINX_IMAGE=registry.k8s.io/e2e-test-images/nginx:1.14-4
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 log() { printf '[images %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -185,13 +198,19 @@ install_busybox() {
 }
 
 tools_env() { # NAME: a path from build-tools.sh's output
-  if [[ -z "${TOOLS_ENV:-}" ]]; then
-    TOOLS_ENV="$work/tools.env"
+  local v=""
+  [[ -n "${TOOLS_ENV:-}" ]] && v="$(grep -m1 "^$1=" "$TOOLS_ENV" | cut -d= -f2-)"
+  if [[ -z $v ]]; then
+    # Not in the list given (or none given): the optional components are
+    # built only when asked for by name.
     local extra=()
-    [[ $1 == LOCAL_PATH_PROVISIONER ]] && extra=(localpath)
-    "$repo/tests/e2e/build-tools.sh" "${extra[@]}" >"$TOOLS_ENV"
+    case "$1" in
+      LOCAL_PATH_PROVISIONER) extra=(localpath) ;;
+      AGNHOST) extra=(storage-e2e) ;;
+    esac
+    "$repo/tests/e2e/build-tools.sh" "${extra[@]}" >"$work/tools-$1.env"
+    v="$(grep -m1 "^$1=" "$work/tools-$1.env" | cut -d= -f2-)"
   fi
-  local v; v="$(grep -m1 "^$1=" "$TOOLS_ENV" | cut -d= -f2-)"
   [[ -x "$v" ]] || die "build-tools.sh gave no $1"
   echo "$v"
 }
@@ -319,6 +338,41 @@ EOF
   echo "$out"
 }
 
+# build_e2e_agnhost: the storage e2e suite's utility image as upstream lays
+# it out (/agnhost, the agnhost-2 alias, Entrypoint /agnhost, Cmd pause) on a
+# busybox root: the suite runs its mounttest and pause commands, and sh and
+# nsenter (host-exec pods enter the node's mount namespace), which busybox
+# has. Upstream's Alpine extras (curl, dig, iperf) serve network tests only.
+build_e2e_agnhost() {
+  local bin; bin="$(tools_env AGNHOST)"
+  local key; key="$(sha256sum "$(busybox_bin)" "$bin" | cut -c1-16 | tr '\n' ' ')"
+  local out; out="$(archive_path e2e-agnhost "$key")"
+  if [[ ! -f $out ]]; then
+    local r="$work/e2e-agnhost"; rootfs_skeleton "$r"; install_busybox "$r"
+    cp "$bin" "$r/agnhost"
+    ln -s agnhost "$r/agnhost-2"
+    mkdir -p "$r/uploads"
+    oci_archive "$out" "$r" '{"Entrypoint": ["/agnhost"], "Cmd": ["pause"]}' "$E2E_AGNHOST_IMAGE"
+  fi
+  echo "$out"
+}
+
+# build_e2e_nginx: a busybox root under the nginx name the storage suite asks
+# for: it only runs `/bin/sh -c` in it (the exec test). No nginx inside, so a
+# test that would need one fails at once with this message, not later.
+build_e2e_nginx() {
+  local key; key="$(sha256sum "$(busybox_bin)" | cut -c1-16)"
+  local out; out="$(archive_path e2e-nginx "$key")"
+  if [[ ! -f $out ]]; then
+    local r="$work/e2e-nginx"; rootfs_skeleton "$r"; install_busybox "$r"
+    printf '#!/bin/sh\necho "%s: built by hostpath-csi scripts/images.sh for the storage e2e suite; busybox only, no nginx" >&2\nexit 1\n' \
+      "$E2E_NGINX_IMAGE" >"$r/no-nginx"
+    chmod 0755 "$r/no-nginx"
+    oci_archive "$out" "$r" '{"Cmd": ["/no-nginx"]}' "$E2E_NGINX_IMAGE"
+  fi
+  echo "$out"
+}
+
 for img in "${want[@]}"; do
   start=$SECONDS
   case "$img" in
@@ -329,7 +383,9 @@ for img in "${want[@]}"; do
     csi-resizer) a="$(go_image csi-resizer "$(tools_env CSI_RESIZER)" "$RESIZER_IMAGE")" ;;
     mariadb) a="$(build_mariadb)" ;;
     local-path) a="$(go_image local-path-provisioner "$(tools_env LOCAL_PATH_PROVISIONER)" "$LOCALPATH_IMAGE")" ;;
-    *) die "unknown image '$img' (pause busybox hostpath-csi csi-provisioner csi-resizer mariadb local-path)" ;;
+    e2e-agnhost) a="$(build_e2e_agnhost)" ;;
+    e2e-nginx) a="$(build_e2e_nginx)" ;;
+    *) die "unknown image '$img' (pause busybox hostpath-csi csi-provisioner csi-resizer mariadb local-path e2e-agnhost e2e-nginx)" ;;
   esac
   log "$img: $a ($(du -h "$a" | cut -f1), $((SECONDS - start)) s)"
   if [[ -n $import_sock ]]; then

@@ -3,7 +3,10 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl,
 # csi-provisioner, csi-resizer) from the Go module proxy, at the versions
 # pinned in tests/e2e/tools/*/go.mod; with the argument `localpath`, also
-# rancher's local-path-provisioner (only scripts/bench-pods.sh uses it).
+# rancher's local-path-provisioner (only scripts/bench-pods.sh uses it); with
+# `storage-e2e`, also the Kubernetes e2e test binary (`e2e.test`, the storage
+# suite tests/e2e/storage/run.sh runs) and agnhost (for the image of that
+# name the suite runs), both from the same k8s wrapper module.
 #
 # Binaries are cached outside the repository, in $E2E_CACHE/bin (default
 # /var/cache/hostpath-csi-e2e/bin), under a name keyed by the component version
@@ -11,7 +14,7 @@
 # nothing. Go's own module and build caches (GOMODCACHE, GOCACHE) are used as
 # set up on the machine and make a rebuild after a version bump cheaper.
 #
-# Usage: build-tools.sh [localpath]
+# Usage: build-tools.sh [localpath] [storage-e2e]
 #   Prints NAME=PATH lines for the built binaries on stdout; logs go to stderr.
 set -euo pipefail
 
@@ -33,6 +36,9 @@ PROVISIONER_VERSION=v6.4.0
 SNAPSHOTTER_VERSION=v8.7.0
 RESIZER_VERSION=v2.3.0
 LOCALPATH_VERSION=v0.0.30
+# The agnhost version test/images/agnhost/VERSION holds at $K8S_VERSION, and
+# the tag test/utils/image/manifest.go asks for (checked below).
+AGNHOST_VERSION=2.59
 
 # -trimpath keeps absolute paths of this machine out of the binaries and makes
 # the build cache independent of where the repository is checked out.
@@ -83,6 +89,41 @@ build_module() {
   done
 }
 
+# build_e2e_test: e2e.test, the compiled test package k8s.io/kubernetes/test/e2e
+# (its test-only dependencies have go.sum lines in tools/k8s: see its go.mod).
+# Built like a module's commands (cache name, lock, log) but with `go test -c`.
+build_e2e_test() {
+  local k; k="$(key k8s)"
+  local out="$bindir/e2e.test-$K8S_VERSION-$k"
+  if [[ ! -x $out ]]; then
+    local start=$SECONDS
+    log "building e2e.test @ $K8S_VERSION (log: $logdir/e2e.test.log)"
+    if ! (cd "$here/tools/k8s" && go test -c -ldflags "$(k8s_ldflags)" -o "$out.tmp" \
+        k8s.io/kubernetes/test/e2e) >"$logdir/e2e.test.log" 2>&1; then
+      tail -n 30 "$logdir/e2e.test.log" >&2
+      rm -f "$out.tmp"
+      log "FAILED building e2e.test"
+      return 1
+    fi
+    mv "$out.tmp" "$out"
+    log "built e2e.test in $((SECONDS - start))s"
+  fi
+  echo "E2E_TEST=$out"
+}
+
+# build_agnhost: the e2e suite's utility binary, from the k8s module's
+# test/images/agnhost, refused if its VERSION is not the tag the image gets.
+build_agnhost() {
+  local dir
+  dir="$(cd "$here/tools/k8s" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)" || return 1
+  if [[ "$(cat "$dir/test/images/agnhost/VERSION")" != "$AGNHOST_VERSION" ]]; then
+    log "agnhost at $K8S_VERSION is version $(cat "$dir/test/images/agnhost/VERSION"), not $AGNHOST_VERSION"
+    return 1
+  fi
+  build_module k8s "$AGNHOST_VERSION" "-s -w -X main.Version=$AGNHOST_VERSION" \
+    k8s.io/kubernetes/test/images/agnhost
+}
+
 k8s_ldflags() {
   local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   local f="-s -w" p
@@ -127,4 +168,11 @@ fi
 rc=0
 for p in $p_snap $p1 $p2 $p3 $p4 $p5; do wait "$p" || rc=1; done
 ((rc == 0)) || exit 1
-cat "$out/k8s" "$out/etcd" "$out/provisioner" "$out/snapshotter" "$out/resizer" "$out/localpath"
+# After the others: e2e.test compiles most of what the k8s binaries just
+# put in Go's build cache, so it builds much faster second.
+: >"$out/storage-e2e"
+if [[ " $* " == *" storage-e2e "* ]]; then
+  { build_e2e_test && build_agnhost; } >"$out/storage-e2e" || exit 1
+fi
+cat "$out/k8s" "$out/etcd" "$out/provisioner" "$out/snapshotter" "$out/resizer" "$out/localpath" \
+  "$out/storage-e2e"

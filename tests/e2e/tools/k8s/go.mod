@@ -2,6 +2,12 @@
 // k8s.io/kubernetes replaces its staging modules with local paths, which a
 // dependent module cannot see, so every staging module is replaced here with
 // its published v0.35.4 release.
+//
+// tests/e2e/build-tools.sh storage-e2e also builds the e2e suite's binary with
+// `go test -c k8s.io/kubernetes/test/e2e`. Its test-only dependency
+// k8s.io/sample-apiserver has lines in go.sum that `go mod tidy` drops (tidy
+// does not follow the tests of dependencies); put them back with
+// `go list -mod=mod -test -deps k8s.io/kubernetes/test/e2e`.
 module hostpath-csi.dev/e2e/k8s
 
 go 1.25.0
@@ -66,6 +72,7 @@ require (
 	github.com/grpc-ecosystem/go-grpc-prometheus v1.2.0 // indirect
 	github.com/grpc-ecosystem/grpc-gateway/v2 v2.26.3 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/ishidawataru/sctp v0.0.0-20250521072954-ae8eb7fa7995 // indirect
 	github.com/jonboulle/clockwork v0.5.0 // indirect
 	github.com/josharian/intern v1.0.0 // indirect
 	github.com/json-iterator/go v1.1.12 // indirect
@@ -224,4 +231,5 @@ tool (
 	k8s.io/kubernetes/cmd/kube-scheduler
 	k8s.io/kubernetes/cmd/kubectl
 	k8s.io/kubernetes/cmd/kubelet
+	k8s.io/kubernetes/test/images/agnhost
 )
