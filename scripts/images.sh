@@ -15,7 +15,7 @@
 #   hostpath-csi    docker.io/library/hostpath-csi:0.1.0: the release driver
 #                   binary plus the pool tools it runs (setpriv, mount, umount,
 #                   losetup, mkfs.ext4, e2fsck, resize2fs, mkfs.xfs,
-#                   xfs_growfs, btrfs) with their shared libraries, from this
+#                   xfs_growfs, btrfs, fsfreeze, cp) with their shared libraries, from this
 #                   machine's Debian packages
 #   csi-provisioner registry.k8s.io/sig-storage/csi-provisioner:<pinned>
 #   csi-resizer     registry.k8s.io/sig-storage/csi-resizer:<pinned>
@@ -249,7 +249,12 @@ build_busybox() {
   echo "$out"
 }
 
-driver_tools=(setpriv mount umount losetup mkfs.ext4 e2fsck resize2fs mkfs.xfs xfs_growfs btrfs)
+# fsfreeze and cp too: busybox's applets of those names lack the options the
+# driver passes (`fsfreeze -f`, `cp --reflink=auto --sparse=always -x`), and
+# every snapshot and clone on the node image failed with them (the storage e2e
+# suite's "provision storage with pvc data source": "fsfreeze: invalid option
+# -- 'f'").
+driver_tools=(setpriv mount umount losetup mkfs.ext4 e2fsck resize2fs mkfs.xfs xfs_growfs btrfs fsfreeze cp)
 build_hostpath_csi() {
   local bin="${HOSTPATH_CSI_BIN:-$repo/target/release/hostpath-csi}"
   if [[ -z "${HOSTPATH_CSI_BIN:-}" ]]; then
