@@ -6,11 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hostpath_csi::config::{self, Config, ConfigError, Expansion, PoolConfig};
 use hostpath_csi::healthz;
 use hostpath_csi::kubelet::Registration;
+use hostpath_csi::orphans::report::Options as OrphanOptions;
+use hostpath_csi::orphans::scan::Scan;
 
 /// Default driver name; distinct from the upstream demo driver's so both
 /// can run in one cluster.
@@ -42,6 +45,45 @@ pub enum Command {
     /// published, when it was last used. Reads only; works whether the
     /// driver runs or not. Takes the flags of `serve` (pools, config file).
     Volumes(VolumesArgs),
+    /// List the orphans: volumes on this node no PV names, Released PVs no
+    /// claim will bind, bound claims no pod has used for --unused-after,
+    /// PVs pinned to nodes that are gone; with the reason, size and idle
+    /// time of each. Asks the API server (--kubeconfig, KUBECONFIG, or the
+    /// pod's service account). `--reclaim` removes the safe ones through
+    /// the running driver (a dry run unless `--yes`).
+    Orphans(OrphansArgs),
+}
+
+/// Flags of `hostpath-csi orphans`.
+#[derive(Debug, Clone, Args)]
+pub struct OrphansArgs {
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Reclaim the orphans that are safe to remove (made by the driver, on
+    /// this node, no PV or a Released one, not published, idle for
+    /// --grace), through the driver's DeleteVolume, so the StorageClass's
+    /// onDelete (delete or archive) applies. Shows what it would do unless
+    /// --yes is given too.
+    #[arg(long)]
+    pub reclaim: bool,
+    /// With --reclaim: really remove them.
+    #[arg(long, requires = "reclaim")]
+    pub yes: bool,
+    /// Reclaim only orphans idle (not made, published or unpublished) for
+    /// at least this long: `90s`, `30m`, `24h`, `7d`.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub grace: Duration,
+    /// The pools, the node, the driver and the API server, as `serve` is
+    /// given them.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// A duration flag: `90s`, `30m`, `72h`, `7d`, `1h30m`.
+fn duration(s: &str) -> Result<Duration, String> {
+    hostpath_csi::volume::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 90s, 30m, 24h or 7d"))
 }
 
 /// Flags of `hostpath-csi volumes`.
@@ -64,7 +106,8 @@ pub enum Output {
     /// An aligned table, sorted, sizes in KiB/MiB/GiB.
     #[default]
     Table,
-    /// One JSON document: `{"pools": [...]}`.
+    /// One JSON document (`volumes`: `{"pools": [...]}`; `orphans`: the
+    /// report, see the README).
     Json,
 }
 
@@ -185,6 +228,27 @@ pub struct ServeArgs {
     /// for nodes with very many volumes.
     #[arg(long, env = "HOSTPATH_CSI_NO_VOLUME_METRICS")]
     pub no_volume_metrics: bool,
+
+    /// The kubeconfig for the API server (orphan report and scan). Unset:
+    /// KUBECONFIG, ~/.kube/config, then the pod's service account.
+    #[arg(long, env = "HOSTPATH_CSI_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Scan for orphans this often (`10m`), filling the orphan metrics and
+    /// posting Events on the claims and PVs concerned. Off when unset. It
+    /// only reports; it never reclaims.
+    #[arg(long, env = "HOSTPATH_CSI_ORPHAN_SCAN_INTERVAL", value_name = "DURATION", value_parser = duration)]
+    pub orphan_scan_interval: Option<Duration>,
+
+    /// A Bound volume whose claim no pod has used for this long is an
+    /// orphan (`unused`).
+    #[arg(long, env = "HOSTPATH_CSI_UNUSED_AFTER", value_name = "DURATION", default_value = "7d", value_parser = duration)]
+    pub unused_after: Duration,
+
+    /// A volume without a PV counts as an orphan only once it is this old:
+    /// csi-provisioner makes the PV just after CreateVolume returns.
+    #[arg(long, env = "HOSTPATH_CSI_ORPHAN_SETTLE", value_name = "DURATION", default_value = "10m", value_parser = duration)]
+    pub orphan_settle: Duration,
 }
 
 impl ServeArgs {
@@ -259,6 +323,27 @@ impl ServeArgs {
             ));
         }
         Ok(Some(addr))
+    }
+
+    /// What the orphan report is made for, from the resolved `config`.
+    pub fn orphan_options(&self, config: &Config) -> OrphanOptions {
+        OrphanOptions {
+            driver: config.driver_name.clone(),
+            node: config.node_id.clone(),
+            pools: config.pools.clone(),
+            unused_after: self.unused_after,
+            settle: self.orphan_settle,
+        }
+    }
+
+    /// The driver's periodic orphan scan, when `--orphan-scan-interval` is
+    /// given.
+    pub fn orphan_scan(&self, config: &Config) -> Option<Scan> {
+        Some(Scan {
+            every: self.orphan_scan_interval?,
+            kubeconfig: self.kubeconfig.clone(),
+            options: self.orphan_options(config),
+        })
     }
 
     /// The health endpoint's address, when `--healthz-address` is given.

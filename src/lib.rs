@@ -18,8 +18,11 @@
 //! - `volume`: the volume logic (plain Rust): ids, pools and records,
 //!   create/delete/list, sizes and promises, expansion,
 //!   publish/unpublish/stats, per-volume locks.
-//! - `orphans`: volumes nothing in the cluster will use again (kube-rs),
-//!   their Events, and safe reclaim (`hostpath-csi orphans`).
+//! - `orphans`: volumes nothing in the cluster will use again, the rules,
+//!   the report, safe reclaim (`hostpath-csi orphans`) and the driver's
+//!   periodic scan.
+//! - `kubeapi`: the API server (kube-rs): what the orphan report reads,
+//!   and its Events.
 //! - `backend`: per pool kind, how storage is made, sized and removed.
 //! - `sys`: the kernel boundary: the only place with mount syscalls and
 //!   mountinfo parsing; durable record writes; running storage tools.
@@ -37,6 +40,7 @@ pub mod endpoint;
 pub(crate) mod grpc;
 pub mod healthz;
 pub mod http;
+pub mod kubeapi;
 pub mod kubelet;
 pub mod metrics;
 pub mod orphans;

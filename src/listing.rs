@@ -45,7 +45,7 @@ pub(crate) fn volumes(args: &VolumesArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -81,8 +81,22 @@ fn table(pools: &[PoolInventory], now: u64) -> String {
             }
         }
     }
-    let mut widths = HEADERS.map(str::len);
-    for r in &rows {
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    let mut out = aligned(&HEADERS, &rows);
+    if rows.is_empty() {
+        out.push_str("(no volumes)\n");
+    }
+    for n in notes {
+        out.push_str(&format!("! {n}\n"));
+    }
+    out
+}
+
+/// Rows under headers, each column as wide as its widest cell, two spaces
+/// apart; no trailing spaces.
+pub(crate) fn aligned(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
@@ -90,7 +104,7 @@ fn table(pools: &[PoolInventory], now: u64) -> String {
     let mut out = String::new();
     let mut line = |cells: &[String]| {
         let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 l.push_str(cell);
             } else {
@@ -100,15 +114,9 @@ fn table(pools: &[PoolInventory], now: u64) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&HEADERS.map(String::from));
-    for r in &rows {
+    line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for r in rows {
         line(r);
-    }
-    if rows.is_empty() {
-        out.push_str("(no volumes)\n");
-    }
-    for n in notes {
-        out.push_str(&format!("! {n}\n"));
     }
     out
 }
@@ -179,7 +187,7 @@ fn short_target(p: &Path) -> String {
 }
 
 /// Bytes as people read them: `512 B`, `1.5 KiB`, `10 MiB`, `2.0 GiB`.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut unit = 0;

@@ -1,9 +1,10 @@
 //! The `hostpath-csi` binary: parse the command line, start logging, bind
 //! the socket, serve until SIGTERM; beside the CSI services, the kubelet
-//! registration socket and /healthz when asked for.
+//! registration socket, /healthz and the orphan scan when asked for.
 
 mod cli;
 mod listing;
+mod orphans_cmd;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Volumes(args)) => return listing::volumes(&args),
+        Some(Command::Orphans(args)) => return orphans_cmd::orphans(&args),
         None => cli.serve,
     };
     tokio::runtime::Builder::new_multi_thread()
@@ -106,6 +108,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(scan) = args.orphan_scan(&config) {
+        tracing::info!(every = ?scan.every, "orphan scan on");
+        extras.spawn(hostpath_csi::orphans::scan::run(
+            scan,
+            std::sync::Arc::clone(&metrics),
+            stopped_signal(),
+        ));
+    }
     let server = server::run_with_metrics(
         config,
         listener,

@@ -10,7 +10,7 @@
 use super::LocalVolume;
 use crate::config::PoolConfig;
 use crate::volume::VolumeError;
-use crate::volume::inventory::{InventoryOptions, Origin, inventory};
+use crate::volume::inventory::{InventoryOptions, inventory};
 
 /// Why this node's volumes could not be read (the mount table).
 pub type LocalError = VolumeError;
@@ -35,7 +35,8 @@ pub fn volumes(pools: &[PoolConfig]) -> Result<Vec<LocalVolume>, LocalError> {
                 created_unix: v.created_unix.unwrap_or(0),
                 last_used_unix: last_used,
                 published: !v.published_at.is_empty(),
-                is_static: v.origin != Origin::Driver,
+                origin: v.origin,
+                problem: v.problem.clone(),
                 id: v.id,
             });
         }
@@ -47,6 +48,7 @@ pub fn volumes(pools: &[PoolConfig]) -> Result<Vec<LocalVolume>, LocalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::inventory::Origin;
 
     #[test]
     fn entries_nobody_recorded_are_static_and_symlinks_are_not_followed() {
@@ -57,13 +59,13 @@ mod tests {
         std::fs::write(pool.join("stray-file"), b"x").unwrap();
         std::os::unix::fs::symlink("/usr", pool.join("evil")).unwrap();
         let got = volumes(&[PoolConfig::dir("p", pool)]).unwrap();
-        let ids: Vec<(&str, bool)> = got.iter().map(|v| (v.id.as_str(), v.is_static)).collect();
+        let ids: Vec<(&str, Origin)> = got.iter().map(|v| (v.id.as_str(), v.origin)).collect();
         assert_eq!(
             ids,
             [
-                ("p:admin-data", true),
-                ("p:evil", true),
-                ("p:stray-file", true)
+                ("p:admin-data", Origin::Static),
+                ("p:evil", Origin::Foreign),
+                ("p:stray-file", Origin::Foreign)
             ]
         );
         assert!(got[0].bytes >= 8192, "{got:?}");

@@ -4,14 +4,14 @@
 //! - `local`: this node's volumes, from the read-only pool inventory
 //!   (works while the driver runs and while it does not; changes nothing);
 //! - this module: the rules, plain functions of this node's volumes and of
-//!   what the API server knows ([`Cluster`]), so they are tested without a
-//!   cluster; what reclaim may touch; counts and bytes by reason for the
-//!   metrics ([`summary`]).
-//!
-//! Not in yet: reading [`Cluster`] from the API server with kube-rs, the
-//! Events, and the `hostpath-csi orphans` command that reclaims through the
-//! driver's DeleteVolume (written, not landed: the kube-rs build did not
-//! fit this session).
+//!   what the API server knows ([`Cluster`], read by `crate::kubeapi`), so
+//!   they are tested without a cluster; what reclaim may touch; counts and
+//!   bytes by reason for the metrics ([`summary`]);
+//! - `report`: both sides read and classified, for the command and the
+//!   driver's periodic scan;
+//! - `scan`: the driver's periodic report: metrics and Events;
+//! - `reclaim`: removing the reclaimable ones through the driver's own
+//!   DeleteVolume (its locks, its crash safety, its `onDelete`).
 //!
 //! The reasons:
 //! - `no_pv`: a volume on disk that no PersistentVolume names (its PV was
@@ -19,7 +19,7 @@
 //! - `released`: its PV is Released (reclaim policy Retain) and no claim
 //!   will bind it again;
 //! - `unused`: its PV is Bound but no pod uses the claim, and none has for
-//!   longer than `--unused-for`;
+//!   longer than `--unused-after`;
 //! - `node_gone`: a PV of this driver pinned to a node that no longer
 //!   exists (its data was on that node; reported from any node).
 //!
@@ -29,10 +29,15 @@
 //! administrator's directory is not ours to remove.
 
 pub mod local;
+pub mod reclaim;
+pub mod report;
+pub mod scan;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
+
+use crate::volume::inventory::Origin;
 
 /// Why a volume is an orphan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -87,8 +92,13 @@ pub struct LocalVolume {
     pub last_used_unix: Option<u64>,
     /// Whether it is mounted somewhere now.
     pub published: bool,
-    /// Made by an administrator (no record): never reclaimed.
-    pub is_static: bool,
+    /// Who made it: only the driver's volumes are ever reclaimed; a
+    /// directory without a record is an administrator's, and a file or a
+    /// symlink is nobody's volume.
+    pub origin: Origin,
+    /// What is wrong with the entry, if anything (a symlink, a file, a
+    /// record whose storage is missing).
+    pub problem: Option<String>,
 }
 
 impl LocalVolume {
@@ -103,6 +113,8 @@ impl LocalVolume {
 pub struct ClusterPv {
     /// Its name.
     pub name: String,
+    /// Its uid (Events name the object by it).
+    pub uid: String,
     /// `spec.csi.volumeHandle`.
     pub handle: String,
     /// `status.phase` (Available, Bound, Released, Failed, Pending).
@@ -122,8 +134,8 @@ pub struct ClusterPv {
 pub struct Cluster {
     /// PersistentVolumes of this driver.
     pub pvs: Vec<ClusterPv>,
-    /// Claims (`namespace/name`) that exist.
-    pub claims: HashSet<String>,
+    /// Claims that exist: `namespace/name` to their uid.
+    pub claims: HashMap<String, String>,
     /// Claims that a pod (not finished) uses.
     pub claims_in_use: HashSet<String>,
     /// Names of the nodes that exist.
@@ -147,8 +159,10 @@ pub struct Orphan {
     pub bytes: u64,
     /// Seconds since it was last made, published or unpublished.
     pub idle_seconds: u64,
-    /// A static directory (no record): listed, never reclaimed.
-    pub is_static: bool,
+    /// Who made the entry (`driver`, `static`, `foreign`).
+    pub origin: Origin,
+    /// What is wrong with the entry, if anything.
+    pub problem: Option<String>,
     /// Why reclaim must leave it alone; `None`: it may be reclaimed once
     /// idle for the grace period.
     pub keep: Option<String>,
@@ -172,6 +186,11 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
         cluster.pvs.iter().map(|p| (p.handle.as_str(), p)).collect();
     let mut out = Vec::new();
     for v in local {
+        // A pod's inline ephemeral volume: no PV ever names it, and its
+        // pod's unpublish (or the driver's sweep) removes it.
+        if v.origin == Origin::Ephemeral {
+            continue;
+        }
         let idle = rules.now.saturating_sub(v.idle_since());
         let orphan = |reason: Reason, pv: Option<&ClusterPv>| Orphan {
             reason,
@@ -181,7 +200,8 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
             node: node.to_string(),
             bytes: v.bytes,
             idle_seconds: idle,
-            is_static: v.is_static,
+            origin: v.origin,
+            problem: v.problem.clone(),
             keep: None,
         };
         let found = match by_handle.get(v.id.as_str()) {
@@ -218,7 +238,8 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
                 node: n.clone(),
                 bytes: pv.bytes,
                 idle_seconds: rules.now.saturating_sub(pv.created_unix),
-                is_static: false,
+                origin: Origin::Driver,
+                problem: None,
                 keep: Some(format!("its data was on node {n}, which is gone")),
             });
         }
@@ -229,8 +250,21 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
 
 /// Why reclaim must leave an orphan on this node alone, if it must.
 fn keep_reason(o: &Orphan, v: &LocalVolume, pv: Option<&ClusterPv>) -> Option<String> {
-    if v.is_static {
-        return Some("a static directory (no record): the administrator's, never reclaimed".into());
+    match v.origin {
+        Origin::Driver => {}
+        Origin::Ephemeral => {
+            return Some("an inline ephemeral volume: its pod's unpublish removes it".into());
+        }
+        Origin::Static => {
+            return Some(
+                "a directory without a record: an administrator's static volume, never reclaimed"
+                    .into(),
+            );
+        }
+        Origin::Foreign => {
+            let what = v.problem.as_deref().unwrap_or("not a volume");
+            return Some(format!("not the driver's ({what}): never touched"));
+        }
     }
     if v.published {
         return Some("published: mounted in a pod now".into());
@@ -270,13 +304,15 @@ mod tests {
             created_unix: 1_000,
             last_used_unix: None,
             published: false,
-            is_static: false,
+            origin: Origin::Driver,
+            problem: None,
         }
     }
 
     fn pv(id: &str, phase: &str, node: &str) -> ClusterPv {
         ClusterPv {
             name: format!("pv-{id}"),
+            uid: format!("uid-{id}"),
             handle: id.into(),
             phase: phase.into(),
             claim: Some(format!("ns/{id}")),
@@ -301,7 +337,12 @@ mod tests {
         let mut published = vol("p:mounted");
         published.published = true;
         let mut stat = vol("p:static");
-        stat.is_static = true;
+        stat.origin = Origin::Static;
+        let mut link = vol("p:link");
+        link.origin = Origin::Foreign;
+        link.problem = Some("a symlink, not a directory".into());
+        let mut eph = vol("p:eph");
+        eph.origin = Origin::Ephemeral;
         let local = vec![
             vol("p:nopv"),
             vol("p:released"),
@@ -312,6 +353,8 @@ mod tests {
             used_recently,
             published,
             stat,
+            link,
+            eph,
         ];
         let mut cluster = Cluster {
             pvs: vec![
@@ -336,6 +379,7 @@ mod tests {
         assert_eq!(
             brief,
             [
+                ("no_pv", "p:link", false),
                 ("no_pv", "p:nopv", true),
                 ("no_pv", "p:static", false),
                 ("released", "p:released", true),
@@ -343,9 +387,17 @@ mod tests {
                 ("node_gone", "q:lost", false),
             ]
         );
-        assert_eq!(got[4].node, "n9");
+        assert_eq!(got[5].node, "n9");
+        assert!(
+            got[0].keep.as_deref().unwrap().contains("a symlink"),
+            "{got:?}"
+        );
+        assert!(
+            got[2].keep.as_deref().unwrap().contains("static"),
+            "{got:?}"
+        );
         let s = summary(&got);
-        assert_eq!(s[&Reason::NoPv], (2, 200));
+        assert_eq!(s[&Reason::NoPv], (3, 300));
         assert_eq!(s[&Reason::NodeGone], (1, 100));
     }
 
