@@ -191,8 +191,25 @@ fn scrape(port: u16) -> BTreeMap<String, f64> {
 
 /// OrphanVolume Events: (kind/namespace/name of the object, count).
 fn orphan_events(cp: &ControlPlane) -> Vec<(String, i64)> {
+    orphan_events_by(cp, |e| e["count"].as_i64().unwrap_or(0))
+}
+
+/// OrphanVolume Events: (kind/namespace/name of the object, lastTimestamp
+/// (RFC 3339, so they order as strings)).
+fn orphan_event_times(cp: &ControlPlane) -> Vec<(String, String)> {
+    orphan_events_by(cp, |e| {
+        e["lastTimestamp"].as_str().unwrap_or("").to_string()
+    })
+}
+
+/// OrphanVolume Events: (kind/namespace/name of the object, `field(event)`),
+/// sorted.
+fn orphan_events_by<T: Ord>(
+    cp: &ControlPlane,
+    field: impl Fn(&serde_json::Value) -> T,
+) -> Vec<(String, T)> {
     let all = cp.get_json(&["events", "-A", "--field-selector=reason=OrphanVolume"]);
-    let mut out: Vec<(String, i64)> = all["items"]
+    let mut out: Vec<(String, T)> = all["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -205,7 +222,7 @@ fn orphan_events(cp: &ControlPlane) -> Vec<(String, i64)> {
                     o["namespace"].as_str().unwrap_or(""),
                     o["name"].as_str().unwrap_or("")
                 ),
-                e["count"].as_i64().unwrap_or(0),
+                field(e),
             )
         })
         .collect();
@@ -473,6 +490,30 @@ spec:
     // Several more scans (one a second) post nothing new.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(orphan_events(cp), expected_events);
+    // A restarted driver has forgotten what it announced: its Events are
+    // there already (the create answers 409), and it brings each up to date
+    // (lastTimestamp, which has whole seconds) instead of failing or adding
+    // another.
+    let announced = orphan_event_times(cp);
+    std::thread::sleep(Duration::from_millis(1100));
+    driver.kill9();
+    *driver = Driver::start(serve, &node.dir.join("driver.log"));
+    wait_socket(s);
+    cp.wait_for(
+        "the Events announced again",
+        Duration::from_secs(60),
+        |cp| {
+            let again = orphan_event_times(cp);
+            again.len() == announced.len()
+                && again
+                    .iter()
+                    .zip(&announced)
+                    .all(|(a, b)| a.0 == b.0 && a.1 > b.1)
+        },
+    );
+    assert_eq!(orphan_events(cp), expected_events);
+    let log = std::fs::read_to_string(node.dir.join("driver.log")).unwrap();
+    assert!(!log.contains("patch events"), "driver log:\n{log}");
 
     let entries_before = common::entries(&node.pool);
     // A dry run changes nothing.
