@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use csi_proto as csi;
-use orphans_support::{ControlPlane, Driver, free_port, orphans_cmd};
+use orphans_support::{ControlPlane, Driver, block_on, cap, create, free_port, orphans_cmd};
 use serde_json::Value;
 
 const NODE: &str = "orphans-node";
@@ -66,54 +66,6 @@ impl Node {
             "--orphan-settle=0s".into(),
         ]
     }
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn cap() -> csi::VolumeCapability {
-    common::mount_cap(csi::volume_capability::access_mode::Mode::SingleNodeWriter)
-}
-
-/// CreateVolume as csi-provisioner with --extra-create-metadata calls it.
-fn create(socket: &Path, name: &str, claim: &str, extra: &[(&str, &str)]) -> String {
-    let (ns, n) = claim.split_once('/').unwrap();
-    let mut params: std::collections::HashMap<String, String> = [
-        ("pool", "hdd"),
-        ("csi.storage.k8s.io/pv/name", name),
-        ("csi.storage.k8s.io/pvc/name", n),
-        ("csi.storage.k8s.io/pvc/namespace", ns),
-    ]
-    .iter()
-    .chain(extra)
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    params.shrink_to_fit();
-    block_on(async {
-        let ch = csi::connect(socket).await.unwrap();
-        let mut c = csi::controller_client::ControllerClient::new(ch);
-        c.create_volume(csi::CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 1 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap()],
-            parameters: params,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
-    })
 }
 
 fn publish(socket: &Path, id: &str, target: &Path) {

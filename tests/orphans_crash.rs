@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use csi_proto as csi;
-use orphans_support::{ControlPlane, Driver, orphans_cmd};
+use orphans_support::{ControlPlane, Driver, block_on, create, orphans_cmd};
 
 const NODE: &str = "crash-node";
 /// Orphans made per round.
@@ -25,51 +25,6 @@ const PER_ROUND: usize = 8;
 /// Files in each orphan, so that removing one takes a moment.
 const FILES: usize = 300;
 const ROUNDS: usize = 6;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn create(socket: &Path, name: &str, archive: bool) -> String {
-    let mut params = std::collections::HashMap::from([
-        ("pool".to_string(), "hdd".to_string()),
-        ("csi.storage.k8s.io/pv/name".to_string(), name.to_string()),
-        ("csi.storage.k8s.io/pvc/name".to_string(), name.to_string()),
-        (
-            "csi.storage.k8s.io/pvc/namespace".to_string(),
-            "app".to_string(),
-        ),
-    ]);
-    if archive {
-        params.insert("onDelete".into(), "archive".into());
-    }
-    block_on(async {
-        let ch = csi::connect(socket).await.unwrap();
-        csi::controller_client::ControllerClient::new(ch)
-            .create_volume(csi::CreateVolumeRequest {
-                name: name.into(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 1 << 20,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![common::mount_cap(
-                    csi::volume_capability::access_mode::Mode::SingleNodeWriter,
-                )],
-                parameters: params,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id
-    })
-}
 
 fn ready(socket: &Path) -> bool {
     block_on(async {
@@ -137,7 +92,7 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
     // Volumes that are not orphans: bound PVs. They must keep their data.
     let mut keep = Vec::new();
     for name in ["keep-a", "keep-b"] {
-        let id = create(&socket, name, false);
+        let id = create(&socket, name, &format!("app/{name}"), &[]);
         fill(&pool, &id);
         cp.pv(
             name,
@@ -160,7 +115,13 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
     for round in 0..ROUNDS {
         let mut ids = Vec::new();
         for i in 0..PER_ROUND {
-            let id = create(&socket, &format!("r{round}-v{i}"), i % 2 == 1);
+            let name = format!("r{round}-v{i}");
+            let archive: &[(&str, &str)] = if i % 2 == 1 {
+                &[("onDelete", "archive")]
+            } else {
+                &[]
+            };
+            let id = create(&socket, &name, &format!("app/{name}"), archive);
             fill(&pool, &id);
             ids.push((id, i % 2 == 1));
         }

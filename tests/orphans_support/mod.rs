@@ -491,3 +491,53 @@ pub fn orphans_cmd(args: &[String]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `f` on a current-thread runtime of its own.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A mount capability, single node writer.
+pub fn cap() -> csi_proto::VolumeCapability {
+    super::common::mount_cap(csi_proto::volume_capability::access_mode::Mode::SingleNodeWriter)
+}
+
+/// CreateVolume as csi-provisioner with --extra-create-metadata calls it.
+pub fn create(socket: &Path, name: &str, claim: &str, extra: &[(&str, &str)]) -> String {
+    let (ns, n) = claim.split_once('/').unwrap();
+    let mut params: std::collections::HashMap<String, String> = [
+        ("pool", "hdd"),
+        ("csi.storage.k8s.io/pv/name", name),
+        ("csi.storage.k8s.io/pvc/name", n),
+        ("csi.storage.k8s.io/pvc/namespace", ns),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    params.shrink_to_fit();
+    block_on(async {
+        let ch = csi_proto::connect(socket).await.unwrap();
+        let mut c = csi_proto::controller_client::ControllerClient::new(ch);
+        c.create_volume(csi_proto::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi_proto::CapacityRange {
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap()],
+            parameters: params,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+    })
+}
