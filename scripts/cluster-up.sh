@@ -13,7 +13,15 @@
 #   CLUSTER_DIR   where everything lives (default /var/lib/hostpath-csi-cluster)
 #   NODES         1 (default) or 2: the second kubelet runs in a mount
 #                 namespace of its own, see scripts/cluster-lib.sh
-#   INSTALL       the kustomization to install (default deploy/); `none`
+#   SNAPSHOTS     1 (default): the cluster supports VolumeSnapshots, as a
+#                 user sets that up (README, "Snapshots, restores and
+#                 clones"): the CRDs and the snapshot controller from
+#                 deploy/snapshot-controller are installed with the cluster,
+#                 and the default install adds deploy/components/snapshots
+#                 (csi-snapshotter in the node plugin's pod, its RBAC, the
+#                 VolumeSnapshotClass). 0 leaves all of that out.
+#   INSTALL       the kustomization to install (default deploy/, with
+#                 components/snapshots unless SNAPSHOTS=0); `none`
 #                 installs nothing (a test mounts its pools first)
 #   IMAGES        extra images for scripts/images.sh (e.g. local-path)
 #   HOSTPATH_CSI_BIN  a driver binary to put in the node image instead of
@@ -26,11 +34,13 @@ repo="$(cd "$here/.." && pwd)"
 # shellcheck source=scripts/cluster-lib.sh
 source "$here/cluster-lib.sh"
 NODES="${NODES:-1}"
-INSTALL="${INSTALL:-$repo/deploy}"
+SNAPSHOTS="${SNAPSHOTS:-1}"
+INSTALL="${INSTALL:-default}"
 t0=$SECONDS
 
 [[ $(id -u) -eq 0 ]] || cl_die "run as root (containerd, the kubelet, mounts, iptables)"
 [[ $NODES == 1 || $NODES == 2 ]] || cl_die "NODES must be 1 or 2"
+[[ $SNAPSHOTS == 0 || $SNAPSHOTS == 1 ]] || cl_die "SNAPSHOTS must be 0 or 1"
 if [[ -d $CL_STATE ]]; then
   cl_die "a cluster is already set up in $CLUSTER_DIR: scripts/cluster-down.sh first"
 fi
@@ -79,8 +89,10 @@ if [[ -z ${HOSTPATH_CSI_BIN:-} ]]; then
   HOSTPATH_CSI_BIN="${CARGO_TARGET_DIR:-$repo/target}/release/hostpath-csi"
 fi
 export HOSTPATH_CSI_BIN TOOLS_ENV="$CLUSTER_DIR/tools.env"
+snapshot_images=()
+((SNAPSHOTS)) && snapshot_images=(csi-snapshotter snapshot-controller)
 # shellcheck disable=SC2086 # IMAGES is a list of words
-"$here/images.sh" pause busybox hostpath-csi csi-provisioner csi-resizer mariadb ${IMAGES:-} \
+"$here/images.sh" pause busybox hostpath-csi csi-provisioner csi-resizer "${snapshot_images[@]}" mariadb ${IMAGES:-} \
   >"$CLUSTER_DIR/images.list" 2>"$CLUSTER_DIR/logs/images.log" ||
   { tail -n 30 "$CLUSTER_DIR/logs/images.log" >&2; cl_die "building the images failed"; }
 cl_log "components and images ready after $((SECONDS - t0)) s"
@@ -319,6 +331,38 @@ done
   sed 's/^/export /' "$CLUSTER_DIR/tools.env"
 } >"$CLUSTER_DIR/env"
 
+if ((SNAPSHOTS)); then
+  # Cluster-wide and shared by every CSI driver (many distributions ship
+  # them): the CRDs, then the controller, labelling each content with its
+  # source's node (--enable-distributed-snapshotting).
+  cl_log "installing the VolumeSnapshot CRDs and the snapshot controller (deploy/snapshot-controller)"
+  { k apply -k "$repo/deploy/snapshot-controller/crds" &&
+    k wait --for condition=established --timeout=60s crd/volumesnapshots.snapshot.storage.k8s.io \
+      crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io &&
+    k apply -k "$repo/deploy/snapshot-controller"; } >"$CLUSTER_DIR/logs/install-snapshots.log" 2>&1 ||
+    { cat "$CLUSTER_DIR/logs/install-snapshots.log" >&2; cl_die "installing deploy/snapshot-controller failed"; }
+  snapshot_controller_ready() {
+    local want got
+    want="$(k get deploy -n kube-system snapshot-controller -o jsonpath='{.spec.replicas}')"
+    got="$(k get deploy -n kube-system snapshot-controller -o jsonpath='{.status.readyReplicas}')"
+    [[ -n $want && $got == "$want" ]]
+  }
+  cl_wait 120 "the snapshot controller running" snapshot_controller_ready ||
+    { k get pods -n kube-system -o wide >&2; k get events -n kube-system >&2; exit 1; }
+fi
+
+if [[ $INSTALL == default ]]; then
+  INSTALL="$repo/deploy"
+  if ((SNAPSHOTS)); then
+    # deploy/ plus the snapshots component, as the README tells a user to
+    # write it (kustomize wants relative paths).
+    INSTALL="$CLUSTER_DIR/install"
+    mkdir -p "$INSTALL"
+    printf 'resources:\n  - %s\ncomponents:\n  - %s\n' \
+      "$(realpath --relative-to="$INSTALL" "$repo/deploy")" \
+      "$(realpath --relative-to="$INSTALL" "$repo/deploy/components/snapshots")" >"$INSTALL/kustomization.yaml"
+  fi
+fi
 if [[ $INSTALL != none ]]; then
   cl_log "installing: kubectl apply -k $INSTALL"
   k apply -k "$INSTALL" >"$CLUSTER_DIR/logs/install.log" 2>&1 ||
@@ -342,3 +386,6 @@ or Never; a missing image fails at once (every registry is a closed port).
 Import more with: ctr -a $(cl_node_dir 1)/containerd.sock -n k8s.io images import IMAGE.tar
 Tear down with:   scripts/cluster-down.sh
 EOF
+if ((SNAPSHOTS)); then
+  echo "VolumeSnapshots: the CRDs and the snapshot controller (deploy/snapshot-controller) are installed."
+fi

@@ -19,7 +19,12 @@
 #                   machine's Debian packages
 #   csi-provisioner registry.k8s.io/sig-storage/csi-provisioner:<pinned>
 #   csi-resizer     registry.k8s.io/sig-storage/csi-resizer:<pinned>
-#                   (the binaries tests/e2e/build-tools.sh builds)
+#   csi-snapshotter registry.k8s.io/sig-storage/csi-snapshotter:<pinned>
+#   snapshot-controller
+#                   registry.k8s.io/sig-storage/snapshot-controller:<pinned>
+#                   (the binaries tests/e2e/build-tools.sh builds; the
+#                   snapshot pair serves deploy/snapshot-controller and
+#                   deploy/components/snapshots)
 #   mariadb         hostpath-csi.dev/e2e/mariadb:10.11: Debian bookworm
 #                   minbase with mariadb-server (debootstrap, minutes: cached)
 #   local-path      docker.io/rancher/local-path-provisioner:v0.0.30 (only
@@ -41,11 +46,11 @@
 # run builds nothing.
 #
 # Usage: scripts/images.sh [--import CONTAINERD_SOCKET] [IMAGE...]
-#   IMAGE: pause busybox hostpath-csi csi-provisioner csi-resizer mariadb
-#   local-path e2e-agnhost e2e-nginx (default: all but local-path and the
-#   e2e-* ones). Prints one ARCHIVE line per image on stdout; with --import,
-#   also imports each into the k8s.io namespace of the containerd at
-#   CONTAINERD_SOCKET.
+#   IMAGE: pause busybox hostpath-csi csi-provisioner csi-resizer
+#   csi-snapshotter snapshot-controller mariadb local-path e2e-agnhost
+#   e2e-nginx (default: all but local-path and the e2e-* ones). Prints one
+#   ARCHIVE line per image on stdout; with --import, also imports each into
+#   the k8s.io namespace of the containerd at CONTAINERD_SOCKET.
 # Environment:
 #   HOSTPATH_CSI_BIN  the driver binary (default: target/release/hostpath-csi,
 #                     built with `cargo build --release` when missing)
@@ -64,6 +69,8 @@ BUSYBOX_IMAGES=(docker.io/library/busybox:1.37 docker.io/library/busybox:latest
 DRIVER_IMAGE=docker.io/library/hostpath-csi:0.1.0
 PROVISIONER_IMAGE=registry.k8s.io/sig-storage/csi-provisioner:v6.4.0
 RESIZER_IMAGE=registry.k8s.io/sig-storage/csi-resizer:v2.3.0
+SNAPSHOTTER_IMAGE=registry.k8s.io/sig-storage/csi-snapshotter:v8.7.0
+SNAPSHOT_CONTROLLER_IMAGE=registry.k8s.io/sig-storage/snapshot-controller:v8.7.0
 MARIADB_IMAGE=hostpath-csi.dev/e2e/mariadb:10.11
 LOCALPATH_IMAGE=docker.io/rancher/local-path-provisioner:v0.0.30
 E2E_AGNHOST_IMAGE=registry.k8s.io/e2e-test-images/agnhost:2.59
@@ -82,7 +89,8 @@ while (($#)); do
     *) want+=("$1"); shift ;;
   esac
 done
-((${#want[@]})) || want=(pause busybox hostpath-csi csi-provisioner csi-resizer mariadb)
+((${#want[@]})) || want=(pause busybox hostpath-csi csi-provisioner csi-resizer csi-snapshotter
+  snapshot-controller mariadb)
 
 work="$(mktemp -d "$cache/.work.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -386,11 +394,14 @@ for img in "${want[@]}"; do
     hostpath-csi) a="$(build_hostpath_csi)" ;;
     csi-provisioner) a="$(go_image csi-provisioner "$(tools_env CSI_PROVISIONER)" "$PROVISIONER_IMAGE")" ;;
     csi-resizer) a="$(go_image csi-resizer "$(tools_env CSI_RESIZER)" "$RESIZER_IMAGE")" ;;
+    csi-snapshotter) a="$(go_image csi-snapshotter "$(tools_env CSI_SNAPSHOTTER)" "$SNAPSHOTTER_IMAGE")" ;;
+    snapshot-controller)
+      a="$(go_image snapshot-controller "$(tools_env SNAPSHOT_CONTROLLER)" "$SNAPSHOT_CONTROLLER_IMAGE")" ;;
     mariadb) a="$(build_mariadb)" ;;
     local-path) a="$(go_image local-path-provisioner "$(tools_env LOCAL_PATH_PROVISIONER)" "$LOCALPATH_IMAGE")" ;;
     e2e-agnhost) a="$(build_e2e_agnhost)" ;;
     e2e-nginx) a="$(build_e2e_nginx)" ;;
-    *) die "unknown image '$img' (pause busybox hostpath-csi csi-provisioner csi-resizer mariadb local-path e2e-agnhost e2e-nginx)" ;;
+    *) die "unknown image '$img' (pause busybox hostpath-csi csi-provisioner csi-resizer csi-snapshotter snapshot-controller mariadb local-path e2e-agnhost e2e-nginx)" ;;
   esac
   log "$img: $a ($(du -h "$a" | cut -f1), $((SECONDS - start)) s)"
   if [[ -n $import_sock ]]; then
