@@ -17,6 +17,9 @@
 #     the pod writes past the old one.
 #   4 two nodes (NODES=2): a claim that fits only node 2's pool is placed
 #     and provisioned there; node 1 never sees it.
+#   5 snapshots (tests/e2e/pods/snapshots.sh): deploy/examples' snapshot,
+#     restore and clone of the database's claim, on the snapshot's node and
+#     (NODES=2) on the wrong one; the source deleted, the snapshot kept.
 #
 # There is no CoreDNS in the cluster: a client reaches the headless
 # Service's pod through the address in the Service's EndpointSlice, which is
@@ -33,6 +36,9 @@ t0=$SECONDS
 [[ $(id -u) -eq 0 ]] || { echo "tests/e2e/pods.sh must run as root (containerd, kubelet, mounts)" >&2; exit 1; }
 
 export NODES="${NODES:-2}"
+# The snapshot CRDs and controller come with the cluster; the install adds
+# the snapshots component (tests/e2e/pods/kustomization.yaml).
+export SNAPSHOTS=1
 export CLUSTER_DIR="${CLUSTER_DIR:-$(mktemp -d /var/tmp/hostpath-csi-pods.XXXXXX)}"
 rmdir "$CLUSTER_DIR" 2>/dev/null || true   # cluster-up makes it
 NS=hostpath-csi
@@ -100,7 +106,9 @@ node_exec() { # N CMD... : CMD in node N's mount namespace
 }
 
 # Pools: tmpfs of known sizes, so capacity is predictable. Node 2's ssd is
-# the only one that can hold the big claim of scenario 4.
+# the only one that can hold the big claim of scenario 4; either node's ssd
+# holds scenario 5's database with its snapshot, two restores and a clone
+# (each a full copy on a dir pool, about 110 MiB).
 pool_mount() { # NODE POOL SIZE
   node_exec "$1" sh -ec "mkdir -p /var/lib/hostpath-csi/$2
     mount -t tmpfs -o size=$3,mode=0755 pods-n$1-$2 /var/lib/hostpath-csi/$2"
@@ -109,8 +117,8 @@ for n in $(seq "$NODES"); do
   pool_mount "$n" hdd 256m
   pool_mount "$n" img 2g
 done
-pool_mount 1 ssd 128m
-((NODES < 2)) || pool_mount 2 ssd 1g
+pool_mount 1 ssd 1g
+((NODES < 2)) || pool_mount 2 ssd 2g
 
 scenario "install: kubectl apply -k of deploy/ (plus the test's image pool) runs the node plugin on every node"
 s0=$SECONDS
@@ -130,6 +138,13 @@ for n in $(seq "$NODES"); do
   [[ "$(k get node "$node" -o jsonpath='{.metadata.labels.topology\.hostpath-csi\.dev/node}')" == "$node" ]] ||
     fail "node $node has no topology label"
 done
+# The snapshots component: csi-snapshotter in every node plugin pod (Ready
+# above), the default VolumeSnapshotClass; the controller came with the
+# cluster.
+[[ "$(k get ds -n "$NS" hostpath-csi-node -o json | jq -r '[.spec.template.spec.containers[].name] | index("csi-snapshotter") != null')" == true ]] ||
+  fail "the node plugin has no csi-snapshotter"
+[[ "$(k get volumesnapshotclass hostpath-csi -o jsonpath='{.driver}')" == hostpath-csi.dev ]] ||
+  fail "no VolumeSnapshotClass hostpath-csi"
 k create namespace "$APP" >/dev/null
 pass
 
@@ -269,7 +284,7 @@ fi
 if ((NODES >= 2)); then
   scenario "4 two nodes: a claim that fits only node 2's ssd pool is scheduled and provisioned there; node 1 never sees it"
   s0=$SECONDS
-  claim big-ssd ssd 512Mi
+  claim big-ssd ssd 1536Mi
   a apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Pod
@@ -285,7 +300,7 @@ spec:
   volumes: [{name: v, persistentVolumeClaim: {claimName: big-ssd}}]
 EOF
   big_running() { [[ "$(a get pod big -o jsonpath='{.status.phase}')" == Running ]]; }
-  wait_for 180 "the pod of the 512Mi ssd claim Running" big_running
+  wait_for 180 "the pod of the 1536Mi ssd claim Running" big_running
   [[ "$(pod_node big)" == "$NODE2_NAME" ]] || fail "the pod runs on $(pod_node big), not on $NODE2_NAME"
   pv="$(pv_of big-ssd)"
   got="$(k get pv "$pv" -o jsonpath='{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}')"
@@ -321,6 +336,10 @@ EOF
   node_exec 2 test ! -e "/var/lib/hostpath-csi/ssd/$pv" || fail "node 2's ssd pool still has $pv"
   pass
 fi
+
+# ------------------------------------------------------------------ 5 snapshots
+# shellcheck source=tests/e2e/pods/snapshots.sh
+source "$here/pods/snapshots.sh"
 
 log "all scenarios done after $((SECONDS - t0)) s"
 echo "e2e: $passed passed, $failed failed"
