@@ -203,6 +203,24 @@ fn check_data(dir: &Path, what: &str) {
     }
 }
 
+/// A volume of the test's size named `name`, published at
+/// `targets/<name>` with the test's data written into it: its id and target.
+async fn source(c: &Ctx, targets: &Path, name: &str) -> (String, PathBuf) {
+    let id = c
+        .ctl()
+        .create_volume(common::create_request(name, "p", c.size))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let target = targets.join(name);
+    publish(c, &id, &target).await;
+    write_data(&target);
+    (id, target)
+}
+
 async fn publish(c: &Ctx, id: &str, target: &Path) {
     c.node()
         .node_publish_volume(common::publish_request(id, target, false))
@@ -320,31 +338,9 @@ async fn crash_snapshots(spec: PoolSpec, size: i64, groups: bool) {
         size,
     };
 
-    let src = c
-        .ctl()
-        .create_volume(common::create_request("src", "p", size))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let src_target = targets.join("src");
-    publish(&c, &src, &src_target).await;
-    write_data(&src_target);
+    let (src, src_target) = source(&c, &targets, "src").await;
     // The second volume of the group snapshots, holding the same data.
-    let src2 = c
-        .ctl()
-        .create_volume(common::create_request("src2", "p", size))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let src2_target = targets.join("src2");
-    publish(&c, &src2, &src2_target).await;
-    write_data(&src2_target);
+    let (src2, src2_target) = source(&c, &targets, "src2").await;
     let srcs = [src.clone(), src2.clone()];
 
     let rounds = env_u64("HOSTPATH_CSI_SNAPSHOT_CRASH_ROUNDS", 12) as usize;
