@@ -27,6 +27,22 @@ command -v "$SANITY" >/dev/null || { echo "csi-sanity not found (set CSI_SANITY)
 GRPCURL=${GRPCURL:-$(dirname "$(command -v "$SANITY")")/grpcurl}
 [[ -x $GRPCURL ]] || GRPCURL=$(command -v grpcurl) || { echo "grpcurl not found (set GRPCURL)"; exit 2; }
 
+# The one spec skipped by name, a csi-sanity v5.6.0 bug: "should succeed
+# when creating a snapshot with accessibility requirements" compares each
+# returned Snapshot.accessible_topology with NodeGetInfo's Topology using
+# gomega's Equal, which is reflect.DeepEqual on the Go protobuf structs. The
+# NodeGetInfo Topology was encoded into the CreateVolume and CreateSnapshot
+# requests first, which filled its internal size cache (48); the one
+# decoded from the reply has none (0), so the two never compare equal
+# (seen: same segments, sizeCache 48 against 0). Any driver that reports
+# where its snapshots are usable fails it; only one that reports nothing
+# passes. This driver reports it (its snapshots are usable on their node
+# only), and tests/snapshot_topology.rs checks what the spec means: every
+# snapshot's topology is NodeGetInfo's, a requisite without this node is
+# RESOURCE_EXHAUSTED and makes nothing.
+UPSTREAM_BUG='creating a snapshot with accessibility requirements'
+UPSTREAM_BUG_WHY="CreateSnapshot with accessibility requirements: skipped by name, a csi-sanity v5.6.0 bug (reflect.DeepEqual of protobuf structs; see scripts/conformance.sh)"
+
 total_pass=0 total_fail=0 total_skip=0
 WORK=""
 DRIVER_PID=""
@@ -105,9 +121,10 @@ TOML
   "$SANITY" --csi.endpoint "$WORK/csi.sock" --csi.mountdir "$WORK/mnt" \
     --csi.stagingdir "$WORK/stage" --csi.testvolumesize "$size" \
     --csi.testvolumeparameters "$WORK/params.yaml" "${extra[@]}" \
-    -ginkgo.no-color -ginkgo.v >"$out" 2>&1 || rc=$?
+    -ginkgo.skip "$UPSTREAM_BUG" -ginkgo.no-color -ginkgo.v >"$out" 2>&1 || rc=$?
   # Why specs were skipped (capabilities the driver does not claim).
   grep -E '^\s*\[SKIPPED\] [A-Za-z]' "$out" | grep -v '\[SKIPPED\] in \[' | sed -E 's/^\s*\[SKIPPED\] //' | sort | uniq -c | sed "s/^/  skipped[$label]: /" || true
+  printf '  skipped[%s]:       1 %s\n' "$label" "$UPSTREAM_BUG_WHY"
   local line
   line=$(grep -E '^(SUCCESS|FAIL)!' "$out" | tail -1 || true)
   local p f s

@@ -61,6 +61,9 @@ pub(crate) fn snapshot_to_csi(s: Snapshot) -> csi::Snapshot {
         // Snapshots are complete copies when CreateSnapshot answers.
         ready_to_use: true,
         group_snapshot_id: s.group_id.unwrap_or_default(),
+        accessible_topology: vec![csi::Topology {
+            segments: s.topology.into_iter().collect(),
+        }],
     }
 }
 

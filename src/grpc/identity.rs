@@ -52,6 +52,9 @@ impl csi::identity_server::Identity for Identity {
             service_cap(service::Type::ControllerService),
             service_cap(service::Type::VolumeAccessibilityConstraints),
             service_cap(service::Type::GroupControllerService),
+            // Snapshots are copies on their volume's node, usable there
+            // only; each Snapshot says so in its accessible_topology.
+            service_cap(service::Type::SnapshotAccessibilityConstraints),
         ];
         let c = &self.shared.config;
         if c.controller_expands() || c.node_expands() {

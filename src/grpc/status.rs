@@ -148,6 +148,10 @@ fn volume_code(e: &VolumeError) -> Code {
         | VolumeError::ForeignMount { .. } => Code::FailedPrecondition,
         // CreateVolume: "unsupported accessible_topology".
         VolumeError::OtherNode { .. } => Code::ResourceExhausted,
+        // CreateSnapshot: "the `accessibility_requirements` field is valid
+        // but a snapshot cannot be created with the specified topology
+        // constraints".
+        VolumeError::SnapshotOtherNode { .. } => Code::ResourceExhausted,
         VolumeError::NotExpandable { .. } => Code::Unimplemented,
         VolumeError::Io { source, .. } => io_code(source),
         VolumeError::Busy(LockError::Busy(_)) => Code::Aborted,

@@ -223,11 +223,7 @@ pub(crate) fn create_volume(r: &csi::CreateVolumeRequest) -> Result<CreateVolume
     if caps.iter().any(|c| c.access() != access) {
         return Err(RequestError::MixedAccess);
     }
-    let requisite = r
-        .accessibility_requirements
-        .as_ref()
-        .map(|a| a.requisite.iter().map(segments).collect())
-        .unwrap_or_default();
+    let requisite = requisite(r.accessibility_requirements.as_ref());
     let parameters = parameters(&r.parameters);
     // Checked now, so a StorageClass with a typo fails at its first claim,
     // not when its first volume is deleted.
@@ -274,15 +270,20 @@ pub(crate) struct CreateSnapshot {
     pub(crate) name: String,
     /// The volume to snapshot.
     pub(crate) source: VolumeId,
+    /// Topology segments of which the snapshot must be usable from one
+    /// (`accessibility_requirements.requisite`; empty: anywhere).
+    pub(crate) requisite: Vec<Segments>,
 }
 
-/// CreateSnapshot: a name and the volume to take it of.
+/// CreateSnapshot: a name, the volume to take it of, and where it must be
+/// usable from.
 pub(crate) fn create_snapshot(r: &csi::CreateSnapshotRequest) -> Result<CreateSnapshot> {
     let name = volume_name(&r.name)?.to_string();
     required(&r.source_volume_id, "source_volume_id")?;
     Ok(CreateSnapshot {
         name,
         source: parse_volume_id(&r.source_volume_id)?,
+        requisite: requisite(r.accessibility_requirements.as_ref()),
     })
 }
 
@@ -706,6 +707,13 @@ pub(crate) fn node_expand_volume(r: &csi::NodeExpandVolumeRequest) -> Result<Nod
 fn published_path(volume_path: &str) -> Result<NodePath> {
     required(volume_path, "volume_path")?;
     node_path(volume_path, "volume_path").map_err(|e| RequestError::NotAPath(Box::new(e)))
+}
+
+/// The requisite segments of a topology requirement (the preferred ones
+/// add nothing on a node-local driver: this node is the only choice).
+fn requisite(r: Option<&csi::TopologyRequirement>) -> Vec<Segments> {
+    r.map(|a| a.requisite.iter().map(segments).collect())
+        .unwrap_or_default()
 }
 
 fn segments(t: &csi::Topology) -> Segments {

@@ -26,7 +26,7 @@ impl Volumes {
     /// CreateVolume: idempotent by name.
     pub(crate) fn create(&self, req: &CreateVolume) -> Result<Volume> {
         let pool = self.select_pool(&req.parameters)?;
-        if !req.requisite.is_empty() && !req.requisite.iter().any(|s| self.on_this_node(s)) {
+        if !self.allows_this_node(&req.requisite) {
             return Err(VolumeError::OtherNode {
                 node: self.node_id.clone(),
             });

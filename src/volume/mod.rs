@@ -97,6 +97,17 @@ pub enum VolumeError {
         /// This node.
         node: String,
     },
+    /// CreateSnapshot's `accessibility_requirements` do not include this
+    /// node, the only place its snapshots are usable from.
+    #[error(
+        "snapshots of this driver are copies on the node of their volume, {node}, and usable only \
+         there (a volume made from one is made on that node); none of the required topology \
+         segments (accessibility_requirements.requisite) allows it; nothing was made"
+    )]
+    SnapshotOtherNode {
+        /// This node.
+        node: String,
+    },
     /// The volume id names a pool this node does not have.
     #[error("volume {:?} does not exist: no pool {:?} on this node", .0.to_string(), .0.pool())]
     NoSuchPool(VolumeId),
@@ -560,6 +571,12 @@ impl Volumes {
     /// The topology segment of this node.
     pub(crate) fn topology(&self) -> BTreeMap<String, String> {
         BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
+    }
+
+    /// Whether `requisite` (topology segments of which one must hold; none:
+    /// any place) allows this node.
+    fn allows_this_node(&self, requisite: &[BTreeMap<String, String>]) -> bool {
+        requisite.is_empty() || requisite.iter().any(|s| self.on_this_node(s))
     }
 
     /// Whether a topology segment is satisfied by this node.

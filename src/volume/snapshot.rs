@@ -12,6 +12,7 @@
 //! node, so a clone's source that this node does not hold is answered the
 //! same way (see [`VolumeError::SourceVolumeNotHere`]).
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +162,9 @@ pub(crate) struct Snapshot {
     pub(crate) created: (u64, u32),
     /// The id of the group snapshot it belongs to, if any.
     pub(crate) group_id: Option<String>,
+    /// Where it is usable from: this node's topology segment. A snapshot
+    /// is a copy on this node, and a volume made from it is made here.
+    pub(crate) topology: BTreeMap<String, String>,
 }
 
 impl Volumes {
@@ -183,6 +187,7 @@ impl Volumes {
                 .group
                 .as_ref()
                 .map(|g| self.group_id(pool.name(), g).to_string()),
+            topology: self.topology(),
         }
     }
 
@@ -204,6 +209,14 @@ impl Volumes {
     /// source is ALREADY_EXISTS.
     pub(crate) fn create_snapshot(&self, req: &CreateSnapshot) -> Result<Snapshot> {
         let source = &req.source;
+        // Before anything is looked up or made: a snapshot is usable only
+        // on this node (CSI spec, CreateSnapshot errors: a valid
+        // requirement that cannot be met is RESOURCE_EXHAUSTED).
+        if !self.allows_this_node(&req.requisite) {
+            return Err(VolumeError::SnapshotOtherNode {
+                node: self.node_id.clone(),
+            });
+        }
         let pool = self.pool_of(source)?;
         let token = snapshot_token(&req.name);
         let id = self.snapshot_id(pool.name(), &token);

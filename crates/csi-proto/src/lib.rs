@@ -1,4 +1,4 @@
-//! The Container Storage Interface, v1.12.0, as Rust: the messages, the
+//! The Container Storage Interface, v1.13.0, as Rust: the messages, the
 //! Identity/Controller/Node clients and the service traits, generated from
 //! `proto/csi.proto` at build time (protox, so no system `protoc`).
 //!
