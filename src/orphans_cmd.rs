@@ -105,7 +105,6 @@ const HEADERS: [&str; 8] = [
 
 /// The table: one row per orphan, then what each reason means.
 fn table(report: &Report, grace: u64) -> String {
-    let dash = || "-".to_string();
     let mut out = format!(
         "API server {}: {} PVs of this driver; node {}: {} entries in the pools\n",
         report.server, report.pvs, report.node, report.local_volumes
@@ -114,37 +113,7 @@ fn table(report: &Report, grace: u64) -> String {
         out.push_str("no orphans\n");
         return out;
     }
-    let rows: Vec<Vec<String>> = report
-        .orphans
-        .iter()
-        .map(|o| {
-            let reclaim = match &o.keep {
-                Some(why) => format!("no: {why}"),
-                None if o.idle_seconds < grace => {
-                    format!(
-                        "after the grace period (in {})",
-                        age(grace - o.idle_seconds)
-                    )
-                }
-                None => "yes".into(),
-            };
-            vec![
-                o.reason.as_str().to_string(),
-                o.volume_id.clone(),
-                o.pv.clone().unwrap_or_else(dash),
-                o.claim.clone().unwrap_or_else(dash),
-                o.node.clone(),
-                human_bytes(o.bytes),
-                // Idle since the epoch: an entry with no known times.
-                if o.idle_seconds >= report.at_unix {
-                    dash()
-                } else {
-                    age(o.idle_seconds)
-                },
-                reclaim,
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = report.orphans.iter().map(|o| row(o, grace)).collect();
     out.push_str(&aligned(&HEADERS, &rows));
     let mut reasons: Vec<Reason> = report.orphans.iter().map(|o| o.reason).collect();
     reasons.dedup();
@@ -152,6 +121,29 @@ fn table(report: &Report, grace: u64) -> String {
         out.push_str(&format!("{}: {}\n", r.as_str(), r.explain()));
     }
     out
+}
+
+/// One orphan's cells, under [`HEADERS`]; IDLE is `-` when no time is
+/// known.
+fn row(o: &Orphan, grace: u64) -> Vec<String> {
+    let dash = || "-".to_string();
+    let reclaim = match (&o.keep, o.idle_seconds) {
+        (Some(why), _) => format!("no: {why}"),
+        (None, Some(idle)) if idle < grace => {
+            format!("after the grace period (in {})", age(grace - idle))
+        }
+        (None, _) => "yes".into(),
+    };
+    vec![
+        o.reason.as_str().to_string(),
+        o.volume_id.clone(),
+        o.pv.clone().unwrap_or_else(dash),
+        o.claim.clone().unwrap_or_else(dash),
+        o.node.clone(),
+        human_bytes(o.bytes),
+        o.idle_seconds.map_or_else(dash, age),
+        reclaim,
+    ]
 }
 
 /// What `--reclaim` did, or would do.
@@ -201,5 +193,42 @@ fn age(s: u64) -> String {
         60..3600 => format!("{}m", s / 60),
         3600..86400 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostpath_csi::volume::inventory::Origin;
+
+    fn orphan(idle: Option<u64>) -> Orphan {
+        Orphan {
+            reason: Reason::NoPv,
+            volume_id: "hdd:v".into(),
+            pv: None,
+            claim: Some("app/data".into()),
+            node: "n1".into(),
+            bytes: 1 << 20,
+            idle_seconds: idle,
+            origin: Origin::Driver,
+            problem: None,
+            keep: None,
+        }
+    }
+
+    #[test]
+    fn idle_shows_a_dash_when_no_time_is_known() {
+        const DAY: u64 = 86_400;
+        let cells = |idle| row(&orphan(idle), DAY)[6..].join(" | ");
+        assert_eq!(cells(Some(90)), "1m | after the grace period (in 23h)");
+        assert_eq!(cells(Some(2 * DAY)), "2d | yes");
+        // Not "20424d" (since 1970): unknown, and older than any grace.
+        assert_eq!(cells(None), "- | yes");
+        let mut kept = orphan(None);
+        kept.keep = Some("published: mounted in a pod now".into());
+        assert_eq!(
+            row(&kept, DAY)[6..].join(" | "),
+            "- | no: published: mounted in a pod now"
+        );
     }
 }

@@ -197,11 +197,14 @@ fn event_name(t: &Target, o: &Orphan) -> String {
 /// What the Event says.
 fn message(o: &Orphan) -> String {
     format!(
-        "volume {} on node {} ({} bytes, idle {}s) is an orphan: {}. See `hostpath-csi orphans` on that node{}",
+        "volume {} on node {} ({} bytes, {}) is an orphan: {}. See `hostpath-csi orphans` on that node{}",
         o.volume_id,
         o.node,
         o.bytes,
-        o.idle_seconds,
+        match o.idle_seconds {
+            Some(s) => format!("idle {s}s"),
+            None => "idle time unknown".to_string(),
+        },
         o.reason.explain(),
         match &o.keep {
             Some(why) => format!("; reclaim leaves it alone: {why}"),
@@ -224,7 +227,7 @@ mod tests {
             claim: claim.map(String::from),
             node: "n1".into(),
             bytes: 1,
-            idle_seconds: 5,
+            idle_seconds: Some(5),
             origin: Origin::Driver,
             problem: None,
             keep: None,

@@ -32,7 +32,7 @@ pub fn volumes(pools: &[PoolConfig]) -> Result<Vec<LocalVolume>, LocalError> {
                 },
                 pv: v.pv_name.clone(),
                 bytes: v.capacity_bytes.or(v.used_bytes).unwrap_or(0),
-                created_unix: v.created_unix.unwrap_or(0),
+                created_unix: v.created_unix,
                 last_used_unix: last_used,
                 published: !v.published_at.is_empty(),
                 origin: v.origin,

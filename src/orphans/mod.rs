@@ -86,8 +86,10 @@ pub struct LocalVolume {
     pub claim: Option<String>,
     /// Its size (the record's), or what it uses (a static directory).
     pub bytes: u64,
-    /// When it was made, seconds since the epoch (0: unknown).
-    pub created_unix: u64,
+    /// When it was made, seconds since the epoch, if known: records of
+    /// older drivers carry no time, and entries the driver did not make
+    /// have none.
+    pub created_unix: Option<u64>,
     /// When it was last published or unpublished, if known.
     pub last_used_unix: Option<u64>,
     /// Whether it is mounted somewhere now.
@@ -102,9 +104,10 @@ pub struct LocalVolume {
 }
 
 impl LocalVolume {
-    /// When it was last touched: made, published or unpublished.
-    fn idle_since(&self) -> u64 {
-        self.created_unix.max(self.last_used_unix.unwrap_or(0))
+    /// When it was last touched (made, published or unpublished), if any
+    /// of those is known.
+    fn idle_since(&self) -> Option<u64> {
+        self.created_unix.max(self.last_used_unix)
     }
 }
 
@@ -157,8 +160,10 @@ pub struct Orphan {
     pub node: String,
     /// Bytes: the volume's size.
     pub bytes: u64,
-    /// Seconds since it was last made, published or unpublished.
-    pub idle_seconds: u64,
+    /// Seconds since it was last made, published or unpublished; `None`
+    /// when none of those times is known (JSON `null`, `-` in the table),
+    /// rather than a count from 1970.
+    pub idle_seconds: Option<u64>,
     /// Who made the entry (`driver`, `static`, `foreign`).
     pub origin: Origin,
     /// What is wrong with the entry, if anything.
@@ -180,6 +185,15 @@ pub struct Rules {
     pub settle: u64,
 }
 
+/// Whether something idle for `idle` seconds has been idle for at least
+/// `secs`. An unknown idle time counts as long enough: the driver records
+/// when it makes, publishes and unpublishes a volume, so an entry with none
+/// of those times was made by a driver from before they were recorded, or
+/// not by the driver at all (which reclaim never touches anyway).
+pub fn idle_for_at_least(idle: Option<u64>, secs: u64) -> bool {
+    idle.is_none_or(|i| i >= secs)
+}
+
 /// The orphans among this node's volumes and the driver's PVs.
 pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rules) -> Vec<Orphan> {
     let by_handle: BTreeMap<&str, &ClusterPv> =
@@ -191,7 +205,7 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
         if v.origin == Origin::Ephemeral {
             continue;
         }
-        let idle = rules.now.saturating_sub(v.idle_since());
+        let idle = v.idle_since().map(|t| rules.now.saturating_sub(t));
         let orphan = |reason: Reason, pv: Option<&ClusterPv>| Orphan {
             reason,
             volume_id: v.id.clone(),
@@ -205,13 +219,13 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
             keep: None,
         };
         let found = match by_handle.get(v.id.as_str()) {
-            None if idle >= rules.settle => Some(orphan(Reason::NoPv, None)),
+            None if idle_for_at_least(idle, rules.settle) => Some(orphan(Reason::NoPv, None)),
             None => None,
             Some(pv) if pv.phase == "Released" => Some(orphan(Reason::Released, Some(pv))),
             Some(pv)
                 if pv.phase == "Bound"
                     && !v.published
-                    && idle >= rules.unused_for
+                    && idle_for_at_least(idle, rules.unused_for)
                     && !pv
                         .claim
                         .as_ref()
@@ -237,7 +251,9 @@ pub fn classify(node: &str, local: &[LocalVolume], cluster: &Cluster, rules: Rul
                 claim: pv.claim.clone(),
                 node: n.clone(),
                 bytes: pv.bytes,
-                idle_seconds: rules.now.saturating_sub(pv.created_unix),
+                // A PV without a creation time (0): none is known.
+                idle_seconds: (pv.created_unix > 0)
+                    .then(|| rules.now.saturating_sub(pv.created_unix)),
                 origin: Origin::Driver,
                 problem: None,
                 keep: Some(format!("its data was on node {n}, which is gone")),
@@ -301,7 +317,7 @@ mod tests {
             pv: Some(format!("pv-{id}")),
             claim: Some(format!("ns/{id}")),
             bytes: 100,
-            created_unix: 1_000,
+            created_unix: Some(1_000),
             last_used_unix: None,
             published: false,
             origin: Origin::Driver,
@@ -331,7 +347,7 @@ mod tests {
     #[test]
     fn each_reason_and_what_reclaim_may_touch() {
         let mut fresh = vol("p:fresh");
-        fresh.created_unix = RULES.now - 10;
+        fresh.created_unix = Some(RULES.now - 10);
         let mut used_recently = vol("p:recent");
         used_recently.last_used_unix = Some(RULES.now - 60);
         let mut published = vol("p:mounted");
@@ -413,5 +429,46 @@ mod tests {
         let got = classify("n1", &[v], &cluster, RULES);
         assert_eq!(got.len(), 1);
         assert!(got[0].keep.as_deref().unwrap().contains("published"));
+    }
+
+    #[test]
+    fn an_entry_with_no_known_time_has_no_idle_time_not_one_since_1970() {
+        // An administrator's directory, and a volume of a driver from
+        // before creation times were recorded: no time is known.
+        let mut stat = vol("p:static");
+        stat.origin = Origin::Static;
+        stat.created_unix = None;
+        let mut old = vol("p:old");
+        old.created_unix = None;
+        let mut published_once = vol("p:used");
+        published_once.created_unix = None;
+        published_once.last_used_unix = Some(RULES.now - 30);
+        let cluster = Cluster {
+            nodes: ["n1".to_string()].into(),
+            ..Default::default()
+        };
+        let got = classify("n1", &[old, stat, published_once], &cluster, RULES);
+        let idle: Vec<(&str, Option<u64>)> = got
+            .iter()
+            .map(|o| (o.volume_id.as_str(), o.idle_seconds))
+            .collect();
+        // Not known: still past the settle time (it is older than any
+        // record the driver keeps); p:used is younger than it.
+        assert_eq!(idle, [("p:old", None), ("p:static", None)]);
+        let json = serde_json::to_value(&got[0]).unwrap();
+        assert_eq!(json["idle_seconds"], serde_json::Value::Null, "{json}");
+        let known = classify("n1", &[vol("p:known")], &cluster, RULES);
+        assert_eq!(known[0].idle_seconds, Some(RULES.now - 1_000));
+        let json = serde_json::to_value(&known[0]).unwrap();
+        assert_eq!(json["idle_seconds"], RULES.now - 1_000);
+        // A PV without a creation time, on a node that is gone.
+        let mut lost = pv("q:lost", "Bound", "n9");
+        lost.created_unix = 0;
+        let cluster = Cluster {
+            pvs: vec![lost],
+            ..cluster
+        };
+        let got = classify("n1", &[], &cluster, RULES);
+        assert_eq!(got[0].idle_seconds, None);
     }
 }

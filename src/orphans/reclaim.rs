@@ -14,7 +14,7 @@ use std::path::Path;
 use csi_proto as csi;
 use serde::Serialize;
 
-use super::{Orphan, Reason};
+use super::{Orphan, Reason, idle_for_at_least};
 use crate::volume::inventory::Origin;
 
 /// Why reclaim could not start.
@@ -55,7 +55,7 @@ pub fn candidates(orphans: &[Orphan], node: &str, grace_s: u64) -> Vec<Orphan> {
                 && o.origin == Origin::Driver
                 && o.node == node
                 && matches!(o.reason, Reason::NoPv | Reason::Released)
-                && o.idle_seconds >= grace_s
+                && idle_for_at_least(o.idle_seconds, grace_s)
         })
         .cloned()
         .collect()
@@ -133,7 +133,7 @@ mod tests {
             claim: None,
             node: "n1".into(),
             bytes: 1,
-            idle_seconds: idle,
+            idle_seconds: Some(idle),
             origin: Origin::Driver,
             problem: None,
             keep: None,
@@ -148,9 +148,14 @@ mod tests {
         stat.origin = Origin::Static;
         let mut elsewhere = o("p:else", Reason::Released, 100);
         elsewhere.node = "n2".into();
+        // Made by a driver from before times were recorded: older than
+        // any grace period.
+        let mut old = o("p:old", Reason::NoPv, 0);
+        old.idle_seconds = None;
         let all = [
             o("p:nopv", Reason::NoPv, 100),
             o("p:rel", Reason::Released, 100),
+            old,
             o("p:young", Reason::NoPv, 5),
             o("p:unused", Reason::Unused, 100),
             o("p:gone", Reason::NodeGone, 100),
@@ -162,10 +167,10 @@ mod tests {
             .into_iter()
             .map(|o| o.volume_id)
             .collect();
-        assert_eq!(ids, ["p:nopv", "p:rel"]);
+        assert_eq!(ids, ["p:nopv", "p:rel", "p:old"]);
         // A second look that no longer finds p:rel Released keeps it.
         let again = [o("p:nopv", Reason::NoPv, 101)];
-        let left = still(&candidates(&all, "n1", 10), &again);
+        let left = still(&candidates(&all, "n1", 10)[..2], &again);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].volume_id, "p:nopv");
     }
