@@ -2,29 +2,38 @@
 //! driver (which does the removals) or the command itself is killed while
 //! orphans are being removed or archived; after a restart the same
 //! command finishes the job. Nothing is lost (volumes that are not orphans
-//! keep their data; archived orphans are whole in the trash), nothing is
-//! half-done (no record, scratch copy or marker of a reclaimed volume is
-//! left outside the trash; no trash entry without its data), and
-//! nothing that should stay is touched. Against a real API server
-//! (`orphans_support`), as the node plugin's ServiceAccount.
+//! keep their data, byte for byte; archived orphans are whole in the
+//! trash), nothing is half-done (no record, scratch copy or marker of a
+//! reclaimed volume is left outside the trash; no trash entry without its
+//! data), and nothing that should stay is touched. Against a real API
+//! server (`orphans_support`), as the node plugin's ServiceAccount.
+//!
+//! Where each kill lands is drawn from a seeded generator, as in the other
+//! crash tests: while the command makes its report (before any removal),
+//! or a random few milliseconds after a random number of the round's
+//! orphans have gone, which puts it inside a removal or an archive, or
+//! between two. Rounds alternate between killing the driver and the
+//! command. `HOSTPATH_CSI_CRASH_SEED` sets the seed (printed),
+//! `HOSTPATH_CSI_CRASH_ROUNDS` the rounds (default 8).
 
 mod common;
 mod orphans_support;
+mod robust_support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use csi_proto as csi;
 use orphans_support::{ControlPlane, Driver, block_on, create, orphans_cmd};
+use robust_support::{Rng, env_u64, tree_digest};
 
 const NODE: &str = "crash-node";
 /// Orphans made per round.
 const PER_ROUND: usize = 8;
 /// Files in each orphan, so that removing one takes a moment.
 const FILES: usize = 300;
-const ROUNDS: usize = 6;
 
 fn ready(socket: &Path) -> bool {
     block_on(async {
@@ -52,13 +61,57 @@ fn token(id: &str) -> String {
     id.split_once(':').unwrap().1.to_string()
 }
 
-/// Fills a volume: FILES small files and `data` saying whose it is.
-fn fill(pool: &Path, id: &str) {
+/// Fills a volume: FILES small files and `data` saying whose it is;
+/// returns the digest of its tree.
+fn fill(pool: &Path, id: &str) -> String {
     let dir = pool.join(token(id));
     for i in 0..FILES {
-        std::fs::write(dir.join(format!("f{i}")), [0u8; 64]).unwrap();
+        std::fs::write(dir.join(format!("f{i}")), format!("{id} {i}")).unwrap();
     }
     std::fs::write(dir.join("data"), id.as_bytes()).unwrap();
+    tree_digest(&dir, &[])
+}
+
+/// Where a round's kill lands.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// This long after the command starts: while it reads the API server
+    /// and the pools, or at its first removal.
+    AfterStart(Duration),
+    /// This long after this many of the round's orphans have gone from
+    /// the pool: inside a removal or an archive, or between two.
+    AfterGone(usize, Duration),
+}
+
+impl KillAt {
+    fn draw(rng: &mut Rng) -> KillAt {
+        if rng.chance(1, 4) {
+            KillAt::AfterStart(Duration::from_millis(rng.below(400)))
+        } else {
+            let n = 1 + rng.below(PER_ROUND as u64 - 1) as usize;
+            KillAt::AfterGone(n, Duration::from_micros(rng.below(20_000)))
+        }
+    }
+}
+
+/// Where a volume stands: its record, its directory in the pool, its
+/// entry in the trash.
+fn state(pool: &Path, id: &str) -> &'static str {
+    let t = token(id);
+    let record = pool.join(format!(".{t}.meta")).exists();
+    let dir = pool.join(&t).exists();
+    let trashed = std::fs::read_dir(pool.join(".trash")).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{t}@"))
+        })
+    });
+    match (record, dir, trashed) {
+        (true, true, false) => "untouched",
+        (false, false, _) => "done",
+        _ => "half-way",
+    }
 }
 
 #[test]
@@ -66,6 +119,10 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
     if !common::root_or_skip("the driver serves pools and needs CAP_SYS_ADMIN") {
         return;
     }
+    let seed = env_u64("HOSTPATH_CSI_CRASH_SEED", 0x0fa5);
+    let rounds = env_u64("HOSTPATH_CSI_CRASH_ROUNDS", 8) as usize;
+    eprintln!("orphans reclaim crash: seed {seed}, {rounds} rounds");
+    let mut rng = Rng::new(seed);
     let Some(cp) = ControlPlane::start() else {
         return;
     };
@@ -90,10 +147,10 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
     let mut driver = start(&flags, dir, &socket);
 
     // Volumes that are not orphans: bound PVs. They must keep their data.
-    let mut keep = Vec::new();
+    let mut keep = BTreeMap::new();
     for name in ["keep-a", "keep-b"] {
         let id = create(&socket, name, &format!("app/{name}"), &[]);
-        fill(&pool, &id);
+        let digest = fill(&pool, &id);
         cp.pv(
             name,
             &id,
@@ -103,7 +160,7 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
             true,
         );
         cp.claim(&format!("app/{name}"), name);
-        keep.push(id);
+        keep.insert(id, digest);
     }
     for name in ["keep-a", "keep-b"] {
         cp.wait_for(&format!("{name} Bound"), Duration::from_secs(60), |cp| {
@@ -111,8 +168,10 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
         });
     }
 
-    let mut midway = 0;
-    for round in 0..ROUNDS {
+    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut archived: BTreeMap<String, String> = BTreeMap::new();
+    let mut every = Vec::new();
+    for round in 0..rounds {
         let mut ids = Vec::new();
         for i in 0..PER_ROUND {
             let name = format!("r{round}-v{i}");
@@ -122,14 +181,18 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
                 &[]
             };
             let id = create(&socket, &name, &format!("app/{name}"), archive);
-            fill(&pool, &id);
-            ids.push((id, i % 2 == 1));
+            let digest = fill(&pool, &id);
+            if i % 2 == 1 {
+                archived.insert(id.clone(), digest);
+            }
+            ids.push(id);
         }
-        let gone = |ids: &[(String, bool)]| {
+        let gone = |ids: &[String]| {
             ids.iter()
-                .filter(|(id, _)| !pool.join(token(id)).exists())
+                .filter(|id| !pool.join(token(id)).exists())
                 .count()
         };
+        let at = KillAt::draw(&mut rng);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"))
             .arg("orphans")
             .args(&reclaim)
@@ -137,54 +200,81 @@ fn kill_9_during_reclaim_loses_nothing_and_leaves_nothing_half_done() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Kill once the first orphan has gone: the others are then being
-        // removed (or about to be). Odd rounds kill the command, even
-        // rounds the driver doing the work.
         let t = Instant::now();
-        while gone(&ids) == 0
-            && cmd.try_wait().unwrap().is_none()
-            && t.elapsed() < Duration::from_secs(60)
-        {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let victim = if round % 2 == 0 { "driver" } else { "command" };
-        if round % 2 == 0 {
+        let wait = match at {
+            KillAt::AfterStart(d) => d,
+            KillAt::AfterGone(n, d) => {
+                while gone(&ids) < n
+                    && cmd.try_wait().unwrap().is_none()
+                    && t.elapsed() < Duration::from_secs(60)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                d
+            }
+        };
+        std::thread::sleep(wait);
+        let driver_killed = round % 2 == 0;
+        if driver_killed {
             driver.kill9();
         } else {
             let _ = cmd.kill();
         }
-        let at_kill = gone(&ids);
+        let finished = cmd.try_wait().unwrap().is_some();
         let _ = cmd.kill();
         let _ = cmd.wait();
-        if at_kill > 0 && at_kill < PER_ROUND {
-            midway += 1;
+        let mut here: BTreeMap<&str, usize> = BTreeMap::new();
+        for id in &ids {
+            *here.entry(state(&pool, id)).or_insert(0) += 1;
         }
-        println!("round {round}: killed the {victim} with {at_kill} of {PER_ROUND} orphans gone");
-        if round % 2 == 0 {
+        for (k, n) in &here {
+            *states.entry(k).or_insert(0) += n;
+        }
+        println!(
+            "round {round}: killed the {} at {at:?} ({:.1} ms after the start{}): {here:?}",
+            if driver_killed { "driver" } else { "command" },
+            t.elapsed().as_secs_f64() * 1e3,
+            if finished {
+                ", the command had exited"
+            } else {
+                ""
+            },
+        );
+        if driver_killed {
             driver = start(&flags, dir, &socket);
         }
         // The same command again finishes the job.
         let (code, out, err) = orphans_cmd(&reclaim);
         assert_eq!(code, 0, "{err}\n{out}");
-        check(&pool, &ids, &keep, &flags);
+        check(&pool, &ids, &archived, &keep, &flags);
+        every.extend(ids);
     }
-    println!("{midway} of {ROUNDS} rounds were interrupted with some orphans gone and some not");
+    println!("volumes at the kills, all rounds: {states:?}");
     driver.kill9();
-    // And a restart (its sweep) changes nothing of that.
+    // A restart (its start-up sweep) changes none of that: the archived
+    // orphans of every round are still whole in the trash, the others gone.
     let d = start(&flags, dir, &socket);
+    check(&pool, &every, &archived, &keep, &flags);
     drop(d);
 }
 
-/// Every orphan of the round is gone, the archived ones whole in the
-/// trash; nothing of theirs is left elsewhere; the kept volumes are whole.
-fn check(pool: &Path, ids: &[(String, bool)], keep: &[String], flags: &[String]) {
+/// Every orphan of `ids` is gone, the archived ones (in `archived`, with
+/// their digests) whole in the trash; nothing of theirs is left elsewhere;
+/// the kept volumes are whole.
+fn check(
+    pool: &Path,
+    ids: &[String],
+    archived: &BTreeMap<String, String>,
+    keep: &BTreeMap<String, String>,
+    flags: &[String],
+) {
     let entries = common::entries(pool);
     let trash: BTreeSet<String> = if pool.join(".trash").exists() {
         common::entries(&pool.join(".trash"))
     } else {
         BTreeSet::new()
     };
-    for (id, archived) in ids {
+    for id in ids {
         let t = token(id);
         let stray: Vec<&String> = entries.iter().filter(|e| e.contains(&t)).collect();
         assert!(stray.is_empty(), "{id}: left in the pool: {stray:?}");
@@ -192,27 +282,21 @@ fn check(pool: &Path, ids: &[(String, bool)], keep: &[String], flags: &[String])
             .iter()
             .filter(|e| e.starts_with(&format!("{t}@")))
             .collect();
-        if *archived {
+        if let Some(digest) = archived.get(id) {
             assert_eq!(in_trash.len(), 1, "{id}: trash {trash:?}");
             let data: PathBuf = pool.join(".trash").join(in_trash[0]).join("data");
             assert_eq!(
-                std::fs::read(data.join("data")).unwrap(),
-                id.as_bytes(),
-                "{id}"
+                &tree_digest(&data, &[]),
+                digest,
+                "{id}: archived data changed"
             );
-            assert_eq!(common::entries(&data).len(), FILES + 1, "{id}: files lost");
         } else {
             assert!(in_trash.is_empty(), "{id}: trash {trash:?}");
         }
     }
-    for id in keep {
+    for (id, digest) in keep {
         let d = pool.join(token(id));
-        assert_eq!(
-            std::fs::read(d.join("data")).unwrap(),
-            id.as_bytes(),
-            "{id}"
-        );
-        assert_eq!(common::entries(&d).len(), FILES + 1, "{id}: files lost");
+        assert_eq!(&tree_digest(&d, &[]), digest, "{id}: its data changed");
     }
     // The driver's own listing agrees: only the kept volumes, no problems.
     let out = Command::new(env!("CARGO_BIN_EXE_hostpath-csi"))
@@ -240,5 +324,5 @@ fn check(pool: &Path, ids: &[(String, bool)], keep: &[String], flags: &[String])
             e["id"].as_str().unwrap().to_string()
         })
         .collect();
-    assert_eq!(listed, keep.iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(listed, keep.keys().cloned().collect::<BTreeSet<_>>());
 }

@@ -10,6 +10,7 @@
 //! finished by the retry (or the driver's start-up sweep).
 
 use std::path::Path;
+use std::time::Duration;
 
 use csi_proto as csi;
 use serde::Serialize;
@@ -43,6 +44,9 @@ pub struct Outcome {
     /// so); otherwise why not.
     pub error: Option<String>,
 }
+
+/// How long one removal is retried while the driver answers ABORTED.
+const BUSY_FOR: Duration = Duration::from_secs(30);
 
 /// The orphans reclaim may remove: made by the driver, on this node,
 /// `no_pv` or `released`, nothing keeping them (published, a PV that
@@ -98,12 +102,7 @@ pub async fn delete(socket: &Path, orphans: &[Orphan]) -> Result<Vec<Outcome>, R
     let mut controller = csi::controller_client::ControllerClient::new(channel);
     let mut out = Vec::new();
     for o in orphans {
-        let r = controller
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: o.volume_id.clone(),
-                secrets: Default::default(),
-            })
-            .await;
+        let r = delete_one(&mut controller, &o.volume_id).await;
         match &r {
             Ok(_) => {
                 tracing::info!(volume_id = %o.volume_id, reason = o.reason.as_str(), "orphan reclaimed")
@@ -119,6 +118,35 @@ pub async fn delete(socket: &Path, orphans: &[Orphan]) -> Result<Vec<Outcome>, R
         });
     }
     Ok(out)
+}
+
+/// DeleteVolume, retried while the volume is busy. ABORTED means another
+/// operation holds the volume's lock: a removal that an earlier, killed
+/// run of this command started is still finishing in the driver, say. A CO
+/// retries such a call; so does the command, rather than failing a reclaim
+/// that is about to be done (the retry finds the volume gone: OK).
+async fn delete_one(
+    controller: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    volume_id: &str,
+) -> Result<(), tonic::Status> {
+    let until = tokio::time::Instant::now() + BUSY_FOR;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let r = controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: volume_id.to_string(),
+                secrets: Default::default(),
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::Aborted && tokio::time::Instant::now() < until => {
+                tracing::info!(volume_id, error = %s.message(), "volume busy; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            r => return r.map(|_| ()),
+        }
+    }
 }
 
 #[cfg(test)]
