@@ -20,6 +20,7 @@
 #   5 snapshots (tests/e2e/pods/snapshots.sh): deploy/examples' snapshot,
 #     restore and clone of the database's claim, on the snapshot's node and
 #     (NODES=2) on the wrong one; the source deleted, the snapshot kept.
+#   6 orphans (tests/e2e/pods/orphans.sh): a deleted and a released PV, reported by the driver, reclaimed.
 #
 # There is no CoreDNS in the cluster: a client reaches the headless
 # Service's pod through the address in the Service's EndpointSlice, which is
@@ -340,6 +341,8 @@ fi
 # ------------------------------------------------------------------ 5 snapshots
 # shellcheck source=tests/e2e/pods/snapshots.sh
 source "$here/pods/snapshots.sh"
+# shellcheck source=tests/e2e/pods/orphans.sh
+source "$here/pods/orphans.sh"
 
 log "all scenarios done after $((SECONDS - t0)) s"
 echo "e2e: $passed passed, $failed failed"
