@@ -521,6 +521,10 @@ impl Backend for ImageBackend {
         }
     }
 
+    fn storage_file(&self, pool_dir: &Path, token: &str) -> Option<PathBuf> {
+        Some(Self::image(pool_dir, token))
+    }
+
     fn make_available(&self, pool_dir: &Path, token: &str) -> Result<PathBuf> {
         self.ensure_mounted(pool_dir, token)?;
         Ok(pool_dir.join(token))

@@ -343,6 +343,13 @@ pub(crate) trait Backend: Send + Sync + Debug {
         Ok(pool_dir.join(token))
     }
 
+    /// The file that holds a volume's data where it is not the volume's
+    /// path itself (an image pool's image; the volume's path is where it is
+    /// mounted), for health checks.
+    fn storage_file(&self, _pool_dir: &Path, _token: &str) -> Option<PathBuf> {
+        None
+    }
+
     /// Called after each unpublish of the volume, for backends that tidy up
     /// (image pools detach a stray loop device a killed call left).
     fn unpublished(&self, _pool_dir: &Path, _token: &str) -> Result<()> {

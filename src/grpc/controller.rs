@@ -10,6 +10,7 @@ use super::{CallError, Shared, blocking};
 use crate::config::Expansion;
 use crate::validate;
 use crate::volume::Volume;
+use crate::volume::health::{VolumeHealth, VolumeStatus};
 use crate::volume::snapshot::Snapshot;
 use csi_proto as csi;
 use csi_proto::controller_service_capability::{self, rpc};
@@ -46,6 +47,26 @@ fn to_csi(v: Volume, topology: BTreeMap<String, String>) -> csi::Volume {
         accessible_topology: vec![csi::Topology {
             segments: topology.into_iter().collect(),
         }],
+    }
+}
+
+/// A volume's health as CSI 1.13 words it (shared with the node service).
+pub(crate) fn health_to_csi(h: VolumeHealth) -> csi::VolumeHealth {
+    use csi::VolumeHealthErrorType as T;
+    csi::VolumeHealth {
+        volume_id: h.id,
+        health_statuses: h
+            .problems
+            .into_iter()
+            .map(|p| csi::volume_health::VolumeHealthEntry {
+                status: match p.status {
+                    VolumeStatus::Degraded => T::Degraded,
+                    VolumeStatus::Inaccessible => T::Inaccessible,
+                } as i32,
+                reason: p.reason.to_string(),
+                message: p.message,
+            })
+            .collect(),
     }
 }
 
@@ -140,6 +161,32 @@ impl csi::controller_server::Controller for Controller {
             .collect();
         Ok(Response::new(csi::ListVolumesResponse {
             entries,
+            next_token,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
+    async fn controller_get_volume_health(
+        &self,
+        request: Request<csi::ControllerGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeHealthResponse>, Status> {
+        let req = validate::controller_get_volume_health(request.get_ref())?;
+        let h = blocking(&self.shared, move |v| v.volume_health(&req)).await?;
+        Ok(Response::new(csi::ControllerGetVolumeHealthResponse {
+            volume_health: Some(health_to_csi(h)),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err(level = "warn"))]
+    async fn controller_list_volume_health(
+        &self,
+        request: Request<csi::ControllerListVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
+        let req = validate::list_volume_health(request.get_ref())?;
+        let (entries, next_token) =
+            blocking(&self.shared, move |v| v.list_volume_health(&req)).await?;
+        Ok(Response::new(csi::ControllerListVolumeHealthResponse {
+            entries: entries.into_iter().map(health_to_csi).collect(),
             next_token,
         }))
     }
@@ -244,6 +291,8 @@ impl csi::controller_server::Controller for Controller {
             rpc::Type::ListSnapshots,
             rpc::Type::GetSnapshot,
             rpc::Type::CloneVolume,
+            rpc::Type::GetVolumeHealth,
+            rpc::Type::ListVolumeHealth,
         ];
         if self.shared.config.controller_expands() {
             types.push(rpc::Type::ExpandVolume);

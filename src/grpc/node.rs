@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::controller::health_to_csi;
 use super::{Shared, blocking};
 use crate::config::Expansion;
 use crate::validate;
+use crate::volume::health::StorageStatus;
 use csi_proto as csi;
 use csi_proto::node_service_capability::{self, rpc};
 use csi_proto::volume_usage::Unit;
@@ -88,6 +90,45 @@ impl csi::node_server::Node for Node {
         }))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
+    async fn node_get_volume_health(
+        &self,
+        request: Request<csi::NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeHealthResponse>, Status> {
+        let req = validate::node_get_volume_health(request.get_ref())?;
+        let h = blocking(&self.shared, move |v| v.volume_health(&req)).await?;
+        Ok(Response::new(csi::NodeGetVolumeHealthResponse {
+            volume_health: Some(health_to_csi(h)),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err(level = "warn"))]
+    async fn node_get_storage_health(
+        &self,
+        _request: Request<csi::NodeGetStorageHealthRequest>,
+    ) -> Result<Response<csi::NodeGetStorageHealthResponse>, Status> {
+        use csi::StorageHealthErrorType as T;
+        let problems = blocking(&self.shared, |v| Ok(v.storage_health())).await?;
+        Ok(Response::new(csi::NodeGetStorageHealthResponse {
+            backend_health: problems
+                .into_iter()
+                .map(
+                    |p| csi::node_get_storage_health_response::StorageBackendHealth {
+                        status: match p.status {
+                            StorageStatus::Degraded => T::StorageDegraded,
+                            StorageStatus::Unreachable => T::StorageUnreachable,
+                        } as i32,
+                        reason: p.reason.to_string(),
+                        message: p.message,
+                        // A pool's problem affects its volumes of every access
+                        // type, so no one capability is named.
+                        volume_capability: None,
+                    },
+                )
+                .collect(),
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume_id), err(level = "warn"))]
     async fn node_expand_volume(
         &self,
@@ -110,8 +151,12 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         let mut types = vec![
             rpc::Type::GetVolumeStats,
+            // Removed from CSI 1.13, asked for by the kubelet before it reads
+            // NodeGetVolumeStats' condition (see csi.proto's header).
             rpc::Type::VolumeCondition,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::GetVolumeHealth,
+            rpc::Type::GetStorageHealth,
         ];
         if self.shared.config.node_expands() {
             types.push(rpc::Type::ExpandVolume);

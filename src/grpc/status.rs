@@ -3,7 +3,7 @@
 //! Every module names its errors by cause; here each cause gets the code
 //! the CSI spec asks for, so a code is chosen once, with the spec at hand,
 //! and the message the CO sees is the error's own text. The spec's rules
-//! this follows (CSI v1.12.0, "Error Scheme" and each RPC's error table):
+//! this follows (CSI v1.13.0, "Error Scheme" and each RPC's error table):
 //! a malformed or missing field is INVALID_ARGUMENT; an id that names no
 //! volume is NOT_FOUND; a volume (or target) in a state that forbids the
 //! call is FAILED_PRECONDITION; a name or target already used otherwise is
@@ -71,6 +71,7 @@ fn request_code(e: &RequestError) -> Code {
         | RequestError::MixedAccess
         | RequestError::ReadOnlyBlock
         | RequestError::MutableParameters
+        | RequestError::StagingPath
         | RequestError::NegativeMaxEntries
         | RequestError::EphemeralIdForm(_)
         | RequestError::EphemeralBlock

@@ -161,6 +161,12 @@ pub enum RequestError {
          \"directoryPerms\", \"uid\" and \"gid\""
     )]
     EphemeralAttribute(String),
+    /// A staging path for a driver that does not stage volumes.
+    #[error(
+        "staging_target_path must be empty: this driver does not stage volumes (no \
+         STAGE_UNSTAGE_VOLUME)"
+    )]
+    StagingPath,
     /// A paging token this driver did not issue (ABORTED, as the spec
     /// asks: the CO lists again from the start).
     #[error("starting_token {0:?} was not issued by this driver; list again from the start")]
@@ -398,10 +404,22 @@ pub(crate) struct ListVolumes {
 /// ListVolumes: a paging token this driver issued (a volume id; anything
 /// else is ABORTED, as the spec asks) and a non-negative page size.
 pub(crate) fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
-    if r.max_entries < 0 {
+    paging(r.max_entries, &r.starting_token)
+}
+
+/// ControllerListVolumeHealth: paged as ListVolumes, with the same tokens.
+pub(crate) fn list_volume_health(
+    r: &csi::ControllerListVolumeHealthRequest,
+) -> Result<ListVolumes> {
+    paging(r.max_entries, &r.starting_token)
+}
+
+/// A page size (not negative) and a token this driver issued.
+fn paging(max_entries: i32, starting_token: &str) -> Result<ListVolumes> {
+    if max_entries < 0 {
         return Err(RequestError::NegativeMaxEntries);
     }
-    let start = match r.starting_token.as_str() {
+    let start = match starting_token {
         "" => None,
         token => Some(
             VolumeId::parse(token).ok_or_else(|| RequestError::ForeignToken(token.to_string()))?,
@@ -409,10 +427,49 @@ pub(crate) fn list_volumes(r: &csi::ListVolumesRequest) -> Result<ListVolumes> {
     };
     Ok(ListVolumes {
         start,
-        max_entries: match r.max_entries {
+        max_entries: match max_entries {
             0 => usize::MAX,
             n => n as usize,
         },
+    })
+}
+
+/// A checked ControllerGetVolumeHealth or NodeGetVolumeHealth.
+#[derive(Debug, Clone)]
+pub(crate) struct VolumeHealthAt {
+    /// The volume (on the node, an inline ephemeral volume's id is the
+    /// kubelet's).
+    pub(crate) volume: VolumeRef,
+    /// Where the CO published it (or tried to), if it says.
+    pub(crate) at: Option<NodePath>,
+}
+
+/// ControllerGetVolumeHealth: a volume id (one that cannot name a volume
+/// of this driver is NOT_FOUND).
+pub(crate) fn controller_get_volume_health(
+    r: &csi::ControllerGetVolumeHealthRequest,
+) -> Result<VolumeHealthAt> {
+    Ok(VolumeHealthAt {
+        volume: VolumeRef::Volume(parse_volume_id(volume_id(&r.volume_id)?)?),
+        at: None,
+    })
+}
+
+/// NodeGetVolumeHealth: a volume id and, optionally, a clean absolute
+/// publish path; no staging path (the driver does not stage).
+pub(crate) fn node_get_volume_health(
+    r: &csi::NodeGetVolumeHealthRequest,
+) -> Result<VolumeHealthAt> {
+    let raw = volume_id(&r.volume_id)?;
+    if !r.staging_target_path.is_empty() {
+        return Err(RequestError::StagingPath);
+    }
+    let at = (!r.volume_publish_path.is_empty())
+        .then(|| node_path(&r.volume_publish_path, "volume_publish_path"))
+        .transpose()?;
+    Ok(VolumeHealthAt {
+        volume: volume_ref(raw),
+        at,
     })
 }
 

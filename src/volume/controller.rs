@@ -159,13 +159,8 @@ impl Volumes {
         let mut out = Vec::new();
         let mut next = String::new();
         'pools: for pool in pools {
-            let mut from = match &req.start {
-                None => Bound::Unbounded,
-                Some(s) => match format!("{}:", pool.name()).cmp(&format!("{}:", s.pool())) {
-                    std::cmp::Ordering::Less => continue,
-                    std::cmp::Ordering::Equal => Bound::Included(s.token().to_string()),
-                    std::cmp::Ordering::Greater => Bound::Unbounded,
-                },
+            let Some(mut from) = page_start(pool, req.start.as_ref()) else {
+                continue;
             };
             loop {
                 let want = take.saturating_sub(out.len()).saturating_add(1).min(1024);
@@ -222,6 +217,20 @@ impl Volumes {
             capacity_bytes: rec.capacity_bytes,
             node_expansion_required: pool.needs_node_expand() || rec.access == Access::Block,
         })
+    }
+}
+
+/// Where a listing that starts at volume `start` (none: at the beginning)
+/// starts in `pool`; `None` when the pool sorts before it (ids sort as
+/// `<pool>:<token>`, so the listing has passed it).
+pub(super) fn page_start(pool: &Pool, start: Option<&VolumeId>) -> Option<Bound<String>> {
+    let Some(s) = start else {
+        return Some(Bound::Unbounded);
+    };
+    match format!("{}:", pool.name()).cmp(&format!("{}:", s.pool())) {
+        std::cmp::Ordering::Less => None,
+        std::cmp::Ordering::Equal => Some(Bound::Included(s.token().to_string())),
+        std::cmp::Ordering::Greater => Some(Bound::Unbounded),
     }
 }
 

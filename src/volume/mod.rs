@@ -19,6 +19,8 @@
 //!   node's publish calls, and the sweep of those nobody will unpublish;
 //! - `snapshot`: snapshots, and volumes made from a snapshot or a volume;
 //! - `group_snapshot`: snapshots of several volumes at one point in time;
+//! - `health`: what is wrong with a volume or a pool now (CSI 1.13's
+//!   volume and storage health, and NodeGetVolumeStats' condition);
 //! - `trash`: archived volumes across pools (the sweep, what they hold).
 //!
 //! All of it blocks; the gRPC layer calls it from `spawn_blocking`.
@@ -27,6 +29,7 @@ mod capacity;
 mod controller;
 mod ephemeral;
 pub mod group_snapshot;
+pub(crate) mod health;
 pub mod id;
 mod inflight;
 pub mod inventory;

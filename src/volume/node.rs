@@ -211,6 +211,17 @@ impl Volumes {
             return block_stats(id, pool, &path, path_ident);
         }
         let data = pool.volume_path(id.token());
+        // An image volume whose own mount is gone (taken off by hand while
+        // pods use it; see `health`) is mounted again first, through the
+        // loop device their binds hold, so that it is what they show.
+        if record.is_some()
+            && pool
+                .storage_file(id.token())
+                .is_some_and(|img| img.is_file())
+            && std::fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir())
+        {
+            pool.make_available(id.token())?;
+        }
         let data_ident = match sys::fs::identity(&data) {
             Ok(i) => i,
             Err(_) if record.is_some() => {
@@ -232,16 +243,15 @@ impl Volumes {
             });
         }
         let capacity = record.map(|r| r.capacity_bytes).unwrap_or(0);
-        // A pool whose limits cannot be trusted now still reports what the
-        // kernel says, with a condition saying why the figures and the size
-        // limit are not to be relied on; if it cannot say anything (btrfs
-        // with quotas off has no figures), the condition is the answer.
-        let abnormal = pool
-            .unreliable()
-            .map(|why| format!("pool {}: {why}", pool.name()));
+        // The pool's problems (`health`: read-only, full, size limits that
+        // cannot be trusted, ...) are the volume's condition. A pool whose
+        // limits cannot be trusted now still reports what the kernel says;
+        // if it cannot say anything (btrfs with quotas off has no figures),
+        // the condition is the answer.
+        let abnormal = self.pool_condition(pool);
         let usage = match pool.usage(id.token(), capacity) {
             Ok(usage) => usage,
-            Err(e) if abnormal.is_some() => {
+            Err(e) if pool.unreliable().is_some() => {
                 tracing::debug!(volume_id = %id, error = %e, "no usage figures for a volume of an unreliable pool");
                 VolumeUsage::default()
             }

@@ -150,6 +150,10 @@ pub(crate) struct Pool {
     limits: SizeLimits,
     /// Directory flushes shared between concurrent calls.
     flusher: sys::fs::DirFlush,
+    /// Device and inode of the directory when the driver opened it; none
+    /// for a pool opened only to be read. A path that later shows another
+    /// (the disk mounted there was unmounted) no longer holds the volumes.
+    opened_as: Option<(u64, u64)>,
     /// The lock on the directory that keeps the pool to this driver, held
     /// for the process's lifetime (`sys::lock`); none for a pool opened
     /// only to be read ([`Pool::inspect`]), which may run beside the driver.
@@ -252,9 +256,12 @@ impl Pool {
             .map_err(|e| PoolError::io(ctx("is not writable:", &dir), e))?;
         let backend = backend::for_pool(config);
         backend.prepare(&dir)?;
+        let opened_as =
+            sys::fs::identity(&dir).map_err(|e| PoolError::io(ctx("inspecting", &dir), e))?;
         let pool = Pool {
             name: name.clone(),
             dir,
+            opened_as: Some(opened_as),
             backend,
             limits: SizeLimits::from_config(config),
             flusher: Default::default(),
@@ -279,6 +286,7 @@ impl Pool {
         Ok(Pool {
             name: config.name.clone(),
             dir,
+            opened_as: None,
             backend: backend::for_pool(config),
             limits: SizeLimits::from_config(config),
             flusher: Default::default(),
@@ -322,6 +330,18 @@ impl Pool {
     /// [`Room::unreliable`]); its volumes report it as their condition.
     pub(crate) fn unreliable(&self) -> Option<String> {
         self.backend.unreliable(&self.dir)
+    }
+
+    /// Device and inode of the pool's directory when the driver opened it
+    /// (none for a pool opened only to be read).
+    pub(crate) fn opened_as(&self) -> Option<(u64, u64)> {
+        self.opened_as
+    }
+
+    /// The file holding a filesystem volume's data, where it is not the
+    /// volume's path itself (an image pool's image).
+    pub(crate) fn storage_file(&self, token: &str) -> Option<PathBuf> {
+        self.backend.storage_file(&self.dir, token)
     }
 
     /// Name StorageClasses use.
