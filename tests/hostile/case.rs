@@ -64,6 +64,10 @@ pub enum Req {
     /// Volume id, volume path.
     Stats(String, String),
     NodeExpand(csi::NodeExpandVolumeRequest),
+    CtrlHealth(csi::ControllerGetVolumeHealthRequest),
+    ListHealth(csi::ControllerListVolumeHealthRequest),
+    NodeHealth(csi::NodeGetVolumeHealthRequest),
+    StorageHealth(csi::NodeGetStorageHealthRequest),
     /// Hand-encoded bytes sent to a method: for what prost would never
     /// encode itself, like invalid UTF-8 in a string field.
     Raw(&'static str, Vec<u8>),
@@ -161,6 +165,10 @@ async fn send(ch: Channel, req: Req) -> Result<(), tonic::Status> {
             .await
             .map(drop),
         Req::NodeExpand(r) => n.node_expand_volume(r).await.map(drop),
+        Req::CtrlHealth(r) => c.controller_get_volume_health(r).await.map(drop),
+        Req::ListHealth(r) => c.controller_list_volume_health(r).await.map(drop),
+        Req::NodeHealth(r) => n.node_get_volume_health(r).await.map(drop),
+        Req::StorageHealth(r) => n.node_get_storage_health(r).await.map(drop),
         Req::Raw(method, bytes) => raw_call(ch, method, bytes).await,
     }
 }

@@ -17,8 +17,8 @@
 //!   `snapshot`, `group_snapshot`,
 //!   `not_offered` (calls this driver does not offer), `publish`,
 //!   `ephemeral` (inline ephemeral volumes: attributes, pools, sizes),
-//!   `unpublish`, `stats`, `node_expand`, and `undecodable` (bytes no
-//!   client library would send).
+//!   `unpublish`, `stats`, `node_expand`, `health` (the CSI 1.13 health
+//!   calls), and `undecodable` (bytes no client library would send).
 //!
 //! Each table is its own test against its own in-process server (the test
 //! harness in `tests/common`), so a failure names its call, and one
@@ -40,6 +40,7 @@ mod delete;
 mod ephemeral;
 mod fixture;
 mod group_snapshot;
+mod health;
 mod list;
 mod node_expand;
 mod not_offered;
@@ -171,6 +172,11 @@ async fn node_expand_volume() {
     hostile("NodeExpandVolume", node_expand::cases).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_and_storage_health() {
+    hostile("volume and storage health", health::cases).await;
+}
+
 /// Requests that cannot be decoded (invalid UTF-8 in a string field, wrong
 /// wire types, truncated messages) are malformed arguments: the CSI answer
 /// is INVALID_ARGUMENT, naming the field. INTERNAL would tell the CO the
@@ -187,7 +193,7 @@ async fn undecodable_requests() {
 #[test]
 fn the_tables_keep_their_rows() {
     let f = Fixture::unmade(std::path::Path::new("/nonexistent"));
-    let tables: [fn(&Fixture) -> Vec<Case>; 13] = [
+    let tables: [fn(&Fixture) -> Vec<Case>; 14] = [
         create::cases,
         delete::cases,
         validate::cases,
@@ -201,6 +207,7 @@ fn the_tables_keep_their_rows() {
         undecodable::cases,
         snapshot::cases,
         ephemeral::cases,
+        health::cases,
     ];
     let rows: Vec<Case> = tables.iter().flat_map(|t| t(&f)).collect();
     let bad = rows
