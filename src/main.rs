@@ -32,6 +32,17 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format, &args.log_level);
+    // Catch SIGTERM before anything is bound or served: until the handler
+    // is installed, SIGTERM kills the process outright, and the kubelet
+    // can be talking to the registration socket (served from another
+    // thread) while this task is still setting up the CSI server.
+    let shutdown = match ShutdownSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("installing the SIGTERM and SIGINT handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let resolved = args.resolve().and_then(|config| {
         let registration = args.registration(&config)?;
         let healthz = args.healthz_address()?;
@@ -128,7 +139,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r,
-        () = shutdown_signal() => {
+        () = shutdown.recv() => {
             // Deregister from the kubelet before the CSI socket goes.
             let _ = stop_extras.send(true);
             let _ = stop.send(());
@@ -177,13 +188,28 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-/// Completes on SIGTERM (what Kubernetes sends) or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+/// SIGTERM (what Kubernetes sends) and SIGINT, caught from the moment
+/// [`ShutdownSignals::install`] returns.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Completes when either signal arrives (also one that came before
+    /// this was first awaited).
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
     }
 }

@@ -395,3 +395,48 @@ async fn healthz_answers_from_the_drivers_probe() {
         "healthz outlived the driver"
     );
 }
+
+/// SIGTERM in the first moments after start (a pod deleted as soon as it
+/// started, a rollout) is a clean stop like any other: the handler is in
+/// place before the driver binds anything. It once was installed only
+/// when the CSI server started, after the registration socket was already
+/// answering; a SIGTERM in between killed the driver outright (seen under
+/// load in CI: no "shutting down", exit by signal). The signal is sent as
+/// soon as the CSI socket file exists, many times over.
+#[tokio::test]
+async fn sigterm_right_after_start_stops_cleanly() {
+    for round in 0..25 {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("plugins_registry");
+        std::fs::create_dir(&registry).unwrap();
+        let csi_sock = dir.path().join("csi.sock");
+        let mut d = Driver::start(
+            dir.path(),
+            &dir.path().join("pool"),
+            &["--kubelet-registration-dir", registry.to_str().unwrap()],
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !csi_sock.exists() {
+            assert!(
+                d.child.try_wait().unwrap().is_none(),
+                "round {round}: driver exited:\n{}",
+                d.log()
+            );
+            assert!(Instant::now() < deadline, "round {round}: no socket");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        d.terminate();
+        let status = d.wait_exit().await;
+        assert!(
+            status.success(),
+            "round {round}: SIGTERM just after the socket was bound ended the driver with {status}:\n{}",
+            d.log()
+        );
+        assert!(d.log().contains("SIGTERM: shutting down"), "{}", d.log());
+        assert!(!csi_sock.exists(), "round {round}: CSI socket left behind");
+        assert!(
+            !registry.join(format!("{DRIVER}-reg.sock")).exists(),
+            "round {round}: registration socket left behind"
+        );
+    }
+}
