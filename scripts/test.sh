@@ -77,7 +77,9 @@ step() {
   fi
 }
 
-step "cargo test" cargo test --workspace --all-targets
+# --no-fail-fast: one failing test binary must not hide the results (and
+# failures) of the ones after it.
+step "cargo test" cargo test --workspace --all-targets --no-fail-fast
 # Growing a mounted ext4 needs CAP_SYS_RESOURCE (bit 24 of CapEff); some
 # test VMs' root lacks it, so the ext4 image pool is checked only where the
 # kernel would let any driver pass its expansion tests.
