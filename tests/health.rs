@@ -189,7 +189,7 @@ async fn harness() -> Option<(Harness, Cleanup, PathBuf)> {
             "-t",
             "tmpfs",
             "-o",
-            "size=32m",
+            "size=32m,nr_inodes=256",
             "tmpfs",
             fs.to_str().unwrap(),
         ],
@@ -252,6 +252,14 @@ async fn broken_volumes_show_in_both_views_and_clear_when_put_back() {
     assert_eq!(list(&h, 0, "").await.unwrap().0, vec![dv.clone()]);
     let (abnormal, message) = condition(&h, &dv, &td).await;
     assert!(abnormal && message.contains("missing"), "{message}");
+    // A file where the directory was.
+    std::fs::write(&dir, b"not a volume").unwrap();
+    expect(
+        &[&controller_health(&h, &dv).await],
+        &[(V::Inaccessible, "StorageNotADirectory")],
+        "not a directory",
+    );
+    std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&moved, &dir).unwrap();
     let (c, n, p) = both(&h, &dv, &td).await;
     expect(&[&c, &n, &p], &[], "");
@@ -339,6 +347,19 @@ async fn broken_volumes_show_in_both_views_and_clear_when_put_back() {
     h.unpublish(&iv, &ti).await.unwrap();
     h.unpublish(&bv, &tb).await.unwrap();
     assert_eq!(list(&h, 0, "").await.unwrap(), (vec![], String::new()));
+
+    // An unpublished block volume's file renamed away, then a directory in
+    // its place.
+    let moved = h.pool_dir("b").join("bv-moved-away");
+    std::fs::rename(&file, &moved).unwrap();
+    let c = controller_health(&h, &bv).await;
+    expect(&[&c], &[(V::Inaccessible, "StorageMissing")], "is missing");
+    std::fs::create_dir(&file).unwrap();
+    let c = controller_health(&h, &bv).await;
+    expect(&[&c], &[(V::Inaccessible, "StorageNotAFile")], "not a file");
+    std::fs::remove_dir(&file).unwrap();
+    std::fs::rename(&moved, &file).unwrap();
+    expect(&[&controller_health(&h, &bv).await], &[], "");
 }
 
 #[tokio::test]
@@ -413,6 +434,28 @@ async fn pool_problems_show_in_storage_and_volume_health() {
     let (c, n, p) = both(&h, &a, &at).await;
     expect(&[&c, &n, &p], &[(V::Degraded, "PoolFull")], "ENOSPC");
     std::fs::remove_file(&filler).unwrap();
+    assert_eq!(storage(&h).await, vec![]);
+
+    // Out of inodes: empty files until the tmpfs has none left.
+    let files = fs.join("files");
+    std::fs::create_dir(&files).unwrap();
+    let mut n = 0;
+    while std::fs::File::create(files.join(n.to_string())).is_ok() {
+        n += 1;
+        assert!(n < 1000, "nr_inodes=256 did not hold");
+    }
+    let s = storage(&h).await;
+    assert_eq!(
+        s.iter().map(|b| b.1.as_str()).collect::<Vec<_>>(),
+        vec!["PoolOutOfInodes"]
+    );
+    let (c, n, p) = both(&h, &a, &at).await;
+    expect(
+        &[&c, &n, &p],
+        &[(V::Degraded, "PoolOutOfInodes")],
+        "no inodes",
+    );
+    std::fs::remove_dir_all(&files).unwrap();
     assert_eq!(storage(&h).await, vec![]);
 
     // Unmounted from under the driver: its directory is gone, then another
