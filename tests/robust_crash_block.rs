@@ -1,5 +1,9 @@
-//! Raw block volumes survive `kill -9` at any moment: the real binary is
-//! killed while it creates a block volume's file, attaches its loop device
+//! Raw block volumes survive `kill -9` at any moment, in a pool of every
+//! kind (`dir`, `btrfs`, `image`: a block volume is a sparse file in the
+//! pool's directory whatever the kind, but the pool's filesystem differs,
+//! and btrfs and image pools live on loop-mounted filesystems the test
+//! makes, so their own loop devices sit beside the volumes'): the real
+//! binary is killed while it creates a block volume's file, attaches its loop device
 //! and binds the device node onto a target (publish), unbinds and detaches
 //! it (unpublish), or deletes the volume; then it is restarted and the
 //! interrupted call retried until it succeeds, as the kubelet and the
@@ -13,13 +17,16 @@
 //! showing what was written through the volume's first publication; no
 //! unpublished or deleted volume has a device (a device a killed publish
 //! attached is released by the retry or the startup sweep, within a few
-//! seconds); no loop device below the pool belongs to no volume. At the
-//! end everything is unpublished and deleted: no device, mount or file is
-//! left.
+//! seconds); no loop device below the pool belongs to no volume; the pool
+//! holds exactly the files and records of the volumes made (no scratch
+//! file of a killed create, no record without its file, nothing of a
+//! deleted volume). At the end everything is unpublished and deleted: no
+//! device, mount or file is left.
 //!
-//! Needs root (loop devices, bind mounts) and losetup. Rounds:
-//! `HOSTPATH_CSI_BLOCK_CRASH_ROUNDS` (default 40, about 12 s), seed
-//! `HOSTPATH_CSI_CRASH_SEED`.
+//! Needs root (loop devices, bind mounts) and losetup; mkfs.btrfs and
+//! mkfs.ext4 for the btrfs and image pools' filesystems. Rounds per kind:
+//! `HOSTPATH_CSI_BLOCK_CRASH_ROUNDS` (default 40, about 12 s each), seed
+//! `HOSTPATH_CSI_CRASH_SEED` (printed).
 
 mod common;
 mod robust_support;
@@ -32,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use csi_proto as csi;
 use robust_support::{
-    Driver, PoolSpec, Rng, Rpc, Workdir, block_cap, children, connect_once, env_u64, error_chain,
-    have, loops_below, mounts_below,
+    Driver, LoopFs, PoolSpec, Rng, Rpc, Workdir, block_cap, children, connect_once, env_u64,
+    error_chain, have, loops_below, mounts_below,
 };
 use tonic::Code;
 
@@ -224,6 +231,31 @@ impl Test {
                 "loop devices below the pool {all:?}, published {devices:?}"
             ));
         }
+        // No half-made or leaked volume: the pool holds the file and the
+        // record (and use markers) of each volume made, and nothing else.
+        let expected = |name: &str| {
+            self.slots.iter().enumerate().any(|(i, s)| {
+                let own = s.name(i);
+                s.created
+                    && (name == own
+                        || [".meta", ".published", ".unpublished"]
+                            .iter()
+                            .any(|ext| name == format!(".{own}{ext}")))
+            })
+        };
+        let stray: Vec<String> = common::entries(&self.pool)
+            .into_iter()
+            .filter(|n| !expected(n))
+            .collect();
+        if !stray.is_empty() {
+            return Err(format!("in the pool, of no volume made: {stray:?}"));
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let record = self.pool.join(format!(".{}.meta", s.name(i)));
+            if s.created && !record.is_file() {
+                return Err(format!("{} has no record", s.name(i)));
+            }
+        }
         let binds: BTreeSet<PathBuf> = mounts_below(&self.targets).into_iter().collect();
         let want: BTreeSet<PathBuf> = self.slots.iter().flat_map(|s| s.targets.clone()).collect();
         if binds != want {
@@ -307,21 +339,52 @@ fn read_start(target: &Path, len: usize) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_volumes_survive_sigkill_at_random_points() {
+async fn block_volumes_in_a_dir_pool_survive_sigkill_at_random_points() {
+    if may_attach() {
+        crash(PoolSpec::dir("p")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volumes_in_a_btrfs_pool_survive_sigkill_at_random_points() {
+    if may_attach() && have("mkfs.btrfs") && have("btrfs") {
+        crash(PoolSpec::btrfs("p")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volumes_in_an_image_pool_survive_sigkill_at_random_points() {
+    if may_attach() && have("mkfs.ext4") {
+        crash(PoolSpec::image("p", "ext4")).await;
+    }
+}
+
+fn may_attach() -> bool {
     if !common::root_or_skip("block volumes are loop devices bound onto targets") {
-        return;
+        return false;
     }
     if !have("losetup") {
         common::skip("losetup (util-linux) is not installed");
-        return;
+        return false;
     }
+    true
+}
+
+/// The kill-anywhere rounds on one pool named `p` of `spec`'s kind.
+async fn crash(spec: PoolSpec) {
+    let kind = spec.kind.as_str();
     let rounds = env_u64("HOSTPATH_CSI_BLOCK_CRASH_ROUNDS", 40);
     let seed = env_u64("HOSTPATH_CSI_CRASH_SEED", 0xb10c);
     let mut rng = Rng::new(seed);
-    eprintln!("block crash test: {rounds} kills, seed {seed:#x}");
+    eprintln!("block crash test, {kind} pool: {rounds} kills, seed {seed:#x}");
     let work = Workdir::new("hostpath-csi-blockcrash");
     let root = work.path().to_path_buf();
-    let pools = vec![PoolSpec::dir("p")];
+    // btrfs and image pools get a filesystem of their own; its loop
+    // device is the test's, not a volume's.
+    let fs = spec
+        .own_fs()
+        .map(|(fs_kind, bytes)| LoopFs::new(&root, spec.name, fs_kind, bytes));
+    let pools = vec![spec];
     let pool = pools[0].dir_in(&root);
     std::fs::create_dir_all(&pool).unwrap();
     let targets = root.join("targets");
@@ -380,8 +443,8 @@ async fn block_volumes_survive_sigkill_at_random_points() {
         t.check_soon(&format!("after round {round} ({op:?})")).await;
     }
     eprintln!(
-        "block crash test: {rounds} kills, {aimed} aimed ({during_tool} while the driver ran a \
-         tool), {interrupted} calls interrupted and retried"
+        "block crash test, {kind} pool: {rounds} kills, {aimed} aimed ({during_tool} while the \
+         driver ran a tool), {interrupted} calls interrupted and retried"
     );
     assert!(interrupted > 0, "no kill interrupted a call");
 
@@ -400,9 +463,12 @@ async fn block_volumes_survive_sigkill_at_random_points() {
     t.check_soon("at the end").await;
     let left = common::entries(&t.pool);
     assert!(left.is_empty(), "left in the pool: {left:?}");
-    assert!(
-        loops_below(&root).is_empty(),
-        "left attached: {:?}",
-        loops_below(&root)
-    );
+    let own = fs.as_ref().map(|f| f.device.clone());
+    let left: Vec<_> = loops_below(&root)
+        .into_iter()
+        .filter(|(d, _)| Some(d) != own.as_ref())
+        .collect();
+    assert!(left.is_empty(), "left attached: {left:?}");
+    drop(t);
+    drop(fs);
 }
