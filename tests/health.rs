@@ -555,4 +555,7 @@ async fn bad_requests_get_the_spec_codes() {
     // A static directory an administrator made is a volume too.
     std::fs::create_dir(h.pool_dir("d").join("static")).unwrap();
     expect(&[&controller_health(&h, "d:static").await], &[], "");
+    // Also in an image pool, where it has no image.
+    std::fs::create_dir(h.pool_dir("i").join("static")).unwrap();
+    expect(&[&controller_health(&h, "i:static").await], &[], "");
 }

@@ -383,9 +383,12 @@ fn volume_problems(
     }
     let path = pool.volume_path(token);
     let access = record.map_or(Access::Mount, |r| r.access);
-    let image = (access == Access::Mount)
-        .then(|| pool.storage_file(token))
-        .flatten();
+    // Only a volume the pool made as its kind's has an image: a static
+    // directory, or a volume made while the pool had another kind, is a
+    // directory.
+    let image = record
+        .filter(|r| r.access == Access::Mount && r.kind == pool.kind())
+        .and_then(|_| pool.storage_file(token));
     let inaccessible = |reason, message| VolumeProblem {
         status: VolumeStatus::Inaccessible,
         reason,
