@@ -6,7 +6,10 @@
 #      and image pools, crash, hostile-input and load tests, the bench)
 #   3. the official CSI conformance suite against every pool kind
 #   4. the Kubernetes end-to-end test against real control-plane components
-# Set HOSTPATH_CSI_SKIP_E2E=1 to leave out step 4 while iterating.
+#   5. real pods under real kubelets (tests/e2e/pods.sh)
+#   6. the CI subset of the Kubernetes storage e2e suite
+#      (tests/e2e/storage/run.sh; `run.sh --all` is the whole pass)
+# Set HOSTPATH_CSI_SKIP_E2E=1 to leave out steps 4-6 while iterating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +31,8 @@ e2e_build_pid=""
 e2e_build_log=${TMPDIR:-/tmp}/hostpath-csi-e2e-build.log
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
   # Its own process group, so that stopping it stops its Go builds too.
-  setsid tests/e2e/build-tools.sh >"$e2e_build_log" 2>&1 &
+  # storage-e2e: e2e.test and agnhost too, built after the components.
+  setsid tests/e2e/build-tools.sh storage-e2e >"$e2e_build_log" 2>&1 &
   e2e_build_pid=$!
   trap '[[ -n $e2e_build_pid ]] && kill -- -"$e2e_build_pid" 2>/dev/null || true' EXIT
 fi
@@ -47,19 +51,21 @@ step() {
   log=$(mktemp)
   if "$@" 2>&1 | tee "$log"; then rc=0; else rc=${PIPESTATUS[0]}; fi
   # Add up what each runner reports: cargo's "N passed; M failed" lines,
-  # and the "N passed, M failed" closing lines of conformance and e2e.
+  # and the "N passed, M failed" closing lines of conformance, e2e and
+  # the storage e2e suite ("storage-e2e: N passed, M failed, K skipped").
   local p f
   read -r p f < <(
-    grep -E '^(test result: .*[0-9]+ passed; [0-9]+ failed|(conformance|e2e)?:? ?[0-9]+ passed, [0-9]+ failed)' "$log" |
+    grep -E '^(test result: .*[0-9]+ passed; [0-9]+ failed|(conformance|e2e|storage-e2e)?:? ?[0-9]+ passed, [0-9]+ failed)' "$log" |
       grep -vE '^conformance\[' |
       sed -E 's/^(.*[^0-9])?([0-9]+) passed[;,] ([0-9]+) failed.*/\2 \3/' |
       awk '{p += $1; f += $2} END {print p + 0, f + 0}'
   )
-  # What did not run: csi-sanity's skipped specs (from the closing total
-  # line) and cargo's ignored tests, so the summary never hides them.
+  # What did not run: csi-sanity's and the storage suite's skipped specs
+  # (from their closing total lines) and cargo's ignored tests, so the
+  # summary never hides them.
   local s
   s=$(
-    { grep -E '^conformance: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' "$log" |
+    { grep -E '^(conformance|storage-e2e): [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' "$log" |
         sed -E 's/.* ([0-9]+) skipped.*/\1/'
       grep -E '^test result: ' "$log" | sed -nE 's/.* ([0-9]+) ignored.*/\1/p'
     } | awk '{s += $1} END {print s + 0}'
@@ -102,10 +108,13 @@ if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} != 1 ]]; then
   step "kubernetes e2e" tests/e2e/run.sh
   # Real pods under real kubelets (two nodes): the story of issue 9.
   step "kubernetes pods" tests/e2e/pods.sh
+  # The Kubernetes storage e2e suite's CI subset (a fixed list of specs,
+  # tests/e2e/storage/README.md; `run.sh --all` runs the whole pass).
+  step "kubernetes storage e2e" tests/e2e/storage/run.sh
 fi
 
 if [[ ${HOSTPATH_CSI_SKIP_E2E:-0} == 1 ]]; then
-  notes+=("kubernetes e2e: SKIPPED (HOSTPATH_CSI_SKIP_E2E=1)")
+  notes+=("kubernetes e2e, pods, storage e2e: SKIPPED (HOSTPATH_CSI_SKIP_E2E=1)")
 fi
 
 echo "=== summary"
