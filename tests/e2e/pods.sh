@@ -21,6 +21,7 @@
 #     restore and clone of the database's claim, on the snapshot's node and
 #     (NODES=2) on the wrong one; the source deleted, the snapshot kept.
 #   6 orphans (tests/e2e/pods/orphans.sh): a deleted and a released PV, reported by the driver, reclaimed.
+#   7 inline ephemeral volumes (tests/e2e/pods/ephemeral.sh): deploy/examples/ephemeral.yaml; refused pools and sizes, enforced size, removal with the pod.
 #
 # There is no CoreDNS in the cluster: a client reaches the headless
 # Service's pod through the address in the Service's EndpointSlice, which is
@@ -343,6 +344,8 @@ fi
 source "$here/pods/snapshots.sh"
 # shellcheck source=tests/e2e/pods/orphans.sh
 source "$here/pods/orphans.sh"
+# shellcheck source=tests/e2e/pods/ephemeral.sh
+source "$here/pods/ephemeral.sh"
 
 log "all scenarios done after $((SECONDS - t0)) s"
 echo "e2e: $passed passed, $failed failed"
