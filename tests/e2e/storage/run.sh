@@ -11,7 +11,7 @@
 #
 # Two selections (README.md here lists both and every skip's reason):
 #   run.sh          the CI subset: 12 specs, one of each kind the driver
-#                   serves (CI_SPECS below), about 5 minutes on a warm
+#                   serves (CI_SPECS below), about 4 minutes on a warm
 #                   machine; scripts/test.sh runs this
 #   run.sh --all    the whole pass: focus External.Storage, skipping SKIP
 #                   below: 110 specs, about 23 minutes
