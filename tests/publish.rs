@@ -337,3 +337,102 @@ async fn stats_report_the_volumes_own_usage_and_missing_directories() {
         ErrorKind::NotFound
     );
 }
+
+/// Unmounts (lazily, below first) what the propagation test mounted,
+/// even when it fails.
+struct SharedTree(std::path::PathBuf);
+
+impl Drop for SharedTree {
+    fn drop(&mut self) {
+        for m in ["host", "kubelet"] {
+            let p = self.0.join(m);
+            common::unmount_below(&p);
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// In the node plugin's container the target lies under the kubelet's
+/// directory, mounted with `mountPropagation: Bidirectional`: the bind
+/// the driver makes there is copied into the host's namespace, and the
+/// host's copy is the one the pod gets. That copy must carry the publish
+/// flags. Here a shared tmpfs plays the kubelet directory and a bind of it
+/// (a peer, as the host's side of the container's mount is) plays the
+/// host: the flags must hold on both sides. (A remount after the bind
+/// changed only the driver's side: the Kubernetes storage e2e suite found
+/// a pod's volume `rw` where `ro,noexec` was asked.)
+#[tokio::test]
+async fn publish_flags_hold_on_every_propagated_copy() {
+    if !common::root_or_skip("publishing bind-mounts the volume") {
+        return;
+    }
+    use nix::mount::{MsFlags, mount};
+    let h = Harness::start().await;
+    let v = h.create("prop", "hdd", MIB).await;
+    std::fs::write(h.pool_dir("hdd").join("prop/seed"), b"seed").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SharedTree(dir.path().to_path_buf());
+    let (kubelet, host) = (tree.0.join("kubelet"), tree.0.join("host"));
+    std::fs::create_dir(&kubelet).unwrap();
+    std::fs::create_dir(&host).unwrap();
+    mount(
+        Some("tmpfs"),
+        &kubelet,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    mount(
+        None::<&str>,
+        &kubelet,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .unwrap();
+    // A bind of a shared mount joins its peer group: what is mounted
+    // below one appears below the other.
+    mount(
+        Some(&kubelet),
+        &host,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+
+    for (readonly, flags) in [(true, vec![]), (false, vec!["ro", "noexec", "nosuid"])] {
+        let target = kubelet.join("pods/p/volumes/mount");
+        std::fs::create_dir_all(&target).unwrap();
+        let host_side = host.join("pods/p/volumes/mount");
+        let mut req = publish_request(&v.volume_id, &target, readonly);
+        if let Some(csi::volume_capability::AccessType::Mount(m)) =
+            req.volume_capability.as_mut().unwrap().access_type.as_mut()
+        {
+            m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        }
+        h.node().node_publish_volume(req).await.unwrap();
+        for side in [&target, &host_side] {
+            let m = mounts_at(side);
+            assert_eq!(m.len(), 1, "{}: {m:?}", side.display());
+            assert!(m[0].read_only(), "{}: {}", side.display(), m[0].options);
+            for f in flags.iter().filter(|f| **f != "ro") {
+                let opts = &m[0].options;
+                assert!(opts.contains(f), "{}: {opts} lacks {f}", side.display());
+            }
+            assert_eq!(std::fs::read(side.join("seed")).unwrap(), b"seed");
+            let err = std::fs::write(side.join("written"), b"x").unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(nix::errno::Errno::EROFS as i32),
+                "{}: {err}",
+                side.display()
+            );
+        }
+        h.unpublish(&v.volume_id, &target).await.unwrap();
+        assert!(mounts_at(&host_side).is_empty(), "the host's copy stays");
+    }
+    assert!(!h.pool_dir("hdd").join("prop/written").exists());
+}

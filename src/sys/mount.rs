@@ -39,14 +39,46 @@ impl MountFlags {
 
 /// Bind-mounts directory `source` onto directory `target`.
 ///
-/// Both are opened with `O_NOFOLLOW` and mounted through their
-/// `/proc/self/fd` links, so a symlink swapped in at either path cannot
-/// redirect the mount. Per-mount flags such as read-only need a second
-/// call: the kernel ignores them on the first `MS_BIND` (verified on this
-/// kernel: a single `MS_BIND|MS_RDONLY` stays writable).
+/// Both are opened with `O_NOFOLLOW` and mounted through those handles,
+/// so a symlink swapped in at either path cannot redirect the mount.
+///
+/// With per-mount flags (read-only, noexec, ...), the bind is made
+/// detached first, given its flags, and only then attached at the target
+/// (`open_tree`, `mount_setattr`, `move_mount`). Attaching it is what
+/// propagates it: in the node plugin's container the target lies under
+/// the kubelet's directory, shared with the host (`mountPropagation:
+/// Bidirectional`), and every copy the kernel makes for the host and the
+/// pod is a clone of the mount as attached, flags included. The classic
+/// way (`MS_BIND`, then `MS_BIND|MS_REMOUNT|flags`) changes only this
+/// namespace's copy: the host's stayed writable where read-only was asked
+/// (found by the Kubernetes storage e2e suite's mount-options spec).
+/// Kernels older than 5.12 lack `mount_setattr`: there the remount is
+/// used, with that limit.
 pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result<()> {
     let src = open_dir_path(source)?;
     let dst = open_dir_path(target)?;
+    let extra = opts.flags();
+    if extra.is_empty() {
+        return nix::mount::mount(
+            Some(&fd_path(&src)),
+            &fd_path(&dst),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(io::Error::from);
+    }
+    let attrs = mount_attr::Attrs {
+        read_only: opts.read_only,
+        nosuid: opts.nosuid,
+        nodev: opts.nodev,
+        noexec: opts.noexec,
+        noatime: opts.noatime,
+    };
+    match mount_attr::bind_with_attrs(&src, &dst, attrs) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {}
+        other => return other,
+    }
     nix::mount::mount(
         Some(&fd_path(&src)),
         &fd_path(&dst),
@@ -55,10 +87,6 @@ pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result
         None::<&str>,
     )
     .map_err(io::Error::from)?;
-    let extra = opts.flags();
-    if extra.is_empty() {
-        return Ok(());
-    }
     // Reopen: the old handle points at the covered directory, not the mount.
     let mounted = open_dir_path(target)?;
     let res = nix::mount::mount(
