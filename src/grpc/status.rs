@@ -156,6 +156,10 @@ fn volume_code(e: &VolumeError) -> Code {
         VolumeError::NotExpandable { .. } => Code::Unimplemented,
         VolumeError::Io { source, .. } => io_code(source),
         VolumeError::Busy(LockError::Busy(_)) => Code::Aborted,
+        // As for a call in flight: something else still works in the
+        // target, and the CO's retry (a kubelet retries an unpublish
+        // until it succeeds) is what finishes it once that goes.
+        VolumeError::TargetBusy { .. } => Code::Aborted,
         VolumeError::Pool(e) => pool_code(e),
         VolumeError::Capacity(e) => capacity_code(e),
         VolumeError::Target(e) => target_code(e),

@@ -143,3 +143,108 @@ pub(crate) fn mount_device(
     )
     .map_err(io::Error::from)
 }
+
+/// A process that keeps a mount busy, and how: `fd 7`, `cwd`, `root` or
+/// `maps` (a mapped file), each with the path `/proc` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountUser {
+    /// The process.
+    pub holder: super::lock::Holder,
+    /// What of it points into the mount, e.g. `fd 7 -> /t/data`.
+    pub uses: Vec<String>,
+}
+
+impl std::fmt::Display for MountUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.holder, self.uses.join(", "))
+    }
+}
+
+/// The processes with a descriptor, working directory, root or mapped
+/// file at or below `mount_point`, from `/proc` (what `fuser -m` reads):
+/// the ones an unmount's EBUSY is about. Only read once an unmount was
+/// refused, for the message; a process that goes while it is read is
+/// skipped. Paths are as this process sees them, so a holder in another
+/// mount namespace may show under another path and be missed.
+pub fn users(mount_point: &Path) -> Vec<MountUser> {
+    let inside = |p: &Path| p.starts_with(mount_point);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let mut uses = Vec::new();
+        for link in ["cwd", "root"] {
+            if std::fs::read_link(dir.join(link)).is_ok_and(|t| inside(&t)) {
+                uses.push(link.to_string());
+            }
+        }
+        for fd in std::fs::read_dir(dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(t) = std::fs::read_link(fd.path())
+                && inside(&t)
+            {
+                uses.push(format!(
+                    "fd {} -> {}",
+                    fd.file_name().to_string_lossy(),
+                    t.display()
+                ));
+            }
+        }
+        let maps = std::fs::read_to_string(dir.join("maps")).unwrap_or_default();
+        if maps
+            .lines()
+            .filter_map(|l| l.split_once('/').map(|(_, p)| Path::new("/").join(p)))
+            .any(|p| inside(&p))
+        {
+            uses.push("maps".to_string());
+        }
+        if !uses.is_empty() {
+            found.push(MountUser {
+                holder: super::lock::Holder::of(pid),
+                uses,
+            });
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process, with a file open inside a directory, is named as a
+    /// user of that directory with the descriptor; a sibling directory has
+    /// no user.
+    #[test]
+    fn users_names_a_process_with_a_file_open_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join("held");
+        std::fs::create_dir(&held).unwrap();
+        std::fs::create_dir(dir.path().join("free")).unwrap();
+        let _file = std::fs::File::create(held.join("data")).unwrap();
+        let me = std::process::id() as i32;
+        let found = users(&held);
+        let mine = found.iter().find(|u| u.holder.pid == me);
+        let mine = mine.unwrap_or_else(|| panic!("{me} not among {found:?}"));
+        assert!(
+            mine.uses
+                .iter()
+                .any(|u| u.starts_with("fd ") && u.ends_with("/held/data")),
+            "{mine}"
+        );
+        assert!(
+            mine.to_string().starts_with(&format!("process {me} (")),
+            "{mine}"
+        );
+        assert!(users(&dir.path().join("free")).is_empty());
+    }
+}

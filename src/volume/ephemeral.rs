@@ -145,7 +145,7 @@ impl Volumes {
         {
             // Only binds of this very volume: the id names it.
             let data = pool.volume_path(&token);
-            take_off(t, Access::Mount, |table, m| {
+            take_off(t, |table, m| {
                 Ok(sys::mountinfo::binds_of(table, &data).contains(&m.mount_point))
             })?;
             tracing::info!(volume_id = %id, target = %t.display(), "inline ephemeral volume unpublished");

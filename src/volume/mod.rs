@@ -451,6 +451,20 @@ pub enum VolumeError {
     /// Another call on the volume is in flight.
     #[error(transparent)]
     Busy(#[from] LockError),
+    /// The kernel refused to unmount a target because processes still use
+    /// it (EBUSY), even after waiting for them.
+    #[error(
+        "target {} is busy: {}; the unmount is retried when the call is",
+        target.display(),
+        describe_users(users)
+    )]
+    TargetBusy {
+        /// The target.
+        target: PathBuf,
+        /// Who used it when the last attempt was refused (may be empty:
+        /// gone by then, or in another mount namespace).
+        users: Vec<sys::mount::MountUser>,
+    },
     /// The pool's records or storage failed.
     #[error(transparent)]
     Pool(#[from] PoolError),
@@ -460,6 +474,17 @@ pub enum VolumeError {
     /// The path from the CO cannot be used.
     #[error(transparent)]
     Target(#[from] TargetError),
+}
+
+/// The users of a busy target, for [`VolumeError::TargetBusy`].
+fn describe_users(users: &[sys::mount::MountUser]) -> String {
+    if users.is_empty() {
+        return "no process was found using it (it may have just let go, or live in another \
+                mount namespace)"
+            .to_string();
+    }
+    let list: Vec<String> = users.iter().map(ToString::to_string).collect();
+    format!("used by {}", list.join("; "))
 }
 
 impl VolumeError {

@@ -97,7 +97,7 @@ impl Volumes {
         if !target::exists_unfollowed(&target)? {
             return release();
         }
-        let taken = take_off(&target, access, |table, e| match access {
+        let taken = take_off(&target, |table, e| match access {
             Access::Mount => Ok(target::is_ours(&self.pools, table, e)),
             Access::Block => Ok(pool.block_shown_by(id.token(), e)?),
         })?;
@@ -131,9 +131,8 @@ impl Volumes {
             let table = target::read_mounts()?;
             let stacked: Vec<&MountEntry> =
                 table.iter().filter(|e| e.mount_point == target).collect();
-            let mut access = Access::Mount;
             for e in &stacked {
-                access = target::orphan_bind(&table, e, id.token()).ok_or_else(|| {
+                target::orphan_bind(&table, e, id.token()).ok_or_else(|| {
                     VolumeError::ForeignMount {
                         target: target.clone(),
                         from: e.source.clone(),
@@ -141,7 +140,7 @@ impl Volumes {
                 })?;
             }
             for _ in &stacked {
-                unmount_target(&target, access)?;
+                unmount_target(&target)?;
             }
             target::remove_if_empty(&target)?;
             tracing::warn!(volume_id = %id, target = %target.display(), "volume unpublished although its pool is no longer configured");
@@ -364,7 +363,6 @@ pub(super) fn bind_volume(
 /// refused.
 pub(super) fn take_off(
     target: &Path,
-    access: Access,
     ours: impl Fn(&[MountEntry], &MountEntry) -> Result<bool>,
 ) -> Result<usize> {
     let table = target::read_mounts()?;
@@ -378,7 +376,7 @@ pub(super) fn take_off(
         }
     }
     for _ in &stacked {
-        unmount_target(target, access)?;
+        unmount_target(target)?;
     }
     target::remove_if_empty(target)?;
     Ok(stacked.len())
@@ -393,26 +391,46 @@ fn note_use(pool: &Pool, id: &VolumeId, what: Use) {
     }
 }
 
-/// Unmounts the volume at a target. A raw block volume's target can be
-/// busy for a moment after its last user closed it (udev probes a loop
-/// device after every change, through any node of it), so a busy one is
-/// tried again for up to half a second before the CO hears of it.
-fn unmount_target(target: &std::path::Path, access: Access) -> Result<()> {
-    let mut tries = if access == Access::Block { 25 } else { 1 };
+/// Unmounts the volume at a target, waiting up to two seconds while the
+/// kernel says it is busy (EBUSY) before the CO hears of it. Two kinds of
+/// short-lived users are expected: udev probes a raw block volume's loop
+/// device after every change, through any node of it; and a process
+/// forked (not yet exec'd) while someone held a file in the target keeps
+/// a copy of that descriptor until it execs, which on a loaded node can
+/// take a while (a driver killed between its `posix_spawn`'s clone and
+/// exec leaves such a child; so does any program that spawns while it
+/// writes into a volume). The first refusal is logged with the processes
+/// using the target, and a refusal that outlasts the wait is answered
+/// ABORTED naming them ([`VolumeError::TargetBusy`]), for the CO to retry.
+fn unmount_target(target: &std::path::Path) -> Result<()> {
+    const TRIES: u32 = 100;
+    let mut tries = 0;
     loop {
-        match sys::mount::unmount(target) {
+        let e = match sys::mount::unmount(target) {
             Ok(()) => return Ok(()),
-            Err(e) if tries > 1 && e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-                tries -= 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => {
-                return Err(VolumeError::io(
-                    format!("unmounting {}", target.display()),
-                    e,
-                ));
-            }
+            Err(e) => e,
+        };
+        if e.raw_os_error() != Some(nix::errno::Errno::EBUSY as i32) {
+            return Err(VolumeError::io(
+                format!("unmounting {}", target.display()),
+                e,
+            ));
         }
+        tries += 1;
+        if tries == TRIES {
+            return Err(VolumeError::TargetBusy {
+                target: target.to_path_buf(),
+                users: sys::mount::users(target),
+            });
+        }
+        if tries == 1 {
+            let users: Vec<String> = sys::mount::users(target)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(target = %target.display(), ?users, "target busy; unmount retried for up to 2 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

@@ -326,6 +326,69 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// Waits (up to `limit`) until no process uses anything at or below the
+/// mount point `mnt` (`hostpath_csi::sys::mount::users`), so that
+/// unmounting it really releases the filesystem and its loop device. A
+/// driver killed with SIGKILL does not take its children with it: one it
+/// had cloned but not yet exec'd holds copies of its descriptors (a pool's
+/// lock included) until it execs or dies, and a tool it started runs to
+/// its end; on a loaded machine that takes seconds. Returns the users
+/// waited for (empty when there were none), for the test's output; panics
+/// naming them if they are still there after `limit`.
+pub fn wait_unused(mnt: &Path, limit: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let users = hostpath_csi::sys::mount::users(mnt);
+        if users.is_empty() {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} still used after {limit:?} by: {}",
+            mnt.display(),
+            users
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        for u in users {
+            let u = u.to_string();
+            if !seen.contains(&u) {
+                seen.push(u);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts the filesystem at `mnt` for good (not lazily, so that it and
+/// its loop device are released when this returns, not whenever the
+/// kernel gets to it): first waits for its users ([`wait_unused`]), then
+/// retries a busy unmount, both for up to `limit`; panics naming the users
+/// if it cannot. Returns the users waited for, for the test's output.
+pub fn unmount_when_unused(mnt: &Path, limit: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + limit;
+    let waited_for = wait_unused(mnt, limit);
+    loop {
+        match nix::mount::umount2(mnt, nix::mount::MntFlags::empty()) {
+            Ok(()) => return waited_for,
+            Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!(
+                "unmounting {}: {e}; used by: {:?}",
+                mnt.display(),
+                hostpath_csi::sys::mount::users(mnt)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
 /// Writes `bytes` of data to a new file at `path` in 1 MiB chunks and
 /// flushes; returns the first error with how much got written (a size
 /// limit shows as EDQUOT or ENOSPC after that many bytes).
