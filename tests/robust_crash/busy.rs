@@ -6,7 +6,7 @@
 //! process, keeps the mount and the data, and the CO's retry succeeds once
 //! the process is gone.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use tonic::Code;
 
@@ -24,14 +24,16 @@ async fn unpublish_of_a_target_in_use_is_aborted_naming_the_user_then_retried() 
     std::fs::write(target.join("data"), b"kept").unwrap();
 
     // A real process holding an inherited descriptor inside the target,
-    // as a forked child does.
-    let mut holder = Command::new("sleep")
-        .arg("600")
-        .stdin(std::fs::File::open(target.join("data")).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = holder.id();
+    // as a forked child does (killed however the test ends).
+    let mut holder = Holder(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(std::fs::File::open(target.join("data")).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = holder.0.id();
 
     let refused = h.unpublish(&v.volume_id, &target).await.unwrap_err();
     let msg = refused.message();
@@ -49,8 +51,7 @@ async fn unpublish_of_a_target_in_use_is_aborted_naming_the_user_then_retried() 
     );
     assert_eq!(std::fs::read(target.join("data")).unwrap(), b"kept");
 
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    holder.stop();
     h.unpublish(&v.volume_id, &target)
         .await
         .unwrap_or_else(|e| panic!("the retry once the holder is gone: {e}"));
@@ -61,4 +62,20 @@ async fn unpublish_of_a_target_in_use_is_aborted_naming_the_user_then_retried() 
         b"kept",
         "the volume's data"
     );
+}
+
+/// A process that is killed and reaped when dropped.
+struct Holder(Child);
+
+impl Holder {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
