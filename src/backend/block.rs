@@ -115,7 +115,7 @@ pub(crate) fn delete(pool_dir: &Path, token: &str) -> Result<()> {
     let path = file(pool_dir, token);
     if path.exists() {
         for dev in devices_of(&path)? {
-            detach(&dev);
+            detach(&dev, &path);
             gone(&dev);
         }
     }
@@ -128,6 +128,18 @@ pub(crate) fn delete(pool_dir: &Path, token: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Detaches block volume `token`'s loop device `device` if its node is
+/// bound nowhere (`table`) and it is still that volume's device; returns
+/// whether it asked for the detach.
+pub(crate) fn release_device_of(
+    pool_dir: &Path,
+    token: &str,
+    device: &Path,
+    table: &[MountEntry],
+) -> bool {
+    release_device(device, &file(pool_dir, token), table)
 }
 
 /// The loop device behind block volume `token`, attached now if it is not
@@ -183,7 +195,7 @@ pub(crate) fn release_unused(pool_dir: &Path, token: &str, table: &[MountEntry])
         return Ok(());
     }
     for dev in devices_of(&path)? {
-        release_device(&dev, table);
+        release_device(&dev, &path, table);
     }
     Ok(())
 }
@@ -270,11 +282,11 @@ pub(crate) fn attached_in(pool_dir: &Path) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Detaches `device` if its node is bound nowhere (`table`); returns
-/// whether it did.
-pub(crate) fn release_device(device: &Path, table: &[MountEntry]) -> bool {
+/// Detaches `device` if its node is bound nowhere (`table`) and it is
+/// still `path`'s device; returns whether it asked for the detach.
+fn release_device(device: &Path, path: &Path, table: &[MountEntry]) -> bool {
     if sys::mountinfo::binds_of(table, device).is_empty() {
-        detach(device);
+        detach(device, path);
         gone(device);
         return true;
     }

@@ -187,8 +187,9 @@ impl ImageBackend {
             // A call killed between mount and `losetup -d` left the device
             // without auto-clear; set it now, or it would outlive the mount.
             if !autoclear(&dev) {
-                detach(&dev);
-                detach_others(&Self::image(pool_dir, token), &dev)?;
+                let img = Self::image(pool_dir, token);
+                detach(&dev, &img);
+                detach_others(&img, &dev)?;
             }
             return Ok(dev);
         }
@@ -214,7 +215,7 @@ impl ImageBackend {
             Filesystem::Ext4 => "",
         };
         if let Err(e) = sys::mount::mount_device(&dev, &mnt, self.fs.as_str(), options) {
-            detach(&dev);
+            detach(&dev, &img);
             return Err(BackendError::io(
                 format!(
                     "mounting {} ({}) at {}",
@@ -227,7 +228,7 @@ impl ImageBackend {
         }
         // The device is in use now, so this only marks it auto-clear: the
         // kernel detaches it when the last mount of it goes.
-        detach(&dev);
+        detach(&dev, &img);
         detach_others(&img, &dev)?;
         Ok(dev)
     }
@@ -267,7 +268,7 @@ fn wait_detached(img: &Path) -> Result<()> {
         if devs.is_empty() {
             return Ok(());
         }
-        devs.iter().for_each(|d| detach(d));
+        devs.iter().for_each(|d| detach(d, img));
         std::thread::sleep(Duration::from_millis(20));
     }
     let devs = devices_of(img)?;
@@ -307,7 +308,7 @@ pub(super) fn devices_of(img: &Path) -> Result<Vec<PathBuf>> {
 fn detach_others(img: &Path, keep: &Path) -> Result<()> {
     for d in devices_of(img)? {
         if d != keep {
-            detach(&d);
+            detach(&d, img);
         }
     }
     Ok(())
@@ -327,8 +328,32 @@ pub(super) fn autoclear(dev: &Path) -> bool {
         .unwrap_or(true)
 }
 
-/// `losetup -d`: detaches an idle device, marks a busy one auto-clear.
-pub(super) fn detach(dev: &Path) {
+/// `losetup -d` on `dev` while it is still the device of `backing`:
+/// detaches an idle device, marks a busy one auto-clear.
+///
+/// `dev` comes from an earlier look (`losetup -j`, the mount table). In
+/// between, a device marked auto-clear may have gone at its last close
+/// (udev's probe) and been attached to another volume's file by another
+/// call, which a plain `losetup -d` would then take from under that
+/// volume's bind: its target would show whatever file the device gets
+/// next. So the device is held open across the check of its backing file
+/// and the detach: with an opener it can neither be released nor
+/// attached anew, and the detach only marks it auto-clear, to go at this
+/// close if nobody else has it open.
+pub(super) fn detach(dev: &Path, backing: &Path) {
+    let Ok(_hold) = std::fs::File::open(dev) else {
+        return;
+    };
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    match std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")) {
+        Ok(b) if Path::new(b.trim()) == backing => {}
+        other => {
+            tracing::debug!(device = %dev.display(), expected = %backing.display(), now = ?other.map(|b| b.trim().to_string()).ok(), "not detaching a loop device that is no longer this file's");
+            return;
+        }
+    }
     if let Ok(Err(f)) = cmd::run_raw("losetup", ["-d".as_ref(), dev.as_os_str()]) {
         tracing::debug!(error = %f, "detaching a loop device failed");
     }
@@ -550,14 +575,14 @@ impl Backend for ImageBackend {
         let ours = devices_of(&img)?;
         match sys::mountinfo::mounted_at(table, &mnt) {
             // Not mounted: devices a call killed before its mount left.
-            None => ours.iter().for_each(|d| detach(d)),
+            None => ours.iter().for_each(|d| detach(d, &img)),
             // The image's own mount, and no target binds it any more: the
             // unmount frees its auto-clear device (detached as well, for
             // one a killed call left without auto-clear).
             Some(e) if ours.contains(&PathBuf::from(&e.source)) => {
                 if sys::mountinfo::binds_of(table, &mnt).is_empty() {
                     unmount_all(&mnt)?;
-                    ours.iter().for_each(|d| detach(d));
+                    ours.iter().for_each(|d| detach(d, &img));
                 }
             }
             // Something else mounted there: not ours to take off.
@@ -761,5 +786,59 @@ impl Backend for ImageBackend {
         }
         sys::fs::remove_tree(path)
             .map_err(|e| BackendError::io(format!("removing {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard of [`detach`]: a device now attached to another file (as
+    /// after an auto-clear release and a new attach by another call) is
+    /// left alone; the right file's device is detached.
+    #[test]
+    fn detach_leaves_a_device_that_another_file_now_has() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: attaching loop devices needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        for f in [&a, &b] {
+            std::fs::File::create(f).unwrap().set_len(1 << 20).unwrap();
+        }
+        let out = cmd::run(
+            "losetup",
+            ["--find".as_ref(), "--show".as_ref(), b.as_os_str()],
+        )
+        .unwrap();
+        let dev = PathBuf::from(out.stdout.trim());
+        // Whatever happens below, the device goes with the test.
+        struct Detach(PathBuf);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = cmd::run_raw("losetup", ["-d".as_ref(), self.0.as_os_str()]);
+            }
+        }
+        let _cleanup = Detach(dev.clone());
+
+        detach(&dev, &a);
+        assert_eq!(
+            devices_of(&b).unwrap(),
+            vec![dev.clone()],
+            "b's device was taken"
+        );
+        detach(&dev, &b);
+        let name = dev.file_name().unwrap().to_str().unwrap();
+        let backing = format!("/sys/block/{name}/loop/backing_file");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Path::new(&backing).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} still attached to b",
+                dev.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -587,7 +587,7 @@ impl Volumes {
                 };
                 let table = sys::mountinfo::read()
                     .map_err(|e| VolumeError::io("reading the mount table", e))?;
-                if pool.release_block_device(&dev, &table) {
+                if pool.release_block_device(&token, &dev, &table) {
                     tracing::info!(pool = %pool.name(), volume = %token, device = %dev.display(), "released the loop device of a block volume that no target shows");
                     n += 1;
                 }

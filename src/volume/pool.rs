@@ -636,10 +636,15 @@ impl Pool {
         backend::block::attached_in(&self.dir)
     }
 
-    /// Detaches a block volume's loop device if nothing shows it; returns
-    /// whether it did. The caller holds the volume's token.
-    pub(crate) fn release_block_device(&self, device: &Path, table: &[MountEntry]) -> bool {
-        backend::block::release_device(device, table)
+    /// Detaches block volume `token`'s loop device if nothing shows it;
+    /// returns whether it did. The caller holds the volume's token.
+    pub(crate) fn release_block_device(
+        &self,
+        token: &str,
+        device: &Path,
+        table: &[MountEntry],
+    ) -> bool {
+        backend::block::release_device_of(&self.dir, token, device, table)
     }
 
     /// Whether a mount shows block volume `token` (or a detached loop
