@@ -96,13 +96,7 @@ async fn snapshots_are_usable_on_their_node_only() {
         "a refused snapshot left something in {}",
         snapshots.display()
     );
-    let listed = h
-        .controller()
-        .list_snapshots(csi::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let listed = all_snapshots(&h).await;
     assert!(listed.is_empty(), "{listed:?}");
 
     // A requisite that includes this node (among others), and none at all.
@@ -125,13 +119,7 @@ async fn snapshots_are_usable_on_their_node_only() {
         .unwrap_err();
     assert_refused(&e, Code::ResourceExhausted, "usable only there");
 
-    let listed = h
-        .controller()
-        .list_snapshots(csi::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let listed = all_snapshots(&h).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
     for e in &listed {
         assert_eq!(
@@ -196,4 +184,14 @@ async fn snapshots_are_usable_on_their_node_only() {
         std::fs::read(h.pool_dir("d").join(token).join("data")).unwrap(),
         b"kept"
     );
+}
+
+/// Every snapshot ListSnapshots returns (one page: the tests make few).
+async fn all_snapshots(h: &Harness) -> Vec<csi::list_snapshots_response::Entry> {
+    h.controller()
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
 }

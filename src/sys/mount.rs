@@ -59,14 +59,7 @@ pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result
     let dst = open_dir_path(target)?;
     let extra = opts.flags();
     if extra.is_empty() {
-        return nix::mount::mount(
-            Some(&fd_path(&src)),
-            &fd_path(&dst),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(io::Error::from);
+        return bind_plain(&src, &dst);
     }
     let attrs = mount_attr::Attrs {
         read_only: opts.read_only,
@@ -79,14 +72,7 @@ pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result
         Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {}
         other => return other,
     }
-    nix::mount::mount(
-        Some(&fd_path(&src)),
-        &fd_path(&dst),
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(io::Error::from)?;
+    bind_plain(&src, &dst)?;
     // Reopen: the old handle points at the covered directory, not the mount.
     let mounted = open_dir_path(target)?;
     let res = nix::mount::mount(
@@ -102,6 +88,19 @@ pub(crate) fn bind(source: &Path, target: &Path, opts: MountFlags) -> io::Result
         return Err(io::Error::from(e));
     }
     Ok(())
+}
+
+/// `MS_BIND` of the directory open as `src` onto the one open as `dst`,
+/// through their `/proc/self/fd` links.
+fn bind_plain(src: &std::os::fd::OwnedFd, dst: &std::os::fd::OwnedFd) -> io::Result<()> {
+    nix::mount::mount(
+        Some(&fd_path(src)),
+        &fd_path(dst),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Bind-mounts the device node `device` onto the file `target` (a raw
